@@ -1,0 +1,211 @@
+"""Reading T2T-ViT checkpoints as users have them, safely, and fitting them to a model.
+
+A checkpoint file is untrusted input: `.pth`/`.pth.tar` files are read weights-only, allowing exactly the one
+class that real training checkpoints carry (`argparse.Namespace`, in `args`); `.safetensors` files hold only
+tensors. `checkpoint_filter_fn` never renames a key: the model's module names are the official ones.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
+
+from .layers import SOFT_SPLITS
+
+__all__ = [
+    'CheckpointError', 'read_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn', 'load_checkpoint',
+    'SAFE_GLOBALS', 'STATE_DICT_KEYS',
+]
+
+PathLike = Union[str, 'os.PathLike[str]']
+
+SAFE_GLOBALS = [argparse.Namespace]
+# Where a training checkpoint keeps its weights, in order of preference: EMA weights evaluate best.
+STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+_PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
+SOFT_SPLIT0_AREA = SOFT_SPLITS[0][0] ** 2  # the first Linear sees channels x 7 x 7 values, channel-major
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model; the message says which and why."""
+
+
+def read_checkpoint(path: PathLike) -> Any:
+    """Load a checkpoint file without executing any pickled code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist or is not a file')
+    if path.endswith('.safetensors'):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device='cpu')
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path}: refused to unpickle it: it holds objects other than tensors and argparse.Namespace '
+            f'({str(e).splitlines()[0]}). Re-save just the weights (torch.save(model.state_dict(), ...)) '
+            f'or convert it to .safetensors') from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, truncated or corrupt ({e})') from e
+
+
+def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """The weights inside a checkpoint: EMA first, then raw training weights, then a bare state dict."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'expected a dict of tensors, got {type(checkpoint).__name__}')
+    for key in STATE_DICT_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f'entry {key!r} is a {type(value).__name__}, not a tensor; expected one of '
+                f'{", ".join(STATE_DICT_KEYS)} or a bare state dict')
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state_dict[key] = value
+    return state_dict
+
+
+def _square_grid(num_tokens: int) -> tuple:
+    side = int(round(num_tokens ** 0.5))
+    if side * side != num_tokens:
+        raise CheckpointError(
+            f'pos_embed holds {num_tokens} grid positions, not a square grid; '
+            f'build the model with the img_size it was trained at')
+    return side, side
+
+
+def _adapt_first_linear(
+        state_dict: Dict[str, torch.Tensor], model: nn.Module, weight_key: str, norm_key: str) -> None:
+    """Fit the first Linear (after the 7x7 unfold, channel-major) and its LayerNorm to the model's in_chans.
+
+    One channel: the fold is exact for a grey image, i.e. the 1-channel model gives what the 3-channel model gives
+    on that image repeated 3 times. The norm's per-channel scale moves into the Linear; its shift moves into the
+    Linear's bias when there is one, otherwise into the norm's shift by least squares. Other channel counts follow
+    timm's `adapt_input_conv` (cycle the channels, scale by old/new).
+    """
+    weight = state_dict[weight_key]
+    out_features, in_features = weight.shape
+    model_sd = model.state_dict()
+    new_in = model_sd[weight_key].shape[1]
+    kernel_area = SOFT_SPLIT0_AREA
+    if in_features % kernel_area or new_in % kernel_area:
+        raise CheckpointError(
+            f'{weight_key}: {in_features} inputs in the checkpoint and {new_in} in the model; '
+            f'neither is channels x {kernel_area}')
+    old_chans, new_chans = in_features // kernel_area, new_in // kernel_area
+    norm_w = state_dict[norm_key + '.weight'].float().reshape(old_chans, kernel_area)
+    norm_b = state_dict[norm_key + '.bias'].float().reshape(old_chans, kernel_area)
+    w = weight.float().reshape(out_features, old_chans, kernel_area)
+    bias_key = weight_key[:-len('weight')] + 'bias'
+    if new_chans == 1:
+        new_w = (w * norm_w.unsqueeze(0)).sum(dim=1)  # (O, K): per-channel scales folded in
+        shift = torch.einsum('ock,ck->o', w, norm_b)  # (O,): what the per-channel shifts add
+        new_norm_w = torch.ones(1, kernel_area)
+        if bias_key in state_dict:
+            state_dict[bias_key] = (state_dict[bias_key].float() + shift).to(state_dict[bias_key].dtype)
+            new_norm_b = torch.zeros(1, kernel_area)
+        else:  # find b with new_w @ b ~= shift
+            new_norm_b = torch.linalg.lstsq(new_w, shift.unsqueeze(1)).solution.reshape(1, kernel_area)
+    else:
+        k0 = SOFT_SPLITS[0][0]
+        conv = weight.float().reshape(out_features, old_chans, k0, k0)
+        new_w = adapt_input_conv(new_chans, conv, base_chans=old_chans).reshape(out_features, new_chans, kernel_area)
+        index = torch.arange(new_chans) % old_chans
+        new_norm_w, new_norm_b = norm_w[index], norm_b[index]
+    state_dict[weight_key] = new_w.reshape(out_features, -1).to(weight.dtype)
+    state_dict[norm_key + '.weight'] = new_norm_w.reshape(-1).to(weight.dtype)
+    state_dict[norm_key + '.bias'] = new_norm_b.reshape(-1).to(weight.dtype)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Fit a checkpoint to `model`: pick the weights, strip wrappers, resize `pos_embed`, adapt in_chans.
+
+    Pure and idempotent: its output passed through it again comes back unchanged. Used by timm's
+    `pretrained=True` loader and by `load_checkpoint`.
+    """
+    state_dict = extract_state_dict(state_dict)
+    model_sd = model.state_dict()
+
+    posemb = state_dict.get('pos_embed')
+    if posemb is not None and 'pos_embed' in model_sd and posemb.shape != model_sd['pos_embed'].shape:
+        num_prefix = getattr(model, 'num_prefix_tokens', 1)
+        old_grid = _square_grid(posemb.shape[1] - num_prefix)
+        new_grid = getattr(model, 'grid_size', None) or _square_grid(model_sd['pos_embed'].shape[1] - num_prefix)
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            posemb, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=num_prefix)
+
+    for prefix, weight_name in (('tokens_to_token.attention1.', 'kqv.weight'),
+                                ('tokens_to_token.attention1.', 'attn.qkv.weight')):
+        key = prefix + weight_name
+        if key in state_dict and key in model_sd and state_dict[key].shape[1] != model_sd[key].shape[1]:
+            _adapt_first_linear(state_dict, model, key, prefix + 'norm1')
+    return state_dict
+
+
+def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Optional[str]:
+    model_sd = model.state_dict()
+    missing = [k for k in model_sd if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_sd]
+    mismatched = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+        for k, v in model_sd.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if not (missing or unexpected or mismatched):
+        return None
+    parts = []
+    for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched)):
+        if items:
+            shown = items[:12] + ([f'... {len(items) - 12} more'] if len(items) > 12 else [])
+            parts.append(f'{len(items)} {title}: ' + ', '.join(shown))
+    return '; '.join(parts)
+
+
+def load_checkpoint(
+        model: nn.Module,
+        path_or_state: Union[PathLike, Mapping[str, Any]],
+        strict: bool = True,
+) -> nn.Module:
+    """Load a checkpoint file or dict into `model` in place, strictly by default, and return the model.
+
+    Raises `CheckpointError` naming every missing, unexpected and mis-shaped key when it does not fit.
+    """
+    where = 'checkpoint'
+    if isinstance(path_or_state, Mapping):
+        raw = path_or_state
+    else:
+        where = os.fspath(path_or_state)
+        raw = read_checkpoint(path_or_state)
+    try:
+        state_dict = checkpoint_filter_fn(raw, model)
+    except CheckpointError as e:
+        raise CheckpointError(f'{where}: {e}') from e
+    if strict:
+        report = _mismatch_report(state_dict, model)
+        if report:
+            arch = raw.get('arch') if isinstance(raw, Mapping) and isinstance(raw.get('arch'), str) else None
+            hint = f" (it says arch={arch!r})" if arch else ''
+            name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+            raise CheckpointError(
+                f'{where}{hint} does not fit {name}: {report}. Is it a checkpoint of another variant, '
+                f'img_size or num_classes? Build the matching model, or use strict=False to load what fits')
+    else:
+        model_sd = model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in model_sd and v.shape == model_sd[k].shape}
+    model.load_state_dict(state_dict, strict=strict)
+    return model

@@ -1,0 +1,468 @@
+"""Tokens-to-Token ViT (Yuan et al., ICCV 2021): the T2T module and the deep-narrow ViT backbone.
+
+One class, `T2TViT`, carries every variant; each registered builder names its widths and depths. The state dict
+has the official key names and shapes, so official checkpoints load strictly (see `checkpoint.py`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models.vision_transformer import Block
+
+from .checkpoint import checkpoint_filter_fn
+from .layers import SOFT_SPLITS, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
+
+__all__ = ['T2TModule', 'T2TViT', 'TOKENS_TYPES']
+
+TOKENS_TYPES = ('performer', 'transformer')
+
+
+class T2TModule(nn.Module):
+    """Soft split -> re-structurize -> soft split -> re-structurize -> soft split -> project.
+
+    Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up
+    in the same token; each re-structurization is a token transformer or Performer of width `token_dim`.
+    """
+
+    def __init__(self, tokens_type: str = 'performer', in_chans: int = 3, embed_dim: int = 768, token_dim: int = 64):
+        super().__init__()
+        if tokens_type not in TOKENS_TYPES:
+            raise ValueError(f"tokens_type {tokens_type!r} is not one of {TOKENS_TYPES}")
+        self.tokens_type = tokens_type
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
+        self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
+        self.soft_split2 = nn.Unfold(kernel_size=k2, stride=s2, padding=p2)
+        if tokens_type == 'performer':
+            self.attention1 = TokenPerformer(dim=in_chans * k0 * k0, out_dim=token_dim, kernel_ratio=0.5)
+            self.attention2 = TokenPerformer(dim=token_dim * k1 * k1, out_dim=token_dim, kernel_ratio=0.5)
+        else:
+            self.attention1 = TokenTransformer(dim=in_chans * k0 * k0, out_dim=token_dim, mlp_ratio=1.0)
+            self.attention2 = TokenTransformer(dim=token_dim * k1 * k1, out_dim=token_dim, mlp_ratio=1.0)
+        self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
+        self.grad_checkpointing = False
+
+    def _restructure(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(layer, x)
+        return layer(x)
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
+        B, _, H, W = x.shape
+        h1, w1 = token_grid_size((H, W), 1)
+        h2, w2 = token_grid_size((H, W), 2)
+        x = self.soft_split0(x).transpose(1, 2)  # (B, C*7*7, L) -> (B, L, C*7*7)
+        x = self._restructure(self.attention1, x)  # (B, h1*w1, token_dim)
+        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1)
+        x = self.soft_split1(map1).transpose(1, 2)  # (B, h2*w2, token_dim*3*3)
+        x = self._restructure(self.attention2, x)  # (B, h2*w2, token_dim)
+        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
+        x = self.soft_split2(map2).transpose(1, 2)  # (B, h3*w3, token_dim*3*3)
+        return self.project(x), [map1, map2]  # (B, h3*w3, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[0]
+
+
+class T2TViT(nn.Module):
+    """T2T module + class token + frozen sinusoid position table + deep-narrow ViT blocks.
+
+    Args:
+        img_size: Input size the position table is built for (int or (H, W)); any size >= 3 px per side works.
+        in_chans: Input channels.
+        num_classes: Classifier outputs; 0 gives no head.
+        global_pool: 'token' (class token, official), 'avg' (mean of the patch tokens) or '' (no pooling).
+        tokens_type: 'performer' (T2T-ViT-N) or 'transformer' (T2T-ViT_t-N).
+        token_dim: Width of the tokens inside the T2T module (64 in the paper).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: The ViT backbone.
+        drop_rate: Dropout after the position table and inside the blocks (official meaning).
+        attn_drop_rate: Attention dropout in the blocks.
+        drop_path_rate: Stochastic depth, rising linearly to this value over the blocks.
+        dynamic_img_size: Resize the position table to each input's token grid at every call.
+
+    Notes:
+        The position table is a persistent buffer under the official key `pos_embed`, frozen as in the paper;
+        it is resized by 2-D interpolation of its grid part when the input grid differs.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            tokens_type: str = 'performer',
+            token_dim: int = 64,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
+    ):
+        super().__init__()
+        if global_pool not in ('token', 'avg', ''):
+            raise ValueError(f"global_pool {global_pool!r} is not one of 'token', 'avg', ''")
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = token_grid_size(self.img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.tokens_to_token = T2TModule(tokens_type, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # official: a frozen sinusoid table, kept in the state dict under `pos_embed`
+        self.register_buffer('pos_embed', sinusoid_table(num_patches + 1, embed_dim), persistent=True)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
+        self.blocks = nn.Sequential(*[
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=nn.LayerNorm,  # official: eps 1e-5
+                act_layer=nn.GELU,
+            )
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.feature_info = [
+            dict(module='tokens_to_token.attention1', num_chs=token_dim, reduction=4),
+            dict(module='tokens_to_token.attention2', num_chs=token_dim, reduction=8),
+        ] + [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=16) for i in range(depth)]
+
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- timm model interface -------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'cls_token', 'pos_embed'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise LR decay: stem (T2T module, class token), one group per block, norm."""
+        return dict(
+            stem=r'^cls_token|^pos_embed|^tokens_to_token',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.tokens_to_token.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg', ''):
+                raise ValueError(f"global_pool {global_pool!r} is not one of 'token', 'avg', ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward ----------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
+                f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "C"} to take this input')
+
+    def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Prepend the class token and add the position table, resized to `grid` when allowed."""
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1)
+        elif grid != self.grid_size and not torch.jit.is_tracing():
+            raise ValueError(
+                f'input gives a {grid[0]}x{grid[1]} token grid but the position table is for '
+                f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '
+                f'build the model with dynamic_img_size=True to resize it per call, or with the new img_size '
+                f'to resize it once when loading weights')
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1)  # (B, 1 + N, C)
+        return self.pos_drop(x + pos_embed.to(x.dtype))
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, (B, 1 + N, embed_dim); the class token comes first."""
+        self._check_input(x)
+        grid = token_grid_size((x.shape[-2], x.shape[-1]))
+        x = self.tokens_to_token(x)  # (B, N, C)
+        x = self._pos_embed(x, grid)
+        x = self._run_blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == 'token':
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- features for dense tasks -----------------------------------------------------------------------------
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features from the two T2T stages (strides 4 and 8, indices 0 and 1) and the blocks (stride 16, 2...).
+
+        Args:
+            indices: Take the last n features if int, these features if a sequence, all if None.
+            return_prefix_tokens: Return (map, class token) pairs for block features.
+            norm: Apply the final norm to block features.
+            stop_early: Stop after the last block needed.
+            output_fmt: 'NCHW' maps or 'NLC' token sequences.
+            intermediates_only: Return only the features, not the final tokens.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt {output_fmt!r} is not one of 'NCHW', 'NLC'")
+        self._check_input(x)
+        num_t2t = 2
+        take_indices, max_index = feature_take_indices(num_t2t + len(self.blocks), indices)
+        B, _, H, W = x.shape
+        grid = token_grid_size((H, W))
+
+        intermediates: List[Any] = []
+        x, maps = self.tokens_to_token.forward_stages(x)
+        for i, fmap in enumerate(maps):
+            if i in take_indices:
+                feat = fmap if output_fmt == 'NCHW' else fmap.flatten(2).transpose(1, 2)
+                intermediates.append((feat, fmap.new_zeros(B, 0, fmap.shape[1])) if return_prefix_tokens else feat)
+
+        x = self._pos_embed(x, grid)
+        blocks = self.blocks if not stop_early else self.blocks[:max(0, max_index - num_t2t + 1)]
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
+            if i + num_t2t in take_indices:
+                y = self.norm(x) if norm else x
+                prefix, tokens = y[:, :self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
+                if output_fmt == 'NCHW':
+                    tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, C, h, w)
+                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
+
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and optionally norm and head) that the requested features do not need."""
+        num_t2t = 2
+        take_indices, max_index = feature_take_indices(num_t2t + len(self.blocks), indices)
+        self.blocks = self.blocks[:max(0, max_index - num_t2t + 1)]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
+    out_indices = kwargs.pop('out_indices', (0, 1, -1))  # features_only default: strides 4, 8, 16
+    try:
+        return build_model_with_cfg(
+            T2TViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except RuntimeError as e:
+        if 'No pretrained weights exist' in str(e):
+            raise RuntimeError(
+                f'{variant}: no weights are downloaded by this package. Pass a local file: '
+                f"create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH.pth.tar'))"
+            ) from e
+        raise
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'tokens_to_token.attention1.kqv',
+        'classifier': 'head',
+        'license': 'other',
+        'paper_ids': 'arXiv:2101.11986',
+        'paper_name': 'Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet',
+        'origin_url': 'https://github.com/yitu-opensource/T2T-ViT',
+        **kwargs,
+    }
+
+
+def _cfg_t(**kwargs) -> Dict[str, Any]:
+    """Transformer-token models: their first Linear is the token attention's qkv."""
+    return _cfg(first_conv='tokens_to_token.attention1.attn.qkv', **kwargs)
+
+
+_384 = dict(input_size=(3, 384, 384), crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    't2t_vit_7.in1k': _cfg(),
+    't2t_vit_10.in1k': _cfg(),
+    't2t_vit_12.in1k': _cfg(),
+    't2t_vit_14.in1k': _cfg(),
+    't2t_vit_14.in1k_384': _cfg(**_384),
+    't2t_vit_19.in1k': _cfg(),
+    't2t_vit_19.in1k_384': _cfg(**_384),
+    't2t_vit_24.in1k': _cfg(),
+    't2t_vit_24.in1k_384': _cfg(**_384),
+    't2t_vit_t_14.in1k': _cfg_t(),
+    't2t_vit_t_14.in1k_384': _cfg_t(**_384),
+    't2t_vit_t_19.in1k': _cfg_t(),
+    't2t_vit_t_24.in1k': _cfg_t(),
+    't2t_vit_t_24.in1k_384': _cfg_t(**_384),
+    't2t_vit_14_resnext.in1k': _cfg(),
+    't2t_vit_14_wide.in1k': _cfg(),
+})
+
+
+@register_model
+def t2t_vit_7(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-7: Performer tokens, 256 wide, 7 blocks, 4.3M params."""
+    model_args = dict(tokens_type='performer', embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.)
+    return _create_t2t_vit('t2t_vit_7', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_10(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-10: Performer tokens, 256 wide, 10 blocks, 5.9M params."""
+    model_args = dict(tokens_type='performer', embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.)
+    return _create_t2t_vit('t2t_vit_10', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_12(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-12: Performer tokens, 256 wide, 12 blocks, 6.9M params."""
+    model_args = dict(tokens_type='performer', embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.)
+    return _create_t2t_vit('t2t_vit_12', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_14(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-14: Performer tokens, 384 wide, 14 blocks, 21.5M params, 81.5% ImageNet top-1."""
+    model_args = dict(tokens_type='performer', embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_14', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_19(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-19: Performer tokens, 448 wide, 19 blocks, 39.2M params."""
+    model_args = dict(tokens_type='performer', embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_19', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_24(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-24: Performer tokens, 512 wide, 24 blocks, 64.1M params."""
+    model_args = dict(tokens_type='performer', embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_24', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_14(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT_t-14: transformer tokens, 384 wide, 14 blocks, 21.5M params."""
+    model_args = dict(tokens_type='transformer', embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_t_14', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_19(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT_t-19: transformer tokens, 448 wide, 19 blocks, 39.2M params."""
+    model_args = dict(tokens_type='transformer', embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_t_19', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_24(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT_t-24: transformer tokens, 512 wide, 24 blocks, 64.1M params."""
+    model_args = dict(tokens_type='transformer', embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_t_24', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_14_resnext(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-14 with 32 heads of width 12: the paper's ResNeXt-style "more, thinner heads" ablation."""
+    model_args = dict(tokens_type='performer', embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_14_resnext', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_14_wide(pretrained: bool = False, **kwargs) -> T2TViT:
+    """Shallow-wide counterpart of T2T-ViT-14 (768 wide, 4 blocks): the paper's wide-vs-deep ablation."""
+    model_args = dict(tokens_type='performer', embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_14_wide', pretrained, **dict(model_args, **kwargs))
