@@ -13,7 +13,8 @@ import t2tvit  # noqa: F401  (registers the models)
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get('T2TVIT_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per xdist worker: two workers on two cores, no oversubscription
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, torch.get_num_threads()))
 
 
 def _require_fixtures() -> Path:

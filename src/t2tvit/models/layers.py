@@ -32,7 +32,7 @@ def token_grid_size(img_size: Tuple[int, int], splits: int = 3) -> Tuple[int, in
     Any size of at least 3 pixels per side leaves a grid of at least 1x1: the official code assumed multiples of 16.
     """
     h, w = img_size
-    if h < 3 or w < 3:
+    if not torch.jit.is_tracing() and (h < 3 or w < 3):
         raise ValueError(f'img_size {h}x{w} leaves no tokens after the 7x7 soft split; use at least 3x3 pixels')
     for kernel, stride, padding in SOFT_SPLITS[:splits]:
         h = soft_split_size(h, kernel, stride, padding)

@@ -214,7 +214,7 @@ class T2TViT(nn.Module):
         if self.dynamic_img_size:
             pos_embed = resample_abs_pos_embed(
                 pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1)
-        elif grid != self.grid_size and not torch.jit.is_tracing():
+        elif not torch.jit.is_tracing() and grid != self.grid_size:
             raise ValueError(
                 f'input gives a {grid[0]}x{grid[1]} token grid but the position table is for '
                 f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '

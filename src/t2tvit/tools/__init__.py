@@ -1,0 +1,1 @@
+"""Tools built on the models: model facts, and (in later modules) benchmark, export, predict, visualize."""
