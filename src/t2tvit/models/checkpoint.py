@@ -30,7 +30,6 @@ SAFE_GLOBALS = [argparse.Namespace]
 # Where a training checkpoint keeps its weights, in order of preference: EMA weights evaluate best.
 STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 _PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
-SOFT_SPLIT0_AREA = SOFT_SPLITS[0][0] ** 2  # the first Linear sees channels x 7 x 7 values, channel-major
 
 
 class CheckpointError(ValueError):
@@ -104,11 +103,8 @@ def _adapt_first_linear(
     out_features, in_features = weight.shape
     model_sd = model.state_dict()
     new_in = model_sd[weight_key].shape[1]
-    kernel_area = SOFT_SPLIT0_AREA
-    if in_features % kernel_area or new_in % kernel_area:
-        raise CheckpointError(
-            f'{weight_key}: {in_features} inputs in the checkpoint and {new_in} in the model; '
-            f'neither is channels x {kernel_area}')
+    k0 = getattr(model, 'soft_splits', SOFT_SPLITS)[0][0]
+    kernel_area = k0 * k0
     old_chans, new_chans = in_features // kernel_area, new_in // kernel_area
     norm_w = state_dict[norm_key + '.weight'].float().reshape(old_chans, kernel_area)
     norm_b = state_dict[norm_key + '.bias'].float().reshape(old_chans, kernel_area)
@@ -124,7 +120,6 @@ def _adapt_first_linear(
         else:  # find b with new_w @ b ~= shift
             new_norm_b = torch.linalg.lstsq(new_w, shift.unsqueeze(1)).solution.reshape(1, kernel_area)
     else:
-        k0 = SOFT_SPLITS[0][0]
         conv = weight.float().reshape(out_features, old_chans, k0, k0)
         new_w = adapt_input_conv(new_chans, conv, base_chans=old_chans).reshape(out_features, new_chans, kernel_area)
         index = torch.arange(new_chans) % old_chans
@@ -132,6 +127,13 @@ def _adapt_first_linear(
     state_dict[weight_key] = new_w.reshape(out_features, -1).to(weight.dtype)
     state_dict[norm_key + '.weight'] = new_norm_w.reshape(-1).to(weight.dtype)
     state_dict[norm_key + '.bias'] = new_norm_b.reshape(-1).to(weight.dtype)
+
+
+def _adaptable(weight: torch.Tensor, target: torch.Tensor, model: nn.Module) -> bool:
+    """Same layer at another channel count: same outputs, inputs a whole number of k x k channels on both sides."""
+    k0 = getattr(model, 'soft_splits', SOFT_SPLITS)[0][0]
+    return (weight.ndim == 2 and weight.shape[0] == target.shape[0] and weight.shape[1] != target.shape[1]
+            and weight.shape[1] % (k0 * k0) == 0 and target.shape[1] % (k0 * k0) == 0)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -144,7 +146,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     model_sd = model.state_dict()
 
     posemb = state_dict.get('pos_embed')
-    if posemb is not None and 'pos_embed' in model_sd and posemb.shape != model_sd['pos_embed'].shape:
+    target = model_sd.get('pos_embed')
+    if posemb is not None and target is not None and posemb.shape != target.shape and posemb.ndim == 3 \
+            and posemb.shape[-1] == target.shape[-1]:  # another grid, same width: resize; else report below
         num_prefix = getattr(model, 'num_prefix_tokens', 1)
         old_grid = _square_grid(posemb.shape[1] - num_prefix)
         new_grid = getattr(model, 'grid_size', None) or _square_grid(model_sd['pos_embed'].shape[1] - num_prefix)
@@ -154,7 +158,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     for prefix, weight_name in (('tokens_to_token.attention1.', 'kqv.weight'),
                                 ('tokens_to_token.attention1.', 'attn.qkv.weight')):
         key = prefix + weight_name
-        if key in state_dict and key in model_sd and state_dict[key].shape[1] != model_sd[key].shape[1]:
+        if key in state_dict and key in model_sd and _adaptable(state_dict[key], model_sd[key], model):
             _adapt_first_linear(state_dict, model, key, prefix + 'norm1')
     return state_dict
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, use_fused_attn
 
 __all__ = [
-    'SOFT_SPLITS', 'soft_split_size', 'token_grid_size', 'sinusoid_table',
+    'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'sinusoid_table',
     'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
 
@@ -26,15 +26,24 @@ def soft_split_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def token_grid_size(img_size: Tuple[int, int], splits: int = 3) -> Tuple[int, int]:
+SoftSplits = Tuple[Tuple[int, int, int], ...]
+
+
+def token_grid_size(
+        img_size: Tuple[int, int], splits: int = 3, soft_splits: SoftSplits = SOFT_SPLITS) -> Tuple[int, int]:
     """Token grid after the first `splits` soft splits, computed from the real input size.
 
-    Any size of at least 3 pixels per side leaves a grid of at least 1x1: the official code assumed multiples of 16.
+    With the paper's splits any size of at least 3 pixels per side leaves a grid of at least 1x1: the official code
+    assumed multiples of 16.
     """
     h, w = img_size
-    if not torch.jit.is_tracing() and (h < 3 or w < 3):
-        raise ValueError(f'img_size {h}x{w} leaves no tokens after the 7x7 soft split; use at least 3x3 pixels')
-    for kernel, stride, padding in SOFT_SPLITS[:splits]:
+    kernel, _, padding = soft_splits[0]
+    minimum = kernel - 2 * padding
+    if not torch.jit.is_tracing() and (h < minimum or w < minimum):
+        raise ValueError(
+            f'img_size {h}x{w} leaves no tokens after the {kernel}x{kernel} soft split; '
+            f'use at least {minimum}x{minimum} pixels')
+    for kernel, stride, padding in soft_splits[:splits]:
         h = soft_split_size(h, kernel, stride, padding)
         w = soft_split_size(w, kernel, stride, padding)
     return h, w

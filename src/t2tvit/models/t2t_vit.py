@@ -17,7 +17,7 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block
 
 from .checkpoint import checkpoint_filter_fn
-from .layers import SOFT_SPLITS, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
+from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
 __all__ = ['T2TModule', 'T2TViT', 'TOKENS_TYPES']
 
@@ -31,18 +31,30 @@ class T2TModule(nn.Module):
     in the same token; each re-structurization is a token transformer or Performer of width `token_dim`.
     """
 
-    def __init__(self, tokens_type: str = 'performer', in_chans: int = 3, embed_dim: int = 768, token_dim: int = 64):
+    def __init__(
+            self,
+            tokens_type: str = 'performer',
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            token_dim: int = 64,
+            soft_splits: SoftSplits = SOFT_SPLITS,
+            drop_rate: float = 0.1,
+    ):
         super().__init__()
         if tokens_type not in TOKENS_TYPES:
             raise ValueError(f"tokens_type {tokens_type!r} is not one of {TOKENS_TYPES}")
+        if len(soft_splits) != 3 or any(len(split) != 3 for split in soft_splits):
+            raise ValueError(f'soft_splits {soft_splits!r} must be three (kernel, stride, padding) triples')
         self.tokens_type = tokens_type
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        self.soft_splits = tuple(tuple(int(v) for v in split) for split in soft_splits)
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
         self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
         self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
         self.soft_split2 = nn.Unfold(kernel_size=k2, stride=s2, padding=p2)
         if tokens_type == 'performer':
-            self.attention1 = TokenPerformer(dim=in_chans * k0 * k0, out_dim=token_dim, kernel_ratio=0.5)
-            self.attention2 = TokenPerformer(dim=token_dim * k1 * k1, out_dim=token_dim, kernel_ratio=0.5)
+            # official: dropout 0.1 after the attention projection and at the end of the MLP
+            self.attention1 = TokenPerformer(in_chans * k0 * k0, token_dim, 0.5, attn_drop=drop_rate, mlp_drop=drop_rate)
+            self.attention2 = TokenPerformer(token_dim * k1 * k1, token_dim, 0.5, attn_drop=drop_rate, mlp_drop=drop_rate)
         else:
             self.attention1 = TokenTransformer(dim=in_chans * k0 * k0, out_dim=token_dim, mlp_ratio=1.0)
             self.attention2 = TokenTransformer(dim=token_dim * k1 * k1, out_dim=token_dim, mlp_ratio=1.0)
@@ -57,8 +69,8 @@ class T2TModule(nn.Module):
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
         B, _, H, W = x.shape
-        h1, w1 = token_grid_size((H, W), 1)
-        h2, w2 = token_grid_size((H, W), 2)
+        h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
+        h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
         x = self.soft_split0(x).transpose(1, 2)  # (B, C*7*7, L) -> (B, L, C*7*7)
         x = self._restructure(self.attention1, x)  # (B, h1*w1, token_dim)
         map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1)
@@ -82,6 +94,8 @@ class T2TViT(nn.Module):
         global_pool: 'token' (class token, official), 'avg' (mean of the patch tokens) or '' (no pooling).
         tokens_type: 'performer' (T2T-ViT-N) or 'transformer' (T2T-ViT_t-N).
         token_dim: Width of the tokens inside the T2T module (64 in the paper).
+        soft_splits: (kernel, stride, padding) of the three soft splits; the paper's are (7,4,2), (3,2,1), (3,2,1).
+        t2t_drop_rate: Dropout inside the Performer token layers (official: 0.1, not configurable there).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: The ViT backbone.
         drop_rate: Dropout after the position table and inside the blocks (official meaning).
         attn_drop_rate: Attention dropout in the blocks.
@@ -101,6 +115,8 @@ class T2TViT(nn.Module):
             global_pool: str = 'token',
             tokens_type: str = 'performer',
             token_dim: int = 64,
+            soft_splits: SoftSplits = SOFT_SPLITS,
+            t2t_drop_rate: float = 0.1,
             embed_dim: int = 768,
             depth: int = 12,
             num_heads: int = 12,
@@ -117,7 +133,8 @@ class T2TViT(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
         self.img_size = to_2tuple(img_size)
-        self.grid_size = token_grid_size(self.img_size)
+        self.soft_splits = tuple(tuple(int(v) for v in split) for split in soft_splits)
+        self.grid_size = token_grid_size(self.img_size, 3, self.soft_splits)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -126,7 +143,9 @@ class T2TViT(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
-        self.tokens_to_token = T2TModule(tokens_type, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim)
+        self.tokens_to_token = T2TModule(
+            tokens_type, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim, soft_splits=self.soft_splits,
+            drop_rate=t2t_drop_rate)
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # official: a frozen sinusoid table, kept in the state dict under `pos_embed`
@@ -149,10 +168,13 @@ class T2TViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+        r1 = self.soft_splits[0][1]
+        r2 = r1 * self.soft_splits[1][1]
+        self.patch_size = r2 * self.soft_splits[2][1]  # stride of the backbone grid: 16 with the paper's splits
         self.feature_info = [
-            dict(module='tokens_to_token.attention1', num_chs=token_dim, reduction=4),
-            dict(module='tokens_to_token.attention2', num_chs=token_dim, reduction=8),
-        ] + [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=16) for i in range(depth)]
+            dict(module='tokens_to_token.attention1', num_chs=token_dim, reduction=r1),
+            dict(module='tokens_to_token.attention2', num_chs=token_dim, reduction=r2),
+        ] + [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=self.patch_size) for i in range(depth)]
 
         trunc_normal_(self.cls_token, std=.02)
         self.apply(self._init_weights)
@@ -232,7 +254,7 @@ class T2TViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (B, 1 + N, embed_dim); the class token comes first."""
         self._check_input(x)
-        grid = token_grid_size((x.shape[-2], x.shape[-1]))
+        grid = token_grid_size((x.shape[-2], x.shape[-1]), 3, self.soft_splits)
         x = self.tokens_to_token(x)  # (B, N, C)
         x = self._pos_embed(x, grid)
         x = self._run_blocks(x)
@@ -264,7 +286,7 @@ class T2TViT(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features from the two T2T stages (strides 4 and 8, indices 0 and 1) and the blocks (stride 16, 2...).
+        """Features from the two T2T stages (indices 0 and 1, strides 4 and 8) and the blocks (2..., stride 16).
 
         Args:
             indices: Take the last n features if int, these features if a sequence, all if None.
@@ -280,7 +302,7 @@ class T2TViT(nn.Module):
         num_t2t = 2
         take_indices, max_index = feature_take_indices(num_t2t + len(self.blocks), indices)
         B, _, H, W = x.shape
-        grid = token_grid_size((H, W))
+        grid = token_grid_size((H, W), 3, self.soft_splits)
 
         intermediates: List[Any] = []
         x, maps = self.tokens_to_token.forward_stages(x)
@@ -388,6 +410,12 @@ default_cfgs = generate_default_cfgs({
     't2t_vit_t_24.in1k_384': _cfg_t(**_384),
     't2t_vit_14_resnext.in1k': _cfg(),
     't2t_vit_14_wide.in1k': _cfg(),
+    # small images: Fashion-MNIST (1x28x28) and CIFAR (3x32x32)
+    't2t_vit_mini.fmnist': _cfg(
+        input_size=(1, 28, 28), num_classes=10, crop_pct=1.0, mean=(0.2860,), std=(0.3530,), license='mit'),
+    't2t_vit_mini.cifar': _cfg(
+        input_size=(3, 32, 32), num_classes=10, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616), license='mit'),
 })
 
 
@@ -466,3 +494,16 @@ def t2t_vit_14_wide(pretrained: bool = False, **kwargs) -> T2TViT:
     """Shallow-wide counterpart of T2T-ViT-14 (768 wide, 4 blocks): the paper's wide-vs-deep ablation."""
     model_args = dict(tokens_type='performer', embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.)
     return _create_t2t_vit('t2t_vit_14_wide', pretrained, **dict(model_args, **kwargs))
+
+
+# First soft split 3x3 with stride 1: a 28 px image leaves a 7x7 grid (an 8x8 one at 32 px) instead of 2x2.
+SMALL_IMAGE_SOFT_SPLITS = ((3, 1, 1), (3, 2, 1), (3, 2, 1))
+
+
+@register_model
+def t2t_vit_mini(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT for 28-32 px images (Fashion-MNIST, CIFAR): soft splits 3/3/3 with strides 1/2/2, 128 wide."""
+    model_args = dict(
+        tokens_type='performer', soft_splits=SMALL_IMAGE_SOFT_SPLITS, token_dim=32, embed_dim=128, depth=4,
+        num_heads=4, mlp_ratio=2.)
+    return _create_t2t_vit('t2t_vit_mini', pretrained, **dict(model_args, **kwargs))

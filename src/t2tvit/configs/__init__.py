@@ -1,0 +1,1 @@
+"""Training recipes shipped with the package, as YAML."""

@@ -1,0 +1,32 @@
+"""Datasets and transforms for training and evaluating T2T-ViT; nothing here downloads anything at run time.
+
+`build_dataset` reads ImageNet-style folders, CIFAR-10/100 (python version), MNIST and Fashion-MNIST (IDX) and a
+synthetic `fake` set; `build_transform` wraps timm's transforms; `fetch_fashion_mnist` gets Fashion-MNIST from
+Debian's package with apt-get/dpkg.
+"""
+from typing import Any
+
+from .datasets import (
+    DATASETS,
+    CifarDataset,
+    DataError,
+    FakeDataset,
+    IdxDataset,
+    ImageFolderDataset,
+    build_dataset,
+    read_idx,
+)
+from .transforms import build_transform
+
+__all__ = [
+    'DATASETS', 'DataError', 'build_dataset', 'build_transform', 'fetch_fashion_mnist', 'read_idx',
+    'CifarDataset', 'FakeDataset', 'IdxDataset', 'ImageFolderDataset',
+]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use, so `python -m t2tvit.data.fetch` does not find its module already imported
+    if name == 'fetch_fashion_mnist':
+        from .fetch import fetch_fashion_mnist
+        return fetch_fashion_mnist
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

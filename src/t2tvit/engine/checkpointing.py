@@ -1,0 +1,67 @@
+"""Training checkpoints written so that a crash, a full disk or a kill -9 never leaves a broken file behind."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..models import read_checkpoint
+
+
+class CheckpointSaveError(OSError):
+    """Saving failed; the previous checkpoint at the same path is intact."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside `path`, fsync it, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):
+            raise CheckpointSaveError(
+                e.errno, f'could not write checkpoint {path}: {e.strerror or e}; '
+                f'the previous {path.name} (if any) is intact. Free disk space or choose another --output') from e
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_training_state(path: Path) -> Dict[str, Any]:
+    """A t2tvit training checkpoint, read weights-only like every other checkpoint."""
+    state = read_checkpoint(path)
+    missing = [k for k in ('state_dict', 'optimizer', 'epoch', 'global_step') if k not in state]
+    if missing:
+        raise ValueError(f'{path} is not a t2tvit training checkpoint to resume from (lacks {", ".join(missing)}); '
+                         f'to start from its weights use --pretrained {path}')
+    return state
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not after an epoch, when the output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / '.write-test'
+        probe.write_bytes(b'ok')
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointSaveError(
+            e.errno, f'output folder {folder} is not writable ({e.strerror or e}); choose another with --output') from e

@@ -1,0 +1,74 @@
+"""Process-group set-up for `torchrun`: one process per device, NCCL on GPUs, gloo on CPUs.
+
+Single-process runs need nothing: every helper here degrades to the obvious one-process answer.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == 'cuda' or (requested == 'auto' and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError('device=cuda asked for, but no CUDA GPU is visible; use --device cpu')
+        return torch.device('cuda', local_rank)
+    return torch.device('cpu')
+
+
+def init_distributed(requested_device: str = 'auto') -> DistInfo:
+    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK, if any."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over processes, in place; a no-op in a single process."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every process when any process says True (e.g. a stop request or a bad loss)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""`t2tvit eval`: a checkpoint on a data set, with the model's own evaluation transform."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+
+from ..data import build_dataset
+from ..models import load_checkpoint, read_checkpoint
+from .config import ConfigError
+from .distributed import cleanup, init_distributed
+from .metrics import plot_confusion
+from .train import _eval_loader, evaluate, eval_transform_for, fake_split_size
+
+
+def _checkpoint_facts(raw: Any) -> Dict[str, Any]:
+    """What a checkpoint says about the model it holds: class count, names, and our saved training config."""
+    facts: Dict[str, Any] = {}
+    if isinstance(raw, dict):
+        saved = raw.get('config') if isinstance(raw.get('config'), dict) else {}
+        facts.update({k: saved[k] for k in ('model', 'img_size', 'in_chans', 'model_kwargs', 'mean', 'std',
+                                            'crop_pct', 'interpolation', 'dataset', 'data', 'fake_num_samples', 'seed')
+                      if saved.get(k) is not None})
+        if isinstance(raw.get('classes'), list):
+            facts['classes'] = raw['classes']
+        weights = raw.get('state_dict_ema') or raw.get('state_dict') or raw.get('model') or raw
+        head = weights.get('head.weight') if isinstance(weights, dict) else None
+        if head is None and isinstance(weights, dict):
+            head = weights.get('module.head.weight')
+        if isinstance(head, torch.Tensor):
+            facts['num_classes'] = head.shape[0]
+    return facts
+
+
+def evaluate_checkpoint(
+        checkpoint: str,
+        data: Optional[str],
+        model: Optional[str] = None,
+        dataset: Optional[str] = None,
+        split: str = 'val',
+        img_size: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        crop_pct: Optional[float] = None,
+        interpolation: Optional[str] = None,
+        batch_size: int = 64,
+        workers: int = 4,
+        amp: str = 'none',
+        device: str = 'auto',
+        output: Optional[str] = None,
+        on_bad_image: str = 'fail',
+) -> Dict[str, Any]:
+    """Top-1/top-5, loss, per-class accuracy; writes eval.json and confusion_matrix.png into `output`.
+
+    Options left as None come from the checkpoint (t2tvit checkpoints store their config), then from the model's
+    pretrained_cfg: for the ImageNet models that is resize to 248 bicubic, centre crop 224.
+    """
+    info = init_distributed(device)
+    try:
+        raw = read_checkpoint(checkpoint)
+        facts = _checkpoint_facts(raw)
+        model_name = model or facts.get('model')
+        if not model_name:
+            raise ConfigError(f'{checkpoint} does not say which model it holds; pass --model NAME')
+        kwargs = dict(facts.get('model_kwargs', {}))
+        kwargs.pop('drop_path_rate', None)
+        size = img_size or facts.get('img_size')
+        chans = in_chans or facts.get('in_chans')
+        if size:
+            kwargs['img_size'] = size
+        if chans:
+            kwargs['in_chans'] = chans
+        net = timm.create_model(model_name, num_classes=facts.get('num_classes', 1000), **kwargs)
+        load_checkpoint(net, raw)
+        cfg = net.pretrained_cfg
+        config = {
+            'img_size': size or cfg['input_size'][-1], 'in_chans': net.in_chans,
+            'mean': facts.get('mean'), 'std': facts.get('std'),
+            'crop_pct': crop_pct or facts.get('crop_pct') or cfg.get('crop_pct', 0.9),
+            'interpolation': interpolation or facts.get('interpolation') or cfg.get('interpolation', 'bicubic'),
+        }
+        dataset_name = dataset or facts.get('dataset') or 'imagefolder'
+        eval_set = build_dataset(
+            dataset_name, data or facts.get('data'), split, transform=None, in_chans=net.in_chans,
+            on_bad_image=on_bad_image, fake_num_samples=fake_split_size(facts.get('fake_num_samples', 256), split),
+            fake_num_classes=net.num_classes, fake_image_size=config['img_size'], seed=facts.get('seed', 0))
+        classes = facts.get('classes') or list(eval_set.classes)
+        if len(classes) != net.num_classes:
+            classes = [str(i) for i in range(net.num_classes)]
+        if eval_set.num_classes > net.num_classes:
+            raise ConfigError(f'{data} has {eval_set.num_classes} classes but the checkpoint predicts '
+                              f'{net.num_classes}; evaluate it on the data set it was trained for')
+        net.to(info.device)
+        loader = _eval_loader(eval_set, eval_transform_for(config, net), batch_size, workers, info)
+        result = evaluate(net, loader, info.device, net.num_classes, amp, info)
+        result['model'] = model_name
+        result['checkpoint'] = str(checkpoint)
+        result['classes'] = classes
+        result['transform'] = {k: config[k] for k in ('img_size', 'crop_pct', 'interpolation')}
+        if output and info.is_main:
+            out = Path(output)
+            out.mkdir(parents=True, exist_ok=True)
+            payload = {k: v for k, v in result.items() if k not in ('confusion', 'per_class_top1')}
+            payload['per_class_top1'] = dict(zip(classes, result['per_class_top1']))
+            payload['confusion'] = result['confusion'].tolist()
+            (out / 'eval.json').write_text(json.dumps(payload, indent=1))
+            plot_confusion(result['confusion'], classes, out / 'confusion_matrix.png',
+                           title=f"{model_name}: top-1 {result['top1']:.2f}% on {result['samples']} images")
+            result['files'] = [str(out / 'eval.json'), str(out / 'confusion_matrix.png')]
+        return result
+    finally:
+        cleanup(info)

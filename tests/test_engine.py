@@ -1,0 +1,312 @@
+"""Training engine end to end on tiny data: learning, exact resumption, DDP equivalence, bad input."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import t2tvit
+from t2tvit.cli.main import main as cli
+from t2tvit.engine import ConfigError, TrainingDiverged, resolve_config, train
+from t2tvit.engine import checkpointing
+from t2tvit.engine.config import RECIPES, load_recipe
+from t2tvit.models import read_checkpoint
+
+TINY_MODEL = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'token_dim': 8, 't2t_drop_rate': 0.0}
+
+
+def tiny_config(tmp_path: Path, run_name: str = 'run', **overrides) -> dict:
+    config = dict(
+        model='t2t_vit_mini', model_kwargs=TINY_MODEL, dataset='fake', img_size=16, in_chans=1, num_classes=4,
+        fake_num_samples=64, batch_size=16, epochs=2, workers=0, drop_path=0.0, warmup_epochs=0, lr=2e-3,
+        lr_base_size=16, log_interval=1, ckpt_interval=1, progress='off', smoothing=0.0, mean=[0.5], std=[0.5],
+        aa=None, color_jitter=None, scale=[0.5, 1.0], output=str(tmp_path), run_name=run_name, seed=7)
+    config.update(overrides)
+    return resolve_config(None, config)
+
+
+def cli_args(config: dict) -> list:
+    """The same config as command-line flags."""
+    args = []
+    for key, value in config.items():
+        if key in ('recipe',) or value is None:
+            continue
+        args += [f"--{key.replace('_', '-')}", json.dumps(value)]  # JSON is YAML
+    return args
+
+
+def weights(run_dir: Path, name: str = 'last.pth') -> dict:
+    return read_checkpoint(run_dir / name)['state_dict']
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def subprocess_env() -> dict:
+    # the same thread count as this process: float sums then add up in the same order as the in-process runs
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED='1')
+    env.pop('PYTEST_XDIST_WORKER', None)
+    return env
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-epoch run that the resumed runs must reproduce exactly."""
+    tmp = tmp_path_factory.mktemp('reference')
+    result = train(tiny_config(tmp, 'reference'))
+    return result
+
+
+def test_run_folder_holds_everything(reference_run):
+    run_dir = reference_run.run_dir
+    assert reference_run.status == 'finished' and reference_run.global_step == 8  # 2 epochs x 64/16
+    for name in ('last.pth', 'best.pth', 'metrics.jsonl', 'config.yaml', 'curves.png', 'confusion_matrix.png',
+                 'eval.json'):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['global_step'] for r in records if r['type'] == 'train'] == list(range(1, 9))
+    assert [r['epoch'] for r in records if r['type'] == 'eval'] == [1, 2]
+    state = read_checkpoint(run_dir / 'last.pth')
+    for key in ('state_dict', 'optimizer', 'scheduler', 'epoch', 'step_in_epoch', 'global_step', 'rng', 'classes'):
+        assert key in state, key
+    assert (state['epoch'], state['step_in_epoch'], state['global_step']) == (2, 0, 8)
+    saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    assert saved['lr'] == 2e-3 and saved['num_classes'] == 4
+
+
+def test_training_learns(tmp_path):
+    result = train(tiny_config(tmp_path, 'learn', epochs=6, lr=5e-3))
+    records = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()]
+    losses = [r['loss'] for r in records if r['type'] == 'train']
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.3
+    assert result.final_eval['top1'] >= 50  # chance is 25%
+
+
+def test_budget_stop_then_rerun_gives_identical_weights(tmp_path, reference_run):
+    first = train(tiny_config(tmp_path, 'resumed', max_steps=3))
+    assert first.status == 'budget' and first.global_step == 3
+    assert read_checkpoint(first.run_dir / 'last.pth')['step_in_epoch'] == 3
+    second = train(tiny_config(tmp_path, 'resumed'))  # the same command, without the budget: resumes
+    assert second.status == 'finished' and second.global_step == 8
+    assert_same_weights(weights(second.run_dir), weights(reference_run.run_dir))
+    steps = [json.loads(line)['global_step'] for line in (second.run_dir / 'metrics.jsonl').read_text().splitlines()
+             if json.loads(line)['type'] == 'train']
+    assert steps == list(range(1, 9))  # no step logged twice after the resume
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f'training ended early: {proc.communicate()}')
+        metrics = run_dir / 'metrics.jsonl'
+        if metrics.exists():
+            steps = [json.loads(line)['global_step'] for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f'no step {step} within {timeout}s')
+
+
+@pytest.mark.parametrize('how', ['SIGKILL', 'SIGINT'])
+def test_interrupted_mid_epoch_then_resumed_ends_with_the_same_weights(tmp_path, reference_run, how):
+    config = tiny_config(tmp_path, 'killed')
+    command = [sys.executable, '-m', 't2tvit', 'train', *cli_args(config)]
+    proc = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / 'killed', 2, proc)
+    proc.send_signal(getattr(signal, how))
+    out, err = proc.communicate(timeout=120)
+    if how == 'SIGINT':
+        assert proc.returncode == 130, err
+        assert 'SIGINT received' in err and 'resume' in err
+        state = read_checkpoint(tmp_path / 'killed' / 'last.pth')
+        assert 2 <= state['global_step'] < 8  # saved where it stopped, mid-run
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'resuming' in resumed.stdout
+    assert_same_weights(weights(tmp_path / 'killed'), weights(reference_run.run_dir))
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    common = dict(fake_num_samples=32, batch_size=8, epochs=1, eval_interval=1)
+    single = tiny_config(tmp_path, 'single', **common)
+    double = tiny_config(tmp_path, 'double', **common)
+    env = subprocess_env()
+    one = subprocess.run([sys.executable, '-m', 't2tvit', 'train', *cli_args(single)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+                          '-m', 't2tvit', 'train', *cli_args(double)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert '2 process(es)' in two.stdout
+    a, b = weights(tmp_path / 'single'), weights(tmp_path / 'double')
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
+    # distributed evaluation counted every validation sample exactly once
+    evals = [json.loads(line) for line in (tmp_path / 'double' / 'metrics.jsonl').read_text().splitlines()
+             if json.loads(line)['type'] == 'eval']
+    assert evals[-1]['samples'] == 8
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch.nn as nn
+    calls = {'n': 0}
+    original = nn.CrossEntropyLoss.forward
+
+    def poisoned(self, logits, target):
+        calls['n'] += 1
+        loss = original(self, logits, target)
+        return loss * float('nan') if calls['n'] == 5 else loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, 'forward', poisoned)
+    config = tiny_config(tmp_path, 'nan')
+    with pytest.raises(TrainingDiverged, match=r'loss became nan at epoch 2, step 1 \(global step 5\)') as info:
+        train(config)
+    assert 'last.pth (global step 4)' in str(info.value)
+    state = read_checkpoint(tmp_path / 'nan' / 'last.pth')
+    assert state['global_step'] == 4
+    assert all(torch.isfinite(v).all() for v in state['state_dict'].values())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, 'full')
+    saves = {'n': 0}
+    original = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        saves['n'] += 1
+        if saves['n'] == 3:
+            f.write(b'partial')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, 'save', failing_save)
+    with pytest.raises(checkpointing.CheckpointSaveError, match='No space left on device.*intact'):
+        train(config)
+    state = read_checkpoint(tmp_path / 'full' / 'last.pth')  # the save before the failure, whole
+    assert state['global_step'] == 2
+    assert not [p for p in (tmp_path / 'full').iterdir() if p.name.endswith('.tmp')]
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    config = tiny_config(blocker, 'x')
+    assert cli(['train', *cli_args(config)]) == 2
+    assert 'not writable' in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_named(tmp_path, capsys):
+    config = tiny_config(tmp_path, 'x', dataset='fashion_mnist', data=str(tmp_path / 'nowhere'))
+    assert cli(['train', *cli_args(config)]) == 2
+    err = capsys.readouterr().err
+    assert 'nowhere' in err and 'train-images-idx3-ubyte' in err
+
+
+def test_empty_imagefolder_is_named(tmp_path, capsys):
+    (tmp_path / 'data' / 'train').mkdir(parents=True)
+    config = tiny_config(tmp_path, 'x', dataset='imagefolder', data=str(tmp_path / 'data'))
+    assert cli(['train', *cli_args(config)]) == 2
+    assert str(tmp_path / 'data') in capsys.readouterr().err
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match='unknown key.*learning_rate'):
+        resolve_config(None, {'learning_rate': 1})
+    with pytest.raises(ConfigError, match='batch_size 10 is not divisible by accum_steps 3'):
+        resolve_config(None, {'batch_size': 10, 'accum_steps': 3})
+    with pytest.raises(ConfigError, match="recipe 'nope' not found"):
+        resolve_config('nope')
+
+
+def test_every_shipped_recipe_resolves():
+    assert {'imagenet', 'cifar10', 'cifar100', 'fashion_mnist', 'finetune'} <= set(RECIPES)
+    imagenet = resolve_config('imagenet')
+    assert (imagenet['epochs'], imagenet['batch_size'], imagenet['lr'], imagenet['weight_decay']) == (
+        310, 512, 5e-4, 0.05)
+    assert (imagenet['mixup'], imagenet['cutmix'], imagenet['aa'], imagenet['reprob']) == (
+        0.8, 1.0, 'rand-m9-mstd0.5-inc1', 0.25)
+    assert (imagenet['model_ema_decay'], imagenet['crop_pct'], imagenet['drop_path']) == (0.99996, 0.9, 0.1)
+    for name in RECIPES:
+        load_recipe(name)
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    big = train(tiny_config(tmp_path, 'big', epochs=1))
+    accumulated = train(tiny_config(tmp_path, 'accum', epochs=1, accum_steps=4))
+    assert_same_weights(weights(big.run_dir), weights(accumulated.run_dir), atol=1e-5)
+
+
+def test_ema_mixup_and_bf16_run(tmp_path):
+    result = train(tiny_config(tmp_path, 'ema', epochs=1, model_ema=True, model_ema_decay=0.9, mixup=0.8,
+                               cutmix=1.0, amp='bf16', smoothing=0.1, clip_grad=1.0))
+    state = read_checkpoint(result.run_dir / 'last.pth')
+    assert state['state_dict_ema'] is not None
+    assert any(not torch.equal(state['state_dict_ema'][k], state['state_dict'][k]) for k in state['state_dict'])
+    evals = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()
+             if json.loads(line)['type'] == 'eval']
+    assert 'ema_top1' in evals[-1]
+
+
+def test_eval_command_reports_and_writes_files(reference_run, tmp_path, capsys):
+    out = tmp_path / 'eval'
+    code = cli(['eval', '--checkpoint', str(reference_run.run_dir / 'best.pth'), '--workers', '0',
+                '--output', str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert 'top-1' in printed and 'per-class top-1' in printed and 'class_0' in printed
+    report = json.loads((out / 'eval.json').read_text())
+    assert report['samples'] == 16 and set(report['per_class_top1']) == {f'class_{i}' for i in range(4)}
+    assert (out / 'confusion_matrix.png').stat().st_size > 1000
+    expected = json.loads((reference_run.run_dir / 'eval.json').read_text())
+    assert report['top1'] == pytest.approx(expected['top1'])
+
+
+def test_eval_uses_the_model_transform_for_imagenet_models():
+    from t2tvit.engine.train import eval_transform_for
+    model = t2tvit.create_model('t2t_vit_7')
+    config = {'img_size': 224, 'in_chans': 3, 'mean': None, 'std': None, 'crop_pct': 0.9,
+              'interpolation': 'bicubic'}
+    text = str(eval_transform_for(config, model))
+    assert 'Resize(size=248' in text and 'bicubic' in text and 'CenterCrop(size=(224, 224))' in text
+
+
+def test_finetune_to_new_classes_and_resolution_lowers_the_loss(reference_run, tmp_path):
+    config = tiny_config(tmp_path, 'ft', num_classes=3, img_size=24, epochs=3, lr=3e-3,
+                         pretrained=str(reference_run.run_dir / 'best.pth'), layer_decay=0.75)
+    result = train(config)
+    state = read_checkpoint(result.run_dir / 'last.pth')
+    assert state['state_dict']['head.weight'].shape == (3, 32)
+    assert state['state_dict']['pos_embed'].shape[1] == 1 + 6 * 6  # 24 px -> 6x6 grid
+    records = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()]
+    losses = [r['loss'] for r in records if r['type'] == 'train']
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_finetune_cli_freezes_the_backbone(reference_run, tmp_path):
+    config = tiny_config(tmp_path, 'frozen', num_classes=3, epochs=1, freeze_backbone=True)
+    assert cli(['finetune', '--checkpoint', str(reference_run.run_dir / 'best.pth'), *cli_args(config)]) == 0
+    before, after = weights(reference_run.run_dir, 'best.pth'), weights(tmp_path / 'frozen')
+    assert torch.equal(before['blocks.0.attn.qkv.weight'], after['blocks.0.attn.qkv.weight'])
+    assert after['head.weight'].shape == (3, 32)
+
+
+def test_finetune_from_another_architecture_is_refused(reference_run, tmp_path, capsys):
+    config = tiny_config(tmp_path, 'wrong', model='t2t_vit_7', model_kwargs={}, img_size=32, in_chans=1)
+    assert cli(['finetune', '--checkpoint', str(reference_run.run_dir / 'best.pth'), *cli_args(config)]) == 2
+    assert 'does not fit' in capsys.readouterr().err
