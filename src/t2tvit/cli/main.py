@@ -103,7 +103,7 @@ def _resume_arg(args: argparse.Namespace) -> Optional[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_checkpoint
     result = evaluate_checkpoint(
-        args.checkpoint, args.data, model=args.model, dataset=args.dataset, split=args.split, img_size=args.img_size,
+        args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset, split=args.split, img_size=args.img_size,
         in_chans=args.in_chans, crop_pct=args.crop_pct, interpolation=args.interpolation,
         batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device, output=args.output,
         on_bad_image=args.on_bad_image)
@@ -118,6 +118,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path in result.get('files', []):
         print(f'wrote {path}')
     return 0
+
+
+def _yaml_mapping(text: str) -> Dict[str, Any]:
+    from ..engine.config import parse_value
+    value = parse_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a YAML mapping such as "{{depth: 2}}"')
+    return value
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -158,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--checkpoint', required=True, metavar='FILE')
     ev.add_argument('--data', metavar='DIR', default=None, help='data set folder')
     ev.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
+    ev.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
+                    help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
     ev.add_argument('--dataset', default=None,
                     help='imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake (default: from the '
                          'checkpoint, else imagefolder)')

@@ -267,11 +267,12 @@ CIFAR_LAYOUTS = {
 }
 
 
-class CifarDataset(_ClassesMixin, Dataset):
-    """CIFAR images held in memory: `data` is uint8 (N, 32, 32, 3), `targets` a list of ints."""
+class _InMemoryImages(_ClassesMixin, Dataset):
+    """Images held in one array, (N, H, W) or (N, H, W, 3), with labels beside them."""
 
-    def __init__(self, data: np.ndarray, targets: List[int], classes: List[str], transform=None, *,
-                 in_chans: int = 3):
+    native_mode = 'RGB'
+
+    def __init__(self, data, targets, classes: List[str], transform=None, *, in_chans: int):
         self.data = data
         self.targets = targets
         self.classes = classes
@@ -282,12 +283,22 @@ class CifarDataset(_ClassesMixin, Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image = Image.fromarray(self.data[index])  # RGB
-        if self.mode != 'RGB':
+        image = Image.fromarray(np.asarray(self.data[index]))
+        if self.mode != self.native_mode:
             image = image.convert(self.mode)
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.targets[index]
+        return image, int(self.targets[index])
+
+
+class CifarDataset(_InMemoryImages):
+    """CIFAR images held in memory: `data` is uint8 (N, 32, 32, 3), `targets` a list of ints."""
+
+    native_mode = 'RGB'
+
+    def __init__(self, data: np.ndarray, targets: List[int], classes: List[str], transform=None, *,
+                 in_chans: int = 3):
+        super().__init__(data, targets, classes, transform, in_chans=in_chans)
 
 
 def _build_cifar(name: str, root: Path, split: str, transform, in_chans: int) -> CifarDataset:
@@ -361,27 +372,14 @@ def read_idx(path: PathLike, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header).reshape(shape)
 
 
-class IdxDataset(_ClassesMixin, Dataset):
+class IdxDataset(_InMemoryImages):
     """MNIST-style data held in memory: `data` uint8 (N, H, W) and `targets` int64 (N,) tensors."""
+
+    native_mode = 'L'
 
     def __init__(self, data: torch.Tensor, targets: torch.Tensor, classes: List[str], transform=None, *,
                  in_chans: int = 1):
-        self.data = data
-        self.targets = targets
-        self.classes = classes
-        self.transform = transform
-        self.mode = _pil_mode(in_chans)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image = Image.fromarray(self.data[index].numpy())  # L
-        if self.mode != 'L':
-            image = image.convert(self.mode)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
+        super().__init__(data, targets, classes, transform, in_chans=in_chans)
 
 
 def _find_idx_file(folder: Path, name: str) -> Optional[Path]:

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from ..data import build_dataset
-from ..models import load_checkpoint, read_checkpoint
+from ..models import extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion
@@ -26,11 +26,8 @@ def _checkpoint_facts(raw: Any) -> Dict[str, Any]:
                       if saved.get(k) is not None})
         if isinstance(raw.get('classes'), list):
             facts['classes'] = raw['classes']
-        weights = raw.get('state_dict_ema') or raw.get('state_dict') or raw.get('model') or raw
-        head = weights.get('head.weight') if isinstance(weights, dict) else None
-        if head is None and isinstance(weights, dict):
-            head = weights.get('module.head.weight')
-        if isinstance(head, torch.Tensor):
+        head = extract_state_dict(raw).get('head.weight')
+        if head is not None:
             facts['num_classes'] = head.shape[0]
     return facts
 
@@ -39,6 +36,7 @@ def evaluate_checkpoint(
         checkpoint: str,
         data: Optional[str],
         model: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
         dataset: Optional[str] = None,
         split: str = 'val',
         img_size: Optional[int] = None,
@@ -65,6 +63,7 @@ def evaluate_checkpoint(
         if not model_name:
             raise ConfigError(f'{checkpoint} does not say which model it holds; pass --model NAME')
         kwargs = dict(facts.get('model_kwargs', {}))
+        kwargs.update(model_kwargs or {})
         kwargs.pop('drop_path_rate', None)
         size = img_size or facts.get('img_size')
         chans = in_chans or facts.get('in_chans')

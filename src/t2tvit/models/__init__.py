@@ -1,11 +1,13 @@
 """T2T-ViT models. Importing this package registers every variant in timm's registry."""
-from .checkpoint import CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint, read_checkpoint
+from .checkpoint import (
+    CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint, mismatch_report, read_checkpoint)
 from .layers import TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 from .t2t_vit import T2TModule, T2TViT
 from .utils import count_parameters, list_variants
 
 __all__ = [
-    'CheckpointError', 'checkpoint_filter_fn', 'extract_state_dict', 'load_checkpoint', 'read_checkpoint',
+    'CheckpointError', 'checkpoint_filter_fn', 'extract_state_dict', 'load_checkpoint', 'mismatch_report',
+    'read_checkpoint',
     'TokenPerformer', 'TokenTransformer', 'sinusoid_table', 'token_grid_size', 'T2TModule', 'T2TViT',
     'count_parameters', 'list_variants',
 ]

@@ -10,7 +10,7 @@ import argparse
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from .layers import SOFT_SPLITS
 
 __all__ = [
     'CheckpointError', 'read_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn', 'load_checkpoint',
+    'mismatch_report',
     'SAFE_GLOBALS', 'STATE_DICT_KEYS',
 ]
 
@@ -163,9 +164,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     return state_dict
 
 
-def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Optional[str]:
+def mismatch_report(
+        state_dict: Mapping[str, torch.Tensor], model: nn.Module, allow_missing: Sequence[str] = ()) -> Optional[str]:
+    """None when `state_dict` fits `model` exactly; else every missing, unexpected and mis-shaped key, by name."""
     model_sd = model.state_dict()
-    missing = [k for k in model_sd if k not in state_dict]
+    missing = [k for k in model_sd if k not in state_dict and k not in allow_missing]
     unexpected = [k for k in state_dict if k not in model_sd]
     mismatched = [
         f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
@@ -200,7 +203,7 @@ def load_checkpoint(
     except CheckpointError as e:
         raise CheckpointError(f'{where}: {e}') from e
     if strict:
-        report = _mismatch_report(state_dict, model)
+        report = mismatch_report(state_dict, model)
         if report:
             arch = raw.get('arch') if isinstance(raw, Mapping) and isinstance(raw.get('arch'), str) else None
             hint = f" (it says arch={arch!r})" if arch else ''
