@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--crop-pct', type=float, default=None)
     ev.add_argument('--interpolation', default=None)
     ev.add_argument('--batch-size', type=int, default=64)
-    ev.add_argument('--workers', type=int, default=4)
+    ev.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     ev.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
     ev.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     ev.add_argument('--on-bad-image', default='fail', choices=('fail', 'skip'))
