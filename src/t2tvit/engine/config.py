@@ -178,7 +178,7 @@ def _validate(c: Dict[str, Any]) -> None:
          f"batch_size {c['batch_size']} is not divisible by accum_steps {c['accum_steps']}")
     need(c['amp'] in ('none', 'bf16', 'fp16'), f"amp must be none, bf16 or fp16, got {c['amp']!r}")
     need(c['device'] in ('auto', 'cpu', 'cuda'), f"device must be auto, cpu or cuda, got {c['device']!r}")
-    need(c['progress'] in ('auto', 'on', 'off', True, False), f"progress must be auto, on or off")
+    need(c["progress"] in ("auto", "on", "off", True, False), "progress must be auto, on or off")
     need(c['on_bad_image'] in ('fail', 'skip'), f"on_bad_image must be fail or skip, got {c['on_bad_image']!r}")
     need(isinstance(c['lr'], (int, float)) and c['lr'] > 0, f"lr must be a positive number, got {c['lr']!r}")
     need(isinstance(c['model_kwargs'], dict), 'model_kwargs must be a mapping')

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
-import torch
 
 from ..data import build_dataset
 from ..models import extract_state_dict, load_checkpoint, read_checkpoint

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import build_dataset, build_transform
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
-from .checkpointing import CheckpointSaveError, atomic_torch_save, check_writable, load_training_state
+from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves
