@@ -1,7 +1,6 @@
 """`t2tvit eval`: a checkpoint on a data set, with the model's own evaluation transform."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -11,7 +10,7 @@ from ..data import build_dataset
 from ..models import extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
-from .metrics import plot_confusion
+from .metrics import plot_confusion, write_eval_json
 from .train import _eval_loader, evaluate, eval_transform_for, fake_split_size
 
 
@@ -100,10 +99,7 @@ def evaluate_checkpoint(
         if output and info.is_main:
             out = Path(output)
             out.mkdir(parents=True, exist_ok=True)
-            payload = {k: v for k, v in result.items() if k not in ('confusion', 'per_class_top1')}
-            payload['per_class_top1'] = dict(zip(classes, result['per_class_top1']))
-            payload['confusion'] = result['confusion'].tolist()
-            (out / 'eval.json').write_text(json.dumps(payload, indent=1))
+            write_eval_json(out / 'eval.json', result, classes)
             plot_confusion(result['confusion'], classes, out / 'confusion_matrix.png',
                            title=f"{model_name}: top-1 {result['top1']:.2f}% on {result['samples']} images")
             result['files'] = [str(out / 'eval.json'), str(out / 'confusion_matrix.png')]

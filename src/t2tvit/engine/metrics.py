@@ -33,6 +33,14 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
+def write_eval_json(path: Path, result: Dict[str, Any], classes: Sequence[str]) -> None:
+    """An evaluation as JSON: the scalars, per-class top-1 by class name, and the confusion matrix as lists."""
+    payload = {k: v for k, v in result.items() if k not in ('confusion', 'per_class_top1')}
+    payload['per_class_top1'] = dict(zip(classes, result['per_class_top1']))
+    payload['confusion'] = result['confusion'].tolist()
+    Path(path).write_text(json.dumps(payload, indent=1))
+
+
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
     path = Path(path)
     if not path.exists():

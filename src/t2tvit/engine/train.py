@@ -11,7 +11,6 @@ a running generator, so a run resumed from any checkpoint takes exactly the step
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -38,7 +37,7 @@ from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, rea
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
-from .metrics import MetricsLog, plot_confusion, plot_curves
+from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 
 __all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for']
 
@@ -555,7 +554,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
         if final_eval:
             plot_confusion(final_eval['confusion'], train_set.classes, run_dir / 'confusion_matrix.png',
                            title=f"{config['model']}: top-1 {final_eval['top1']:.2f}% on {final_eval['samples']} images")
-            _write_eval_json(run_dir / 'eval.json', final_eval, train_set.classes)
+            write_eval_json(run_dir / 'eval.json', final_eval, train_set.classes)
     barrier(info)
     return RunResult(run_dir=run_dir, status=status, epoch=completed_epochs,
                      global_step=global_step, best_top1=best_top1, final_eval=final_eval,
@@ -567,13 +566,6 @@ def _saved_step(path: Path) -> Any:
         return read_checkpoint(path).get('global_step')
     except Exception:  # the message is about the loss; an unreadable file only loses the step number
         return '?'
-
-
-def _write_eval_json(path: Path, result: Dict[str, Any], classes: Sequence[str]) -> None:
-    payload = {k: v for k, v in result.items() if k not in ('confusion', 'per_class_top1')}
-    payload['per_class_top1'] = dict(zip(classes, result['per_class_top1']))
-    payload['confusion'] = result['confusion'].tolist()
-    path.write_text(json.dumps(payload, indent=1))
 
 
 def _tensorboard(run_dir: Path, config: Dict[str, Any], info: DistInfo):
