@@ -121,12 +121,77 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
+    return value
+
+
 def _yaml_mapping(text: str) -> Dict[str, Any]:
     from ..engine.config import parse_value
     value = parse_value(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f'{text!r} is not a YAML mapping such as "{{depth: 2}}"')
     return value
+
+
+# --- predict / export / visualize ----------------------------------------------------------------------------
+
+def _add_model_flags(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
+    parser.add_argument('--checkpoint', required=checkpoint_required, metavar='FILE',
+                        help='t2tvit or official checkpoint, .pth/.pth.tar/.safetensors'
+                             + ('' if checkpoint_required else ' (default: random weights, with a warning)'))
+    parser.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
+    parser.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
+                        help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
+    parser.add_argument('--img-size', type=int, default=None, help='input size (default: from the checkpoint)')
+    parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: from the checkpoint)')
+
+
+def _restore(args: argparse.Namespace, labels: Optional[str] = None):
+    from ..engine.restore import restore_model
+    if args.checkpoint is None:
+        print(f'warning: no --checkpoint given: {args.model or "the model"} has random weights', file=sys.stderr)
+    return restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
+                         labels=labels)
+
+
+def _device(name: str) -> str:
+    import torch
+    from ..engine.config import ConfigError
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device cuda but no CUDA device is visible; use --device cpu')
+    return name
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+    from ..tools.predict import predict_images
+    restored = _restore(args, labels=args.labels)
+    result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size,
+                            device=_device(args.device))
+    if args.json:
+        print(json.dumps({'model': restored.name, 'checkpoint': restored.checkpoint,
+                          'predictions': [p.as_dict() for p in result.predictions],
+                          'failed': [{'image': path, 'error': why} for path, why in result.failed]}, indent=1))
+    else:
+        for prediction in result.predictions:
+            print(prediction.image)
+            for _, name, prob in prediction.top:
+                print(f'  {100 * prob:6.2f}%  {name}')
+    for path, why in result.failed:
+        print(f'error: cannot read {path} ({why}); skipped it', file=sys.stderr)
+    if result.failed:
+        print(f'{len(result.failed)} of {len(result.failed) + len(result.predictions)} files could not be read '
+              f'(listed above); replace or remove them', file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -184,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--on-bad-image', default='fail', choices=('fail', 'skip'))
     ev.add_argument('--output', default='runs/eval', metavar='DIR', help='where eval.json and the PNG go')
     ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser('predict', help='top-k labels for images or folders of images',
+                        description='Top-k labels with probabilities for image files and folders (searched '
+                                    'recursively), through the model\'s own evaluation transform. Exit status 1 '
+                                    'when some files could not be read (they are named and skipped).')
+    pr.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR')
+    _add_model_flags(pr, checkpoint_required=True)
+    pr.add_argument('--topk', type=_positive_int, default=5, help='how many classes to list per image (default 5)')
+    pr.add_argument('--labels', metavar='FILE', default=None,
+                    help='class names, one per line in index order (default: from the checkpoint, the data set, '
+                         'or ImageNet-1k for 1000-class models)')
+    pr.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+    pr.add_argument('--batch-size', type=_positive_int, default=32)
+    pr.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    pr.set_defaults(func=_cmd_predict)
     return parser
 
 
