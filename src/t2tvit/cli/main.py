@@ -194,6 +194,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..tools.export import export_model
+    restored = _restore(args)
+    result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
+                          onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance)
+    size_mb = result.path.stat().st_size / 2 ** 20
+    print(f'wrote {result.path} ({size_mb:.1f} MB) and {result.sidecar}')
+    if result.format != 'safetensors':
+        hw = (f'any height/width >= {result.min_side} px' if result.dynamic_hw
+              else 'height/width fixed at {}x{}'.format(*restored.model.img_size))
+        print(f'{result.path.name} takes any batch size, {hw}')
+    for shape, diff in result.checks:
+        print(f'  input {tuple(shape)}: max |exported - eager| = {diff:.2e}')
+    if result.note:
+        print(result.note)
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument('--batch-size', type=_positive_int, default=32)
     pr.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     pr.set_defaults(func=_cmd_predict)
+
+    exp = sub.add_parser('export', help='export to ONNX, TorchScript, a torch.export program or safetensors',
+                         description='Export a model, check the written file against the eager model (two batch '
+                                     'sizes, and a second image size where height/width are dynamic), and write it '
+                                     'atomically with FILE.json: preprocessing, class names, input/output names.')
+    exp.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program', 'safetensors'))
+    _add_model_flags(exp, checkpoint_required=False)
+    exp.add_argument('--output', '-o', metavar='FILE', default=None,
+                     help='file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)')
+    exp.add_argument('--static-hw', action='store_true',
+                     help='ONNX: fix height/width at the model size (default: any size, batch always dynamic)')
+    exp.add_argument('--onnx-exporter', default='dynamo', choices=('dynamo', 'legacy'),
+                     help='dynamo (default: dynamic height/width) or the legacy TorchScript-based one '
+                          '(fixed height/width, faster to export)')
+    exp.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
+    exp.add_argument('--tolerance', type=float, default=1e-4,
+                     help='largest allowed |exported - eager| in the check (default 1e-4)')
+    exp.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -273,9 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..engine.checkpointing import CheckpointSaveError
     from ..engine.config import ConfigError
     from ..models import CheckpointError
+    from ..tools.export import ExportError
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FileNotFoundError) as e:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error('stopped at once by a second Ctrl-C; rerun the same command to resume from last.pth',

@@ -85,14 +85,20 @@ class RestoredModel:
         """The eval transform as plain numbers, for code that runs the model without torch."""
         transform = self.transform()
         resize, crop, norm = (_find_transform(transform, kind) for kind in (T.Resize, T.CenterCrop, T.Normalize))
+        # an int: the shorter side becomes this, keeping the aspect ratio; [h, w]: exactly this size; None: another
+        # resize (timm keeps the ratio its own way for non-square sizes), described in 'transform'
+        resize_size = getattr(resize, 'size', None)
+        if isinstance(resize_size, (list, tuple)):
+            resize_size = [int(v) for v in resize_size]
         return {
             'image_mode': 'L' if self.preprocess['in_chans'] == 1 else 'RGB',
-            'resize_shorter_side': int(resize.size if isinstance(resize.size, int) else resize.size[0]),
+            'resize': resize_size,
             'interpolation': self.preprocess['interpolation'],
             'center_crop': [int(v) for v in crop.size],
-            'mean': [float(v) for v in norm.mean],
-            'std': [float(v) for v in norm.std],
+            'mean': [float(f'{v:.7g}') for v in norm.mean],  # float32 in the transform: 7 digits are exact
+            'std': [float(f'{v:.7g}') for v in norm.std],
             'input_size': [self.preprocess['in_chans'], *[int(v) for v in crop.size]],
+            'transform': ' -> '.join(repr(t).replace('\n', ' ') for t in transform.transforms),
         }
 
 
