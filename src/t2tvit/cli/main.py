@@ -121,6 +121,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of whole numbers, e.g. 0,6,13') \
+            from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -212,6 +220,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from ..engine.config import ConfigError
+    from ..tools.visualize import visualize
+    if args.checkpoint is None and args.model is None:
+        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+    restored = _restore(args)
+    files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
+    for e in explanations:
+        print(f"{e.name}: {', '.join(f'{name} {100 * p:.1f}%' for name, p in e.top)}")
+    for path in files:
+        print(f'wrote {path}')
+    worst = max(e.max_error for e in explanations)
+    print(f'attention recomputed in the hooks rebuilds every hooked layer output to within {worst:.1e}')
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument('--tolerance', type=float, default=1e-4,
                      help='largest allowed |exported - eager| in the check (default 1e-4)')
     exp.set_defaults(func=_cmd_export)
+
+    vz = sub.add_parser('visualize', help="feature maps (paper Fig. 2), attention per head, rollout, T2T attention",
+                        description='Write, per image, NAME_feature_maps.png (T2T stages at strides 4 and 8 and chosen '
+                                    'blocks, channels as a grid), NAME_attention.png (class-token attention per head), '
+                                    'NAME_rollout.png (attention rollout over all blocks) and NAME_t2t_attention.png '
+                                    '(T2T attention of a few query tokens; implied by the kernel for Performer '
+                                    'models). Without IMAGE: scikit-image\'s astronaut, chelsea and coffee photos.')
+    vz.add_argument('images', nargs='*', metavar='IMAGE')
+    _add_model_flags(vz, checkpoint_required=False)
+    vz.add_argument('--output', '-o', default='runs/visualize', metavar='DIR', help='default: runs/visualize')
+    vz.add_argument('--blocks', type=_int_list, default=None, metavar='I,J,...',
+                    help='blocks to show, counted from 0 (default: first, middle, last)')
+    vz.add_argument('--channels', type=_positive_int, default=16, help='channels per feature map (default 16)')
+    vz.set_defaults(func=_cmd_visualize)
     return parser
 
 
