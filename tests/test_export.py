@@ -147,6 +147,9 @@ def test_export_command_and_its_errors(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert 't2t_vit_mini.safetensors' in out and 'max |exported - eager|' in out
     assert (tmp_path / 't2t_vit_mini.safetensors.json').is_file()
+    assert cli(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', f'{tmp_path}/new/']) == 0
+    assert (tmp_path / 'new' / 't2t_vit_mini.safetensors').is_file()  # a trailing slash names a folder
+    capsys.readouterr()
     assert cli(['export', '--format', 'onnx', '--checkpoint', str(tiny_run), '-o',
                 str(tmp_path / 'no' / 'such' / 'm.onnx')]) == 2
     assert 'no/such does not exist' in capsys.readouterr().err

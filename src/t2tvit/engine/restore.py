@@ -148,6 +148,8 @@ def restore_model(
         raise
     except TypeError as e:
         raise ConfigError(f'{name} does not take these arguments {kwargs}: {e}') from e
+    except ValueError as e:  # the model refuses a value: its message names it and the allowed ones
+        raise ConfigError(f'cannot build {name}: {e}') from e
     if raw is not None:
         try:
             load_checkpoint(net, raw)
@@ -155,13 +157,13 @@ def restore_model(
             raise CheckpointError(f'{checkpoint}: {e}') from e
     net.eval()
     cfg = net.pretrained_cfg
-    img_size = net.img_size[0] if net.img_size[0] == net.img_size[1] else list(net.img_size)
+    built_size = net.img_size[0] if net.img_size[0] == net.img_size[1] else list(net.img_size)
     preprocess = {
-        'img_size': img_size, 'in_chans': net.in_chans,
+        'img_size': built_size, 'in_chans': net.in_chans,
         'mean': facts.get('mean'), 'std': facts.get('std'),
         'crop_pct': crop_pct or facts.get('crop_pct') or cfg.get('crop_pct', 0.9),
         'interpolation': interpolation or facts.get('interpolation') or cfg.get('interpolation', 'bicubic'),
     }
-    kwargs.update(img_size=img_size, in_chans=net.in_chans, num_classes=net.num_classes)
+    kwargs.update(img_size=built_size, in_chans=net.in_chans, num_classes=net.num_classes)
     classes = class_names_for(net.num_classes, facts.get('classes'), facts.get('dataset'), labels)
     return RestoredModel(net, name, kwargs, preprocess, classes, checkpoint, facts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ def min_dynamic_side(soft_splits) -> int:
 
 def _suffix_path(output: Optional[Union[str, Path]], name: str, fmt: str) -> Path:
     path = Path(output) if output else Path(f'{name}{FORMATS[fmt]}')
+    if str(output or '').endswith(('/', os.sep)):  # 'exports/': a folder, made if needed
+        path.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         path = path / f'{name}{FORMATS[fmt]}'
     if not path.parent.is_dir():
