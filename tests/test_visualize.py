@@ -112,9 +112,14 @@ def test_visualize_command(tiny_run, tmp_path, capsys):
                 '{embed_dim: 32, depth: 1, num_heads: 2, token_dim: 8, img_size: 32}', '-o', str(out)]) == 0
     assert 'random weights' in capsys.readouterr().err
 
-    assert cli(['visualize', str(tmp_path / 'nope.png'), '--checkpoint', str(tiny_run)]) == 2
+    assert cli(['visualize', str(tmp_path / 'nope.png'), '--checkpoint', str(tiny_run), '-o', str(out)]) == 2
     assert 'nope.png does not exist' in capsys.readouterr().err
-    assert cli(['visualize', str(tmp_path / 'shirt.png'), '--checkpoint', str(tiny_run), '--blocks', '0,7']) == 2
+    (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+    assert cli(['visualize', str(tmp_path / 'broken.jpg'), '--checkpoint', str(tiny_run), '-o',
+                str(tmp_path / 'unused')]) == 2
+    assert 'cannot read image' in capsys.readouterr().err and not (tmp_path / 'unused').exists()
+    assert cli(['visualize', str(tmp_path / 'shirt.png'), '--checkpoint', str(tiny_run), '--blocks', '0,7',
+                '-o', str(out)]) == 2
     assert 'blocks [7] do not exist' in capsys.readouterr().err
     assert cli(['visualize', str(tmp_path / 'shirt.png')]) == 2
     assert 'give --checkpoint FILE, or --model NAME' in capsys.readouterr().err

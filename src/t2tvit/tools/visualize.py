@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data import DataError
-from ..data.images import load_image
+from ..data.images import UNREADABLE_IMAGE_ERRORS, load_image
 from ..engine.checkpointing import atomic_write
 from ..engine.restore import RestoredModel
 from ..models import TokenPerformer, TokenTransformer
@@ -321,8 +321,6 @@ def visualize(
     `images` are files (default: scikit-image's astronaut, chelsea and coffee photos); `blocks` are the blocks
     shown (default: first, middle, last).
     """
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     named: List[Tuple[str, Image.Image]] = []
     for item in images:
         path = Path(item)
@@ -331,9 +329,11 @@ def visualize(
                             f'photos)')
         try:
             named.append((path.stem, load_image(path)))
-        except (OSError, ValueError, SyntaxError) as e:
+        except UNREADABLE_IMAGE_ERRORS as e:
             raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}); give a JPEG, PNG, ... file') from e
     named = named or default_images()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)  # only once every image has been read
     files: List[Path] = []
     explanations: List[Explanation] = []
     for name, image in named:
