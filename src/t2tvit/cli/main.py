@@ -121,12 +121,119 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of whole numbers, e.g. 0,6,13') \
+            from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
+    return value
+
+
 def _yaml_mapping(text: str) -> Dict[str, Any]:
     from ..engine.config import parse_value
     value = parse_value(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f'{text!r} is not a YAML mapping such as "{{depth: 2}}"')
     return value
+
+
+# --- predict / export / visualize ----------------------------------------------------------------------------
+
+def _add_model_flags(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
+    parser.add_argument('--checkpoint', required=checkpoint_required, metavar='FILE',
+                        help='t2tvit or official checkpoint, .pth/.pth.tar/.safetensors'
+                             + ('' if checkpoint_required else ' (default: random weights, with a warning)'))
+    parser.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
+    parser.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
+                        help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
+    parser.add_argument('--img-size', type=int, default=None, help='input size (default: from the checkpoint)')
+    parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: from the checkpoint)')
+
+
+def _restore(args: argparse.Namespace, labels: Optional[str] = None):
+    from ..engine.restore import restore_model
+    if args.checkpoint is None:
+        print(f'warning: no --checkpoint given: {args.model or "the model"} has random weights', file=sys.stderr)
+    return restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
+                         labels=labels)
+
+
+def _device(name: str) -> str:
+    import torch
+    from ..engine.config import ConfigError
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device cuda but no CUDA device is visible; use --device cpu')
+    return name
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+    from ..tools.predict import predict_images
+    restored = _restore(args, labels=args.labels)
+    result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size,
+                            device=_device(args.device))
+    if args.json:
+        print(json.dumps({'model': restored.name, 'checkpoint': restored.checkpoint,
+                          'predictions': [p.as_dict() for p in result.predictions],
+                          'failed': [{'image': path, 'error': why} for path, why in result.failed]}, indent=1))
+    else:
+        for prediction in result.predictions:
+            print(prediction.image)
+            for _, name, prob in prediction.top:
+                print(f'  {100 * prob:6.2f}%  {name}')
+    for path, why in result.failed:
+        print(f'error: cannot read {path} ({why}); skipped it', file=sys.stderr)
+    if result.failed:
+        print(f'{len(result.failed)} of {len(result.failed) + len(result.predictions)} files could not be read '
+              f'(listed above); replace or remove them', file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..tools.export import export_model
+    restored = _restore(args)
+    result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
+                          onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance)
+    size_mb = result.path.stat().st_size / 2 ** 20
+    print(f'wrote {result.path} ({size_mb:.1f} MB) and {result.sidecar}')
+    if result.format != 'safetensors':
+        hw = (f'any height/width >= {result.min_side} px' if result.dynamic_hw
+              else 'height/width fixed at {}x{}'.format(*restored.model.img_size))
+        print(f'{result.path.name} takes any batch size, {hw}')
+    for shape, diff in result.checks:
+        print(f'  input {tuple(shape)}: max |exported - eager| = {diff:.2e}')
+    if result.note:
+        print(result.note)
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from ..engine.config import ConfigError
+    from ..tools.visualize import visualize
+    if args.checkpoint is None and args.model is None:
+        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+    restored = _restore(args)
+    files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
+    for e in explanations:
+        print(f"{e.name}: {', '.join(f'{name} {100 * p:.1f}%' for name, p in e.top)}")
+    for path in files:
+        print(f'wrote {path}')
+    worst = max(e.max_error for e in explanations)
+    print(f'attention recomputed in the hooks rebuilds every hooked layer output to within {worst:.1e}')
+    return 0
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -184,6 +291,53 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--on-bad-image', default='fail', choices=('fail', 'skip'))
     ev.add_argument('--output', default='runs/eval', metavar='DIR', help='where eval.json and the PNG go')
     ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser('predict', help='top-k labels for images or folders of images',
+                        description='Top-k labels with probabilities for image files and folders (searched '
+                                    'recursively), through the model\'s own evaluation transform. Exit status 1 '
+                                    'when some files could not be read (they are named and skipped).')
+    pr.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR')
+    _add_model_flags(pr, checkpoint_required=True)
+    pr.add_argument('--topk', type=_positive_int, default=5, help='how many classes to list per image (default 5)')
+    pr.add_argument('--labels', metavar='FILE', default=None,
+                    help='class names, one per line in index order (default: from the checkpoint, the data set, '
+                         'or ImageNet-1k for 1000-class models)')
+    pr.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+    pr.add_argument('--batch-size', type=_positive_int, default=32)
+    pr.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    pr.set_defaults(func=_cmd_predict)
+
+    exp = sub.add_parser('export', help='export to ONNX, TorchScript, a torch.export program or safetensors',
+                         description='Export a model, check the written file against the eager model (two batch '
+                                     'sizes, and a second image size where height/width are dynamic), and write it '
+                                     'atomically with FILE.json: preprocessing, class names, input/output names.')
+    exp.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program', 'safetensors'))
+    _add_model_flags(exp, checkpoint_required=False)
+    exp.add_argument('--output', '-o', metavar='FILE', default=None,
+                     help='file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)')
+    exp.add_argument('--static-hw', action='store_true',
+                     help='ONNX: fix height/width at the model size (default: any size, batch always dynamic)')
+    exp.add_argument('--onnx-exporter', default='dynamo', choices=('dynamo', 'legacy'),
+                     help='dynamo (default: dynamic height/width) or the legacy TorchScript-based one '
+                          '(fixed height/width, faster to export)')
+    exp.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
+    exp.add_argument('--tolerance', type=float, default=1e-4,
+                     help='largest allowed |exported - eager| in the check (default 1e-4)')
+    exp.set_defaults(func=_cmd_export)
+
+    vz = sub.add_parser('visualize', help="feature maps (paper Fig. 2), attention per head, rollout, T2T attention",
+                        description='Write, per image, NAME_feature_maps.png (T2T stages at strides 4 and 8 and chosen '
+                                    'blocks, channels as a grid), NAME_attention.png (class-token attention per head), '
+                                    'NAME_rollout.png (attention rollout over all blocks) and NAME_t2t_attention.png '
+                                    '(T2T attention of a few query tokens; implied by the kernel for Performer '
+                                    'models). Without IMAGE: scikit-image\'s astronaut, chelsea and coffee photos.')
+    vz.add_argument('images', nargs='*', metavar='IMAGE')
+    _add_model_flags(vz, checkpoint_required=False)
+    vz.add_argument('--output', '-o', default='runs/visualize', metavar='DIR', help='default: runs/visualize')
+    vz.add_argument('--blocks', type=_int_list, default=None, metavar='I,J,...',
+                    help='blocks to show, counted from 0 (default: first, middle, last)')
+    vz.add_argument('--channels', type=_positive_int, default=16, help='channels per feature map (default 16)')
+    vz.set_defaults(func=_cmd_visualize)
     return parser
 
 
@@ -193,9 +347,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..engine.checkpointing import CheckpointSaveError
     from ..engine.config import ConfigError
     from ..models import CheckpointError
+    from ..tools.export import ExportError
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FileNotFoundError) as e:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error('stopped at once by a second Ctrl-C; rerun the same command to resume from last.pth',

@@ -1,10 +1,10 @@
-"""Training checkpoints written so that a crash, a full disk or a kill -9 never leaves a broken file behind."""
+"""Checkpoints and exported models written so that a crash, a full disk or a kill -9 never leaves a broken file."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, BinaryIO, Callable, Dict
 
 import torch
 
@@ -15,13 +15,23 @@ class CheckpointSaveError(OSError):
     """Saving failed; the previous checkpoint at the same path is intact."""
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside `path`, fsync it, then rename over `path` (atomic on POSIX)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = 'checkpoint') -> None:
+    """Call `write` on a temporary file beside `path`, fsync it, then rename over `path` (atomic on POSIX).
+
+    A failure leaves no temporary file behind and whatever `path` held before intact.
+    """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -32,7 +42,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             pass
         if isinstance(e, OSError):
             raise CheckpointSaveError(
-                e.errno, f'could not write checkpoint {path}: {e.strerror or e}; '
+                e.errno, f'could not write {what} {path}: {e.strerror or e}; '
                 f'the previous {path.name} (if any) is intact. Free disk space or choose another --output') from e
         raise
     try:  # make the rename itself durable
@@ -43,6 +53,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through `atomic_write`: kill -9 never leaves a broken checkpoint behind."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_training_state(path: Path) -> Dict[str, Any]:

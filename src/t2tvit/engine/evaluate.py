@@ -4,30 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import timm
-
 from ..data import build_dataset
-from ..models import extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion, write_eval_json
-from .train import _eval_loader, evaluate, eval_transform_for, fake_split_size
-
-
-def _checkpoint_facts(raw: Any) -> Dict[str, Any]:
-    """What a checkpoint says about the model it holds: class count, names, and our saved training config."""
-    facts: Dict[str, Any] = {}
-    if isinstance(raw, dict):
-        saved = raw.get('config') if isinstance(raw.get('config'), dict) else {}
-        facts.update({k: saved[k] for k in ('model', 'img_size', 'in_chans', 'model_kwargs', 'mean', 'std',
-                                            'crop_pct', 'interpolation', 'dataset', 'data', 'fake_num_samples', 'seed')
-                      if saved.get(k) is not None})
-        if isinstance(raw.get('classes'), list):
-            facts['classes'] = raw['classes']
-        head = extract_state_dict(raw).get('head.weight')
-        if head is not None:
-            facts['num_classes'] = head.shape[0]
-    return facts
+from .restore import restore_model
+from .train import _eval_loader, evaluate, fake_split_size
 
 
 def evaluate_checkpoint(
@@ -55,29 +37,8 @@ def evaluate_checkpoint(
     """
     info = init_distributed(device)
     try:
-        raw = read_checkpoint(checkpoint)
-        facts = _checkpoint_facts(raw)
-        model_name = model or facts.get('model')
-        if not model_name:
-            raise ConfigError(f'{checkpoint} does not say which model it holds; pass --model NAME')
-        kwargs = dict(facts.get('model_kwargs', {}))
-        kwargs.update(model_kwargs or {})
-        kwargs.pop('drop_path_rate', None)
-        size = img_size or facts.get('img_size')
-        chans = in_chans or facts.get('in_chans')
-        if size:
-            kwargs['img_size'] = size
-        if chans:
-            kwargs['in_chans'] = chans
-        net = timm.create_model(model_name, num_classes=facts.get('num_classes', 1000), **kwargs)
-        load_checkpoint(net, raw)
-        cfg = net.pretrained_cfg
-        config = {
-            'img_size': size or cfg['input_size'][-1], 'in_chans': net.in_chans,
-            'mean': facts.get('mean'), 'std': facts.get('std'),
-            'crop_pct': crop_pct or facts.get('crop_pct') or cfg.get('crop_pct', 0.9),
-            'interpolation': interpolation or facts.get('interpolation') or cfg.get('interpolation', 'bicubic'),
-        }
+        restored = restore_model(checkpoint, model, model_kwargs, img_size, in_chans, crop_pct, interpolation)
+        net, config, facts, model_name = restored.model, restored.preprocess, restored.facts, restored.name
         dataset_name = dataset or facts.get('dataset') or 'imagefolder'
         eval_set = build_dataset(
             dataset_name, data or facts.get('data'), split, transform=None, in_chans=net.in_chans,
@@ -90,7 +51,7 @@ def evaluate_checkpoint(
             raise ConfigError(f'{data} has {eval_set.num_classes} classes but the checkpoint predicts '
                               f'{net.num_classes}; evaluate it on the data set it was trained for')
         net.to(info.device)
-        loader = _eval_loader(eval_set, eval_transform_for(config, net), batch_size, workers, info)
+        loader = _eval_loader(eval_set, restored.transform(), batch_size, workers, info)
         result = evaluate(net, loader, info.device, net.num_classes, amp, info)
         result['model'] = model_name
         result['checkpoint'] = str(checkpoint)

@@ -1,0 +1,282 @@
+"""`t2tvit export`: a trained model as ONNX, TorchScript, a torch.export program or safetensors weights.
+
+Every export is checked before it is written: the serialized file is loaded back (onnxruntime, `torch.jit.load`,
+`torch.export.load`, a fresh `create_model`) and run at two batch sizes, and at a second image size where the
+height and width are dynamic; its outputs must match the eager model's. Each file is written atomically, with a
+JSON sidecar `FILE.json` (and the same facts inside the file) giving the preprocessing and class names, so it can
+be run without this package.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..engine.checkpointing import atomic_write
+from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
+from ..models import load_checkpoint, token_grid_size
+
+__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY']
+
+# format -> file suffix
+FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
+ONNX_EXPORTERS = ('dynamo', 'legacy')
+METADATA_KEY = 't2tvit'  # ONNX metadata_props key / extra file name stem holding the sidecar JSON
+INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or does not reproduce the model; the message says why and what to do."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    dynamic_batch: bool
+    dynamic_hw: bool
+    min_side: Optional[int]
+    checks: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)  # (input shape, max |diff| vs eager)
+    note: str = ''
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((d for _, d in self.checks), default=float('nan'))
+
+
+def min_dynamic_side(soft_splits) -> int:
+    """Smallest side that leaves at least 2 tokens per side after every soft split.
+
+    The exporter proves its shape formulas for grids of 2 or more: a 1-token side broadcasts differently and is
+    where the traced graph's assumptions stop holding.
+    """
+    side = soft_splits[0][0] - 2 * soft_splits[0][2]
+    while min(min(token_grid_size((side, side), k, soft_splits)) for k in (1, 2, 3)) < 2:
+        side += 1
+    return side
+
+
+def _suffix_path(output: Optional[Union[str, Path]], name: str, fmt: str) -> Path:
+    path = Path(output) if output else Path(f'{name}{FORMATS[fmt]}')
+    if str(output or '').endswith(('/', os.sep)):  # 'exports/': a folder, made if needed
+        path.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        path = path / f'{name}{FORMATS[fmt]}'
+    if not path.parent.is_dir():
+        raise ExportError(f'folder {path.parent} does not exist; create it or choose another --output')
+    return path
+
+
+def _require(module: str, fmt: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise ExportError(f'--format {fmt} needs the {module} package: pip install "t2tvit[export]"') from e
+
+
+def _max_diff(a: Any, b: torch.Tensor) -> float:
+    a = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- the four formats: each returns (file bytes, runner of the loaded file) ---------------------------------------
+
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_hw: bool, min_side: int, exporter: str,
+                opset: int, meta: str) -> bytes:
+    onnx = _require('onnx', 'onnx')
+    # dynamo (torch.export underneath) keeps the soft-split unfolds and the per-call position-table resize as
+    # symbolic shape arithmetic, so one graph serves every batch size and every height/width >= min_side (checked
+    # below). The legacy TorchScript-based exporter records the grid sizes and the resize as constants: its graph
+    # takes any batch but only the export size (at other sizes onnxruntime fails or, worse, is silently wrong), so
+    # it is kept only for a fixed size, where it exports much faster.
+    # optimize=False: onnxscript's optimizer (0.7) rewrites `x + c` to `x` whenever c is within 1e-8 of zero, which
+    # deletes the Performer's official 1e-8 epsilon; where the normaliser underflows (large queries and keys) the
+    # outputs then differ by O(1). onnxruntime still applies its own graph optimizations when it loads the file.
+    if exporter == 'dynamo':
+        _require('onnxscript', 'onnx')
+        batch = torch.export.Dim('batch', min=1)
+        dims = {0: batch}
+        if dynamic_hw:
+            dims.update({2: torch.export.Dim('height', min=min_side), 3: torch.export.Dim('width', min=min_side)})
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=(dims,), input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
+        proto = program.model_proto
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}, opset_version=opset)
+        proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _onnx_runner(data: bytes) -> Optional[Callable[[torch.Tensor], Any]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(data, providers=['CPUExecutionProvider'])
+    return lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0]
+
+
+def _torchscript_bytes(model: nn.Module, example: torch.Tensor, meta: str) -> bytes:
+    # traced, not scripted: the token-grid arithmetic is plain Python that TorchScript cannot compile; tracing keeps
+    # the batch size symbolic and records height/width as constants
+    traced = torch.jit.trace(model, example, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={f'{METADATA_KEY}.json': meta})
+    return buffer.getvalue()
+
+
+def _torchscript_runner(data: bytes) -> Callable[[torch.Tensor], Any]:
+    module = torch.jit.load(io.BytesIO(data), map_location='cpu')
+    return module
+
+
+def _exported_program_bytes(model: nn.Module, example: torch.Tensor, meta: str) -> bytes:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={f'{METADATA_KEY}.json': meta})
+    return buffer.getvalue()
+
+
+def _exported_program_runner(data: bytes) -> Callable[[torch.Tensor], Any]:
+    return torch.export.load(io.BytesIO(data)).module()
+
+
+def _safetensors_bytes(model: nn.Module, meta: str) -> bytes:
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return save(tensors, metadata={SAFETENSORS_METADATA_KEY: meta})
+
+
+def _safetensors_runner(data: bytes, restored: RestoredModel) -> Callable[[torch.Tensor], Any]:
+    import timm
+    from safetensors.torch import load
+    model = timm.create_model(restored.name, **restored.model_kwargs)
+    load_checkpoint(model, load(data))
+    return model.eval()
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+
+def _sidecar(restored: RestoredModel, fmt: str, path: Path, dynamic_hw: bool, min_side: Optional[int]) -> Dict:
+    pre = restored.preprocessing_facts()
+    return {
+        'format': fmt, 'file': path.name, 'model': restored.name, 'model_kwargs': restored.model_kwargs,
+        'checkpoint': restored.checkpoint, 'input_name': INPUT_NAME, 'output_name': OUTPUT_NAME,
+        'output': 'logits; softmax over the last axis gives class probabilities',
+        'dynamic_batch': fmt != 'safetensors', 'dynamic_height_width': dynamic_hw,
+        'min_side': min_side if dynamic_hw else None, 'preprocess': pre, 'classes': restored.classes,
+        't2tvit_version': __version__, 'torch_version': torch.__version__,
+    }
+
+
+def _safetensors_config(restored: RestoredModel, pre: Dict[str, Any]) -> Dict[str, Any]:
+    """The training-config facts `restore_model` reads, so a safetensors file rebuilds without --model."""
+    p = restored.preprocess
+    config = {'model': restored.name, 'model_kwargs': restored.model_kwargs, 'img_size': p['img_size'],
+              'in_chans': p['in_chans'], 'mean': pre['mean'], 'std': pre['std'], 'crop_pct': p['crop_pct'],
+              'interpolation': p['interpolation']}
+    if restored.facts.get('dataset'):
+        config['dataset'] = restored.facts['dataset']
+    return {'config': config, 'classes': restored.classes}
+
+
+def export_model(
+        restored: RestoredModel,
+        fmt: str,
+        output: Optional[Union[str, Path]] = None,
+        dynamic_hw: Optional[bool] = None,
+        onnx_exporter: str = 'dynamo',
+        opset: int = 18,
+        tolerance: float = 1e-4,
+        seed: int = 0,
+) -> ExportResult:
+    """Export `restored.model` as `fmt`, check the written bytes against the eager model, write FILE and FILE.json.
+
+    Args:
+        fmt: 'onnx', 'torchscript', 'exported-program' or 'safetensors'.
+        output: File or folder (default: MODEL_NAME.SUFFIX in the current folder).
+        dynamic_hw: Any height/width (>= `min_dynamic_side`) besides any batch size. None: yes for ONNX through
+            the dynamo exporter, the only format whose graph keeps them symbolic; asking it of another raises.
+        onnx_exporter: 'dynamo' (default) or 'legacy' (TorchScript-based, fixed height/width).
+        tolerance: Largest allowed |exported - eager| over the checks; a larger one raises and writes nothing.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
+    if onnx_exporter not in ONNX_EXPORTERS:
+        raise ExportError(f'unknown ONNX exporter {onnx_exporter!r}; choose one of {", ".join(ONNX_EXPORTERS)}')
+    hw_capable = fmt == 'onnx' and onnx_exporter == 'dynamo'
+    if dynamic_hw and not hw_capable:
+        raise ExportError(f'{fmt if fmt != "onnx" else "the legacy ONNX exporter"} keeps height and width fixed; '
+                          f'use --format onnx (dynamo exporter) for a graph that takes any image size')
+    dynamic_hw = hw_capable if dynamic_hw is None else dynamic_hw
+    path = _suffix_path(output, restored.name, fmt)
+    model = copy.deepcopy(restored.model).cpu().eval()
+    model.dynamic_img_size = model.dynamic_img_size or dynamic_hw  # resize the position table per call
+    soft_splits = model.soft_splits
+    min_side = min_dynamic_side(soft_splits) if dynamic_hw else None
+    sidecar = _sidecar(restored, fmt, path, dynamic_hw, min_side)
+    meta = json.dumps(sidecar)
+
+    generator = torch.Generator().manual_seed(seed)
+    chans, height, width = model.in_chans, *model.img_size
+    example = torch.randn(2, chans, height, width, generator=generator)
+    checks_inputs = [torch.randn(1, chans, height, width, generator=generator),
+                     torch.randn(3, chans, height, width, generator=generator)]
+    if dynamic_hw:  # another size, not square, and the smallest allowed
+        checks_inputs.append(torch.randn(2, chans, height + 16, max(width - 8, min_side), generator=generator))
+        checks_inputs.append(torch.randn(1, chans, min_side, min_side + 3, generator=generator))
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')  # tracer and exporter chatter about constant shapes it was told about
+        try:
+            if fmt == 'onnx':
+                data = _onnx_bytes(model, example, dynamic_hw, min_side, onnx_exporter, opset, meta)
+                run = _onnx_runner(data)
+            elif fmt == 'torchscript':
+                data = _torchscript_bytes(model, example, meta)
+                run = _torchscript_runner(data)
+            elif fmt == 'exported-program':
+                data = _exported_program_bytes(model, example, meta)
+                run = _exported_program_runner(data)
+            else:
+                data = _safetensors_bytes(model, json.dumps(_safetensors_config(restored, sidecar['preprocess'])))
+                run = _safetensors_runner(data, restored)
+        except ExportError:
+            raise
+        except Exception as e:  # exporters raise many types; the user needs the message, not the stack
+            raise ExportError(f'exporting {restored.name} as {fmt} failed: {type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else ""}') from e
+
+        result = ExportResult(path, path.with_name(path.name + '.json'), fmt, fmt != 'safetensors', dynamic_hw,
+                              min_side)
+        if run is None:
+            result.note = 'not checked: onnxruntime is not installed (pip install "t2tvit[export]")'
+        else:
+            for x in checks_inputs:
+                result.checks.append((tuple(x.shape), _max_diff(run(x), model(x))))
+    if result.max_abs_diff > tolerance:
+        raise ExportError(
+            f'the exported {fmt} model differs from the eager model by {result.max_abs_diff:.2e} > {tolerance:.0e} '
+            f'({result.checks}); nothing was written. Report this with the model name and torch version')
+    sidecar['checks'] = [{'input_shape': list(s), 'max_abs_diff': d} for s, d in result.checks]
+    atomic_write(path, lambda f: f.write(data), what=f'{fmt} export')
+    atomic_write(result.sidecar, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
+    return result

@@ -1,0 +1,180 @@
+"""`t2tvit export`: every format reproduces the eager model, at other batch sizes (and image sizes for ONNX)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+import t2tvit
+from t2tvit.cli.main import main as cli
+from t2tvit.engine.restore import restore_model
+from t2tvit.tools.export import ExportError, export_model, min_dynamic_side
+from t2tvit.tools.predict import predict_images
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dim=32, depth=2, num_heads=2, token_dim=8, img_size=32, num_classes=5)
+TOLERANCE = 1e-4
+
+
+def _restored(tokens_type: str):
+    torch.manual_seed(0)
+    restored = restore_model(None, 't2t_vit_7', dict(TINY, tokens_type=tokens_type))
+    # weights far from init: outputs are O(1), so a wrong graph cannot hide, and the Performer's normaliser falls to
+    # ~1e-29, where its official 1e-8 epsilon decides the output (an ONNX optimizer pass once deleted it)
+    with torch.no_grad():
+        for p in restored.model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return restored
+
+
+@pytest.fixture(scope='module', params=['performer', 'transformer'])
+def exported(request, tmp_path_factory):
+    """One tiny model per token type, exported once in each format."""
+    restored = _restored(request.param)
+    out = tmp_path_factory.mktemp(f'export_{request.param}')
+    results = {fmt: export_model(restored, fmt, out) for fmt in
+               ('onnx', 'torchscript', 'exported-program', 'safetensors')}
+    return restored, results
+
+
+def _eager(restored, x, dynamic=False):
+    model = restored.model
+    model.dynamic_img_size = dynamic
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.dynamic_img_size = False
+
+
+def test_min_dynamic_side_leaves_two_tokens_per_side():
+    assert min_dynamic_side(((7, 4, 2), (3, 2, 1), (3, 2, 1))) == 19  # 19 px -> 5, 3, 2 tokens per side
+    assert min_dynamic_side(((7, 2, 3), (3, 2, 1), (3, 1, 1))) == 5  # 5 px -> 3, 2, 2; 4 px -> 2, 1
+
+
+def test_onnx_runs_any_batch_and_image_size_in_onnxruntime(exported):
+    restored, results = exported
+    result = results['onnx']
+    assert result.dynamic_batch and result.dynamic_hw and result.max_abs_diff < TOLERANCE
+    session = ort.InferenceSession(str(result.path), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == ['batch', 3, 'height', 'width']
+    for shape in ((4, 3, 32, 32), (1, 3, 32, 32), (2, 3, 48, 40), (1, 3, 19, 64)):
+        x = torch.randn(*shape)
+        expected = _eager(restored, x, dynamic=shape[2:] != (32, 32))
+        assert expected.std() > 0.1  # a real signal to compare
+        got = session.run(None, {'input': x.numpy()})[0]
+        assert np.abs(got - expected.numpy()).max() < TOLERANCE, shape
+    meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    inside = json.loads(meta['t2tvit'])
+    sidecar = json.loads(result.sidecar.read_text())
+    assert inside['preprocess'] == sidecar['preprocess'] and sidecar['min_side'] == 19
+    assert sidecar['preprocess']['mean'] == [0.485, 0.456, 0.406] and sidecar['preprocess']['resize'] == 35
+    assert [c['input_shape'][0] for c in sidecar['checks']][:2] == [1, 3]
+
+
+def test_torchscript_runs_any_batch(exported):
+    restored, results = exported
+    result = results['torchscript']
+    assert result.dynamic_batch and not result.dynamic_hw and result.max_abs_diff < TOLERANCE
+    extra = {'t2tvit.json': ''}
+    module = torch.jit.load(str(result.path), _extra_files=extra)
+    assert json.loads(extra['t2tvit.json'])['classes'] == ['0', '1', '2', '3', '4']
+    for batch in (5, 1):
+        x = torch.randn(batch, 3, 32, 32)
+        assert (module(x) - _eager(restored, x)).abs().max() < TOLERANCE
+
+
+def test_exported_program_runs_any_batch(exported):
+    restored, results = exported
+    result = results['exported-program']
+    assert result.max_abs_diff < TOLERANCE
+    extra = {'t2tvit.json': ''}
+    program = torch.export.load(str(result.path), extra_files=extra)
+    assert json.loads(extra['t2tvit.json'])['model'] == 't2t_vit_7'
+    for batch in (5, 1):
+        x = torch.randn(batch, 3, 32, 32)
+        assert (program.module()(x) - _eager(restored, x)).abs().max() < TOLERANCE
+
+
+def test_safetensors_round_trips_into_create_model(exported):
+    restored, results = exported
+    path = str(results['safetensors'].path)
+    kwargs = dict(TINY, tokens_type=restored.model.tokens_to_token.tokens_type)
+    ours = t2tvit.create_model('t2t_vit_7', checkpoint_path=path, **kwargs)  # through load_checkpoint
+    # timm keeps a pretrained head only when the cfg's class count matches
+    timms = timm.create_model('t2t_vit_7', pretrained=True, **kwargs,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=TINY['num_classes']))
+    again = restore_model(path)  # no --model: the file's metadata says what it is
+    assert again.name == 't2t_vit_7' and again.model_kwargs == restored.model_kwargs
+    expected = restored.model.state_dict()
+    for model in (ours, timms, again.model):
+        state = model.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_legacy_onnx_exporter_has_a_dynamic_batch_but_fixed_size(tmp_path):
+    restored = _restored('performer')
+    result = export_model(restored, 'onnx', tmp_path / 'legacy.onnx', onnx_exporter='legacy')
+    assert not result.dynamic_hw and result.max_abs_diff < TOLERANCE
+    session = ort.InferenceSession(str(result.path), providers=['CPUExecutionProvider'])
+    x = torch.randn(6, 3, 32, 32)
+    assert np.abs(session.run(None, {'input': x.numpy()})[0] - _eager(restored, x).numpy()).max() < TOLERANCE
+    with pytest.raises(ExportError, match='keeps height and width fixed'):
+        export_model(restored, 'onnx', tmp_path / 'x.onnx', onnx_exporter='legacy', dynamic_hw=True)
+    with pytest.raises(ExportError, match='torchscript keeps height and width fixed'):
+        export_model(restored, 'torchscript', tmp_path / 'x.pt', dynamic_hw=True)
+
+
+def test_a_failed_check_writes_nothing_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / 'model.safetensors'
+    target.write_bytes(b'the previous export')
+    with pytest.raises(ExportError, match='differs from the eager model.*nothing was written'):
+        export_model(_restored('performer'), 'safetensors', target, tolerance=-1.0)
+    assert target.read_bytes() == b'the previous export'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.safetensors']
+
+
+def test_export_command_and_its_errors(tiny_run, tmp_path, capsys):
+    assert cli(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert 't2t_vit_mini.safetensors' in out and 'max |exported - eager|' in out
+    assert (tmp_path / 't2t_vit_mini.safetensors.json').is_file()
+    assert cli(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', f'{tmp_path}/new/']) == 0
+    assert (tmp_path / 'new' / 't2t_vit_mini.safetensors').is_file()  # a trailing slash names a folder
+    capsys.readouterr()
+    assert cli(['export', '--format', 'onnx', '--checkpoint', str(tiny_run), '-o',
+                str(tmp_path / 'no' / 'such' / 'm.onnx')]) == 2
+    assert 'no/such does not exist' in capsys.readouterr().err
+    assert cli(['export', '--format', 'torchscript', '--checkpoint', str(tiny_run), '--model', 't2t_vit_14']) == 2
+    assert 'does not fit t2t_vit_14' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(['export', '--format', 'tflite', '--checkpoint', str(tiny_run)])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_the_readme_onnx_example_runs_without_torch_and_agrees_with_predict(tiny_run, tmp_path):
+    from PIL import Image
+    restored = restore_model(tiny_run)
+    result = export_model(restored, 'onnx', tmp_path / 'tiny.onnx', onnx_exporter='legacy')
+    rng = np.random.default_rng(1)
+    image = tmp_path / 'photo.png'
+    Image.fromarray(rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(image)
+    script = REPO / 'examples' / 'onnx_predict.py'
+    blocked = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([sys.executable, '-c', blocked, str(script), str(result.path), str(image)],
+                         capture_output=True, text=True, check=True)
+    lines = [line.split(maxsplit=1) for line in run.stdout.splitlines()]
+    top = predict_images(restored, [image], topk=4, progress=False).predictions[0].top
+    assert [name for _, name in lines] == [name for _, name, _ in top]
+    assert [float(p) for p, _ in lines] == pytest.approx([p for _, _, p in top], abs=1e-4)
+    assert script.read_text().split('\n', 1)[1].strip() in (REPO / 'README.md').read_text()  # the README shows it
+
