@@ -17,7 +17,7 @@ def test_info_prints_every_variant_with_paper_numbers(capsys):
 def test_info_checks_official_fixtures(fixtures_dir, capsys):
     assert main(['info', '--no-tags', '--fixtures', str(fixtures_dir / 'official')]) == 0
     out = capsys.readouterr().out
-    assert out.count('  yes') == 8 and '  NO' not in out
+    assert out.count('  yes') == 14 and '  NO' not in out  # 7 fixtures, each as .pth.tar and _ddp_raw.pth
 
 
 def test_info_fails_when_outputs_differ(fixtures_dir, capsys):

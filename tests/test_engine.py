@@ -98,6 +98,10 @@ def test_budget_stop_then_rerun_gives_identical_weights(tmp_path, reference_run)
     first = train(tiny_config(tmp_path, 'resumed', max_steps=3))
     assert first.status == 'budget' and first.global_step == 3
     assert read_checkpoint(first.run_dir / 'last.pth')['step_in_epoch'] == 3
+    saved = (first.run_dir / 'last.pth').stat().st_mtime_ns
+    again = train(tiny_config(tmp_path, 'resumed', max_steps=3))  # the same budget again: nothing left to do
+    assert again.status == 'budget' and again.global_step == 3
+    assert (first.run_dir / 'last.pth').stat().st_mtime_ns == saved
     second = train(tiny_config(tmp_path, 'resumed'))  # the same command, without the budget: resumes
     assert second.status == 'finished' and second.global_step == 8
     assert_same_weights(weights(second.run_dir), weights(reference_run.run_dir))

@@ -28,7 +28,10 @@ def _input(model, batch=BATCH):
 
 
 def test_registry():
-    assert len(MODELS) >= 12
+    assert len(MODELS) >= 17
+    # the paper's design study (Tables 6 and 7) beside the main family
+    assert {'t2t_vit_14_se', 't2t_vit_16_ghost', 't2t_vit_dense', 't2t_vit_14_resnext', 't2t_vit_14_wide',
+            't2t_vit_c_14', 't2t_vit_p_14'} <= set(MODELS)
     assert set(timm.list_models('t2t_vit_t_*')) == {'t2t_vit_t_14', 't2t_vit_t_19', 't2t_vit_t_24'}
     assert {'t2t_vit_14.in1k_384', 't2t_vit_t_14.in1k_384', 't2t_vit_19.in1k_384', 't2t_vit_24.in1k_384',
             't2t_vit_t_24.in1k_384'} <= set(timm.list_models('t2t*', include_tags=True))
@@ -123,25 +126,28 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_forward_intermediates(name):
+    """Features carry the channels and strides feature_info reports (widths change along the dense variant)."""
     model = _create(name).eval()
     x = _input(model)
-    depth = len(model.blocks)
+    num_features = model.num_stem_features + len(model.blocks)  # tokenizer maps (none for patches), then blocks
+    assert len(model.feature_info) == num_features
     with torch.no_grad():
-        final, feats = model.forward_intermediates(x, indices=[0, 1, depth + 1])
+        final, feats = model.forward_intermediates(x, indices=[0, 1, num_features - 1])
         torch.testing.assert_close(final, model.forward_features(x))
-        reductions = [info['reduction'] for info in model.feature_info]
-        assert [f.shape[-1] for f in feats] == [SIZE // reductions[0], SIZE // reductions[1], _grid(model)[1]]
-        token_dim = model.feature_info[0]['num_chs']
-        assert [f.shape[1] for f in feats] == [token_dim, token_dim, model.embed_dim]
+        infos = [model.feature_info[i] for i in (0, 1, num_features - 1)]
+        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in infos]
+        assert [f.shape[-1] for f in feats] == [SIZE // info['reduction'] for info in infos]
+        assert feats[-1].shape[-2:] == _grid(model)
         every = model.forward_intermediates(x, intermediates_only=True)
-        assert len(every) == depth + 2
+        assert [f.shape[1] for f in every] == [info['num_chs'] for info in model.feature_info]
+        assert every[-1].shape[1] == model.num_features
         # the last block's map is the final tokens before the norm, laid out as an image
         tokens = every[-1].flatten(2).transpose(1, 2)
         torch.testing.assert_close(model.norm(tokens), final[:, 1:])
         nlc = model.forward_intermediates(x, indices=2, output_fmt='NLC', norm=True, intermediates_only=True)
         torch.testing.assert_close(nlc[-1], final[:, 1:])
         with_prefix = model.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
-        assert with_prefix[0][1].shape == (BATCH, 1, model.embed_dim)
+        assert with_prefix[0][1].shape == (BATCH, 1, model.num_features)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -152,12 +158,14 @@ def test_features_only(name):
         feats = model(x)
     reductions = model.feature_info.reduction()
     if name != 't2t_vit_mini':
-        assert reductions == [4, 8, 16]
+        # default out_indices (0, 1, -1): the tokenizer's two maps and the last block; patches have no maps
+        assert reductions == ([16, 16, 16] if name == 't2t_vit_p_14' else [4, 8, 16])
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
     assert [tuple(f.shape[-2:]) for f in feats] == [(96 // r, 64 // r) for r in reductions]
     chosen = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
     assert chosen.feature_info.reduction() == reductions[1:]
-    assert len(chosen.model.blocks) == 2  # blocks after the last one asked for are pruned
+    # blocks after the last one asked for (feature 3) are pruned
+    assert len(chosen.model.blocks) == 3 - chosen.model.num_stem_features + 1
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.trace')

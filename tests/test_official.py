@@ -6,26 +6,22 @@ import torch
 import pytest
 
 import t2tvit
-from t2tvit.models import T2TViT, count_parameters
+from t2tvit.models import OFFICIAL_CLASSES, T2TViT, count_parameters
 
 PLAIN_FIXTURES = ['tiny_performer', 'tiny_transformer', 'tiny_performer_gray32', 'tiny_transformer_qkvbias']
-# The SE, dense and Ghost builders are ablations, registered separately.
-ABLATION_VARIANTS = {'t2t_vit_14_se', 't2t_vit_dense', 't2t_vit_16_ghost'}
-
-
-def _variant_entries(official_variants):
-    return {k: v for k, v in official_variants.items() if k.partition('@')[0] not in ABLATION_VARIANTS}
+# The design-study classes of the official code (T2T_ViT_SE, T2T_ViT_Ghost, T2T_ViT_Dense)
+ABLATION_FIXTURES = ['tiny_se', 'tiny_ghost', 'tiny_dense']
 
 
 def test_every_official_variant_is_registered(official_variants):
     registered = set(timm.list_models('t2t*'))
-    missing = {k.partition('@')[0] for k in _variant_entries(official_variants)} - registered
+    missing = {k.partition('@')[0] for k in official_variants} - registered
     assert not missing, f'official builders with no registered model: {missing}'
 
 
 def test_state_dict_keys_shapes_and_counts_match_official(official_variants):
     checked = 0
-    for entry, spec in _variant_entries(official_variants).items():
+    for entry, spec in official_variants.items():
         name = entry.partition('@')[0]
         with torch.device('meta'):
             model = timm.create_model(name, **spec['builder_kwargs'])
@@ -34,7 +30,7 @@ def test_state_dict_keys_shapes_and_counts_match_official(official_variants):
         assert shapes == spec['state_dict'], f'{entry}: state dict differs from the official one'
         assert count_parameters(model) == (spec['params_total'], spec['params_trainable']), entry
         checked += 1
-    assert checked == 14  # 11 builders + 3 builds at 384 px
+    assert checked == 17  # 11 builders of the main family, SE, dense and Ghost, and 3 builds at 384 px
 
 
 @pytest.mark.parametrize('name', ['t2t_vit_14', 't2t_vit_t_14', 't2t_vit_24'])
@@ -59,12 +55,17 @@ def _io(fixtures_dir, name):
     return torch.load(fixtures_dir / 'official' / f'{name}_io.pt', weights_only=True)
 
 
+def test_every_fixture_is_checked(tiny_configs):
+    assert set(tiny_configs) == set(PLAIN_FIXTURES + ABLATION_FIXTURES)
+    assert {c['official_class'] for c in tiny_configs.values()} == set(OFFICIAL_CLASSES)
+
+
 @pytest.mark.parametrize('suffix', ['.pth.tar', '_ddp_raw.pth'])
-@pytest.mark.parametrize('name', PLAIN_FIXTURES)
+@pytest.mark.parametrize('name', PLAIN_FIXTURES + ABLATION_FIXTURES)
 def test_outputs_equal_official(fixtures_dir, tiny_configs, name, suffix):
     config = tiny_configs[name]
-    assert config['official_class'] == 'T2T_ViT'
-    model = T2TViT(**config['kwargs']).eval()
+    model = OFFICIAL_CLASSES[config['official_class']](**config['kwargs']).eval()
+    assert isinstance(model, T2TViT)
     t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}{suffix}')
     io = _io(fixtures_dir, name)
     assert list(io['input'].shape) == config['input_shape']
@@ -85,18 +86,25 @@ def test_ema_weights_are_preferred(fixtures_dir, tiny_configs):
     torch.testing.assert_close(model.head.weight, checkpoint['state_dict_ema']['head.weight'], rtol=0, atol=0)
 
 
-def test_timm_pretrained_file_overlay(fixtures_dir, tiny_configs):
+@pytest.mark.parametrize('suffix', ['.pth.tar', '_ddp_raw.pth'])
+@pytest.mark.parametrize('builder, name', [
+    ('t2t_vit_t_14', 'tiny_transformer_qkvbias'),
+    ('t2t_vit_14_se', 'tiny_se'),
+    ('t2t_vit_16_ghost', 'tiny_ghost'),
+    ('t2t_vit_dense', 'tiny_dense'),
+])
+def test_timm_pretrained_file_overlay(fixtures_dir, tiny_configs, builder, name, suffix):
     """timm's own pretrained=True path reads the official file through checkpoint_filter_fn."""
-    config = tiny_configs['tiny_transformer_qkvbias']
+    config = tiny_configs[name]
     kwargs = dict(config['kwargs'])
     kwargs.pop('tokens_type')
-    path = fixtures_dir / 'official' / 'tiny_transformer_qkvbias.pth.tar'
-    # t2t_vit_t_14 builder with the tiny widths: the caller's kwargs win over the builder's.
+    path = fixtures_dir / 'official' / f'{name}{suffix}'
+    # the registered builder with the tiny widths: the caller's kwargs win over the builder's.
     model = timm.create_model(
-        't2t_vit_t_14', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5,
-                                                                     input_size=(3, 48, 48)),
+        builder, pretrained=True, pretrained_cfg_overlay=dict(
+            file=str(path), num_classes=kwargs['num_classes'], input_size=tuple(config['input_shape'][1:])),
         **kwargs).eval()
-    io = _io(fixtures_dir, 'tiny_transformer_qkvbias')
+    io = _io(fixtures_dir, name)
     with torch.no_grad():
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
 

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 EXIT_ERROR = 2  # bad input: config, data, checkpoint
 EXIT_DIVERGED = 3
@@ -235,6 +235,69 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     print(f'attention recomputed in the hooks rebuilds every hooked layer output to within {worst:.1e}')
     return 0
 
+# --- ablate -------------------------------------------------------------------------------------------------------
+
+def _comma_list(text: str) -> List[str]:
+    return [v.strip() for v in text.split(',') if v.strip()]
+
+
+def _key_value(text: str):
+    from ..engine.config import parse_value
+    key, sep, value = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. lr=1e-3')
+    return key.strip().replace('-', '_'), parse_value(value)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from ..tools.ablate import run_ablation
+    result = run_ablation(
+        variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
+        img_size=args.img_size, name=args.name, output=args.output, device=args.device,
+        throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
+        overrides=dict(args.set or []))
+    if result.files:
+        print()
+        print((result.folder / 'results.md').read_text())
+        for path in result.files:
+            print(f'wrote {path}')
+    if result.interrupted:
+        print('interrupted: run the same command again to resume (finished variants are not trained again)',
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
+class _DefaultsAndLayoutHelp(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows each flag's default (flags without one explain theirs)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and '%(default)' not in text:
+            text += ' (default: %(default)s)'
+        return text
+
+
+def _ablate_help() -> Tuple[str, str]:
+    from ..tools.ablate import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_VARIANTS
+    description = (
+        "Train a set of variants with one recipe on one data set (same seed, same budget), then measure each:\n"
+        "parameters (frozen tensors included, as the paper counts), MACs of one image (FLOPs / 2 from\n"
+        "torch.utils.flop_counter), inference images/s (a short timed loop) and top-1 on the validation/test\n"
+        "split. Writes OUTPUT/ablate-NAME/results.{json,md,png} with the paper's ImageNet numbers (Tables 6 and 7)\n"
+        "beside ours; each variant trains into OUTPUT/ablate-NAME/VARIANT, so rerunning resumes.\n\n"
+        "Default: the 8 ideas below on Fashion-MNIST (data/fashion-mnist, 28 px, 1 channel), recipe fashion_mnist,\n"
+        "1 epoch each (937 steps of 64 images), small-scale builds; estimated at about 23 minutes on 2 CPU cores.")
+    lines = ['variants (small-scale build; * = run by default):']
+    for name, variant in ABLATION_VARIANTS.items():
+        mark = '*' if name in DEFAULT_VARIANTS else ' '
+        lines.append(f'  {mark} {name:<20} {variant.idea}: {variant.note}')
+    lines.append('data sets: ' + ', '.join(
+        f"{name} ({d['img_size']} px, {d['in_chans']} ch)" for name, d in DATASET_DEFAULTS.items()))
+    return description, '\n'.join(lines)
+
 
 # --- parser -------------------------------------------------------------------------------------------------------
 
@@ -338,6 +401,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help='blocks to show, counted from 0 (default: first, middle, last)')
     vz.add_argument('--channels', type=_positive_int, default=16, help='channels per feature map (default 16)')
     vz.set_defaults(func=_cmd_visualize)
+
+    from ..tools.ablate import DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
+    description, epilog = _ablate_help()
+    ab = sub.add_parser('ablate', help="the paper's design study on a small data set: train variants, compare them",
+                        description=description, epilog=epilog, formatter_class=_DefaultsAndLayoutHelp)
+    ab.add_argument('--variants', type=_comma_list, default=','.join(DEFAULT_VARIANTS), metavar='A,B,...',
+                    help='comma-separated variant names (listed below)')
+    ab.add_argument('--dataset', default='fashion_mnist', choices=list(DATASET_DEFAULTS),
+                    help='data set; image size, channels, normalisation and classes follow it')
+    ab.add_argument('--data', metavar='DIR', default=None,
+                    help='data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)')
+    ab.add_argument('--recipe', metavar='RECIPE', default='fashion_mnist', help='training recipe every variant shares')
+    ab.add_argument('--epochs', type=int, default=DEFAULT_EPOCHS, help='epochs per variant')
+    ab.add_argument('--max-steps', type=int, default=None, help='optimizer steps per variant (a budget below --epochs)')
+    ab.add_argument('--batch-size', type=int, default=None, help="global batch size (default: the recipe's: 64 for "
+                    "fashion_mnist)")
+    ab.add_argument('--seed', type=int, default=0, help='seed of every run (data order, augmentation, dropout)')
+    ab.add_argument('--scale', default='small', choices=('small', 'paper'),
+                    help='small: every idea at the common small scale (28-32 px); paper: the registered builders')
+    ab.add_argument('--img-size', type=int, default=None, help="image size (default: the data set's)")
+    ab.add_argument('--name', default=None, help='results go to OUTPUT/ablate-NAME (default: the data set name)')
+    ab.add_argument('--output', metavar='DIR', default='runs', help='folder holding the ablate-NAME folder')
+    ab.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
+                    help='training and measuring device')
+    ab.add_argument('--throughput-batch', type=int, default=64, help='batch size of the images/s loop')
+    ab.add_argument('--throughput-seconds', type=float, default=3.0, help='duration of the images/s loop')
+    ab.add_argument('--set', type=_key_value, action='append', metavar='KEY=VALUE',
+                    help='any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
+                         '(t2tvit train --help lists the keys)')
+    ab.set_defaults(func=_cmd_ablate)
     return parser
 
 

@@ -425,6 +425,9 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, config['epochs']):
+            if config['max_steps'] is not None and global_step >= config['max_steps']:
+                status = 'budget'  # resumed with its budget already spent: take no further step
+                break
             first_step = start_step if epoch == start_epoch else 0
             batches = epoch_micro_batches(len(train_set), micro_global, config['seed'], epoch)
             batches = batches[first_step * config['accum_steps']:steps_per_epoch * config['accum_steps']]

@@ -2,12 +2,15 @@
 from .checkpoint import (
     CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint, mismatch_report, read_checkpoint)
 from .layers import TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
-from .t2t_vit import T2TModule, T2TViT
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, TokenSE
+from .t2t_vit import BLOCK_TYPES, OFFICIAL_CLASSES, TOKENS_TYPES, ConvTokenizer, PatchTokenizer, T2TModule, T2TViT
 from .utils import count_parameters, list_variants
 
 __all__ = [
     'CheckpointError', 'checkpoint_filter_fn', 'extract_state_dict', 'load_checkpoint', 'mismatch_report',
     'read_checkpoint',
     'TokenPerformer', 'TokenTransformer', 'sinusoid_table', 'token_grid_size', 'T2TModule', 'T2TViT',
+    'ConvTokenizer', 'PatchTokenizer', 'BLOCK_TYPES', 'TOKENS_TYPES', 'OFFICIAL_CLASSES',
+    'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition',
     'count_parameters', 'list_variants',
 ]

@@ -138,7 +138,8 @@ def _adaptable(weight: torch.Tensor, target: torch.Tensor, model: nn.Module) -> 
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Fit a checkpoint to `model`: pick the weights, strip wrappers, resize `pos_embed`, adapt in_chans.
+    """Fit a checkpoint to `model`: pick the weights, strip wrappers, resize `pos_embed`, adapt in_chans (the first
+    Linear of the T2T module, or the first convolution of the convolution and patch tokenizers).
 
     Pure and idempotent: its output passed through it again comes back unchanged. Used by timm's
     `pretrained=True` loader and by `load_checkpoint`.
@@ -161,6 +162,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
         key = prefix + weight_name
         if key in state_dict and key in model_sd and _adaptable(state_dict[key], model_sd[key], model):
             _adapt_first_linear(state_dict, model, key, prefix + 'norm1')
+    for key in ('tokens_to_token.soft_split0.weight', 'tokens_to_token.proj.weight'):  # convolution, patch tokens
+        weight, target = state_dict.get(key), model_sd.get(key)
+        if weight is not None and target is not None and weight.ndim == target.ndim == 4 \
+                and weight.shape[0] == target.shape[0] and weight.shape[2:] == target.shape[2:] \
+                and weight.shape[1] != target.shape[1]:
+            state_dict[key] = adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1]).to(weight.dtype)
     return state_dict
 
 

@@ -1,27 +1,40 @@
 """Tokens-to-Token ViT (Yuan et al., ICCV 2021): the T2T module and the deep-narrow ViT backbone.
 
-One class, `T2TViT`, carries every variant; each registered builder names its widths and depths. The state dict
-has the official key names and shapes, so official checkpoints load strictly (see `checkpoint.py`).
+One class, `T2TViT`, carries every variant: a tokenizer (`tokens_type`: the T2T module with Performer or
+transformer tokens, the paper's convolution stand-in, or a plain ViT patch embedding) and a stack of blocks
+(`block_type`: ViT, SE, Ghost or dense). Each registered builder names its widths and depths. The state dict has
+the official key names and shapes, so official checkpoints load strictly (see `checkpoint.py`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+import math
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from .checkpoint import checkpoint_filter_fn
 from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
-__all__ = ['T2TModule', 'T2TViT', 'TOKENS_TYPES']
+__all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
+           'OFFICIAL_CLASSES']
 
-TOKENS_TYPES = ('performer', 'transformer')
+TOKENS_TYPES = ('performer', 'transformer', 'convolution', 'patch')
+BLOCK_TYPES = ('vit', 'se', 'ghost', 'dense')
+
+
+def _check_soft_splits(soft_splits: SoftSplits) -> SoftSplits:
+    if len(soft_splits) != 3 or any(len(split) != 3 for split in soft_splits):
+        raise ValueError(f'soft_splits {soft_splits!r} must be three (kernel, stride, padding) triples')
+    return tuple(tuple(int(v) for v in split) for split in soft_splits)
 
 
 class T2TModule(nn.Module):
@@ -30,6 +43,8 @@ class T2TModule(nn.Module):
     Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up
     in the same token; each re-structurization is a token transformer or Performer of width `token_dim`.
     """
+
+    stage_modules = ('attention1', 'attention2')  # where the two intermediate maps come from
 
     def __init__(
             self,
@@ -41,12 +56,10 @@ class T2TModule(nn.Module):
             drop_rate: float = 0.1,
     ):
         super().__init__()
-        if tokens_type not in TOKENS_TYPES:
-            raise ValueError(f"tokens_type {tokens_type!r} is not one of {TOKENS_TYPES}")
-        if len(soft_splits) != 3 or any(len(split) != 3 for split in soft_splits):
-            raise ValueError(f'soft_splits {soft_splits!r} must be three (kernel, stride, padding) triples')
+        if tokens_type not in ('performer', 'transformer'):
+            raise ValueError(f"the T2T module's tokens_type is 'performer' or 'transformer', not {tokens_type!r}")
         self.tokens_type = tokens_type
-        self.soft_splits = tuple(tuple(int(v) for v in split) for split in soft_splits)
+        self.soft_splits = _check_soft_splits(soft_splits)
         (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
         self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
         self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
@@ -84,23 +97,129 @@ class T2TModule(nn.Module):
         return self.forward_stages(x)[0]
 
 
+class ConvTokenizer(nn.Module):
+    """The paper's T2T-ViT_c: the three soft splits become convolutions with the same kernel, stride and padding.
+
+    The official code declares these layers (under these names) but its forward never runs them. A GELU follows
+    each of the first two, as the re-structurizations they replace are non-linear; three bare convolutions would
+    compose into a single linear map.
+    """
+
+    tokens_type = 'convolution'
+    stage_modules = ('soft_split0', 'soft_split1')
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 768, token_dim: int = 64,
+                 soft_splits: SoftSplits = SOFT_SPLITS):
+        super().__init__()
+        self.soft_splits = _check_soft_splits(soft_splits)
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
+        self.soft_split0 = nn.Conv2d(in_chans, token_dim, kernel_size=k0, stride=s0, padding=p0)
+        self.soft_split1 = nn.Conv2d(token_dim, token_dim, kernel_size=k1, stride=s1, padding=p1)
+        self.project = nn.Conv2d(token_dim, embed_dim, kernel_size=k2, stride=s2, padding=p2)
+        self.act = nn.GELU()
+        self.grad_checkpointing = False  # three convolutions: nothing worth recomputing
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens for the backbone plus the two intermediate maps, as `T2TModule.forward_stages`."""
+        map1 = self.act(self.soft_split0(x))  # (B, token_dim, h1, w1)
+        map2 = self.act(self.soft_split1(map1))  # (B, token_dim, h2, w2)
+        return self.project(map2).flatten(2).transpose(1, 2), [map1, map2]  # (B, h3*w3, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[0]
+
+
+class PatchTokenizer(nn.Module):
+    """ViT's tokenizer: non-overlapping `patch_size` patches, each linearly embedded (a strided convolution).
+
+    On the deep-narrow backbone this is the paper's "T2T-ViT-14 without T2T" (Table 7); it has no intermediate
+    maps, so feature index 0 is the first block.
+    """
+
+    tokens_type = 'patch'
+    stage_modules = ()
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 768, patch_size: int = 16):
+        super().__init__()
+        self.soft_splits = ((int(patch_size), int(patch_size), 0),)  # the geometry, in soft-split terms
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.grad_checkpointing = False
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        return self.proj(x).flatten(2).transpose(1, 2), []  # (B, h*w, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[0]
+
+
+def _vit_blocks(block_type: str, dim: int, depth: int, dpr: Sequence[float], **block_kwargs) -> List[nn.Module]:
+    attn_layer, mlp_layer = {
+        'vit': (Attention, Mlp),
+        'se': (SEAttention, Mlp),
+        'ghost': (GhostAttention, GhostMlp),
+    }[block_type]
+    return [Block(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
+            for i in range(depth)]
+
+
+def _dense_blocks(embed_dim: int, growth_rate: int, block_config: Sequence[int], num_heads: int,
+                  drop_path_rate: float, **block_kwargs) -> Tuple[List[nn.Module], List[int]]:
+    """Dense stages (each block appends `growth_rate` channels) with halving transitions between them.
+
+    Returns the modules, in the official order (transitions are entries of `blocks`), and each one's output width.
+    """
+    if not block_config or any(int(n) < 1 for n in block_config):
+        raise ValueError(f'block_config {tuple(block_config)!r} must list at least one block per stage')
+    # official: stage i used the drop-path rate of block i of a 12-block schedule; here it rises over all blocks
+    num_blocks = sum(int(n) for n in block_config)
+    dpr = [x.item() for x in torch.linspace(0, drop_path_rate, num_blocks, device='cpu')]
+    modules: List[nn.Module] = []
+    widths: List[int] = []
+    dim, index = embed_dim, 0
+    for stage, num_layers in enumerate(block_config):
+        for _ in range(int(num_layers)):
+            if dim % num_heads:
+                raise ValueError(
+                    f'dense block {len(modules)} is {dim} wide, not divisible by num_heads {num_heads}; choose '
+                    f'embed_dim and growth_rate so that every width (embed_dim + k * growth_rate, halved at each '
+                    f'transition) divides by num_heads')
+            modules.append(DenseBlock(dim, growth_rate, num_heads=num_heads, drop_path=dpr[index], **block_kwargs))
+            dim += growth_rate
+            widths.append(dim)
+            index += 1
+        if stage != len(block_config) - 1:
+            modules.append(DenseTransition(dim, dim // 2))
+            dim //= 2
+            widths.append(dim)
+    return modules, widths
+
+
 class T2TViT(nn.Module):
-    """T2T module + class token + frozen sinusoid position table + deep-narrow ViT blocks.
+    """Tokenizer (T2T module by default) + class token + frozen sinusoid position table + deep-narrow blocks.
 
     Args:
         img_size: Input size the position table is built for (int or (H, W)); any size >= 3 px per side works.
         in_chans: Input channels.
         num_classes: Classifier outputs; 0 gives no head.
         global_pool: 'token' (class token, official), 'avg' (mean of the patch tokens) or '' (no pooling).
-        tokens_type: 'performer' (T2T-ViT-N) or 'transformer' (T2T-ViT_t-N).
-        token_dim: Width of the tokens inside the T2T module (64 in the paper).
+        tokens_type: 'performer' (T2T-ViT-N), 'transformer' (T2T-ViT_t-N), 'convolution' (T2T-ViT_c-N: three
+            convolutions in place of the soft splits) or 'patch' (a ViT patch embedding, no T2T).
+        token_dim: Width of the tokens inside the T2T module (64 in the paper); unused by 'patch'.
         soft_splits: (kernel, stride, padding) of the three soft splits; the paper's are (7,4,2), (3,2,1), (3,2,1).
+            Unused by 'patch'.
         t2t_drop_rate: Dropout inside the Performer token layers (official: 0.1, not configurable there).
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: The ViT backbone.
+        embed_dim: Width of the tokens entering the backbone (and of the whole backbone, except 'dense').
+        depth: Number of blocks (default 12); 'dense' takes its depth from `block_config` instead.
+        num_heads, mlp_ratio, qkv_bias: The blocks' attention and MLP.
         drop_rate: Dropout after the position table and inside the blocks (official meaning).
         attn_drop_rate: Attention dropout in the blocks.
         drop_path_rate: Stochastic depth, rising linearly to this value over the blocks.
         dynamic_img_size: Resize the position table to each input's token grid at every call.
+        patch_size: Patch side for tokens_type 'patch' (16 as in ViT-S/16).
+        block_type: 'vit' (plain), 'se' (squeeze-and-excitation after attention), 'ghost' (half of q/k/v and
+            two thirds of the MLP hidden layer from cheap per-channel ops) or 'dense' (DenseNet-style).
+        growth_rate, block_config: 'dense' only: channels each block appends, and blocks per stage; a transition
+            halves the width between stages, so the final width is not embed_dim.
 
     Notes:
         The position table is a persistent buffer under the official key `pos_embed`, frozen as in the paper;
@@ -118,7 +237,7 @@ class T2TViT(nn.Module):
             soft_splits: SoftSplits = SOFT_SPLITS,
             t2t_drop_rate: float = 0.1,
             embed_dim: int = 768,
-            depth: int = 12,
+            depth: Optional[int] = None,
             num_heads: int = 12,
             mlp_ratio: float = 4.,
             qkv_bias: bool = False,
@@ -126,55 +245,76 @@ class T2TViT(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             dynamic_img_size: bool = False,
+            patch_size: int = 16,
+            block_type: str = 'vit',
+            growth_rate: int = 32,
+            block_config: Sequence[int] = (3, 4, 6, 3),
     ):
         super().__init__()
         if global_pool not in ('token', 'avg', ''):
             raise ValueError(f"global_pool {global_pool!r} is not one of 'token', 'avg', ''")
-        if embed_dim % num_heads:
+        if tokens_type not in TOKENS_TYPES:
+            raise ValueError(f'tokens_type {tokens_type!r} is not one of {TOKENS_TYPES}')
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f'block_type {block_type!r} is not one of {BLOCK_TYPES}')
+        if block_type == 'dense' and depth is not None:
+            raise ValueError('a dense model takes its depth from block_config (blocks per stage); drop depth')
+        if block_type != 'dense' and embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        depth = 12 if depth is None else depth
         self.img_size = to_2tuple(img_size)
-        self.soft_splits = tuple(tuple(int(v) for v in split) for split in soft_splits)
-        self.grid_size = token_grid_size(self.img_size, 3, self.soft_splits)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
-        self.tokens_to_token = T2TModule(
-            tokens_type, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim, soft_splits=self.soft_splits,
-            drop_rate=t2t_drop_rate)
+        if tokens_type == 'patch':
+            self.tokens_to_token: nn.Module = PatchTokenizer(in_chans, embed_dim, patch_size)
+        elif tokens_type == 'convolution':
+            self.tokens_to_token = ConvTokenizer(in_chans, embed_dim, token_dim, soft_splits)
+        else:
+            self.tokens_to_token = T2TModule(
+                tokens_type, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim, soft_splits=soft_splits,
+                drop_rate=t2t_drop_rate)
+        self.soft_splits = self.tokens_to_token.soft_splits  # the tokenizer's geometry: (kernel, stride, padding)s
+        self.grid_size = token_grid_size(self.img_size, len(self.soft_splits), self.soft_splits)
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # official: a frozen sinusoid table, kept in the state dict under `pos_embed`
         self.register_buffer('pos_embed', sinusoid_table(num_patches + 1, embed_dim), persistent=True)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
-        self.blocks = nn.Sequential(*[
-            Block(
-                dim=embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                norm_layer=nn.LayerNorm,  # official: eps 1e-5
-                act_layer=nn.GELU,
-            )
-            for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        block_kwargs = dict(
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            norm_layer=nn.LayerNorm,  # official: eps 1e-5
+            act_layer=nn.GELU,
+        )
+        if block_type == 'dense':
+            blocks, widths = _dense_blocks(
+                embed_dim, growth_rate, block_config, num_heads, drop_path_rate, **block_kwargs)
+        else:
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
+            blocks = _vit_blocks(block_type, embed_dim, depth, dpr, num_heads=num_heads, **block_kwargs)
+            widths = [embed_dim] * depth
+        self.block_type = block_type
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = self.head_hidden_size = widths[-1] if widths else embed_dim
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-        r1 = self.soft_splits[0][1]
-        r2 = r1 * self.soft_splits[1][1]
-        self.patch_size = r2 * self.soft_splits[2][1]  # stride of the backbone grid: 16 with the paper's splits
+        strides = [split[1] for split in self.soft_splits]
+        self.patch_size = math.prod(strides)  # stride of the backbone grid: 16 with the paper's splits
+        stages = self.tokens_to_token.stage_modules
+        self.num_stem_features = len(stages)  # feature indices before the first block
         self.feature_info = [
-            dict(module='tokens_to_token.attention1', num_chs=token_dim, reduction=r1),
-            dict(module='tokens_to_token.attention2', num_chs=token_dim, reduction=r2),
-        ] + [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=self.patch_size) for i in range(depth)]
+            dict(module=f'tokens_to_token.{name}', num_chs=token_dim, reduction=math.prod(strides[:i + 1]))
+            for i, name in enumerate(stages)
+        ] + [dict(module=f'blocks.{i}', num_chs=width, reduction=self.patch_size) for i, width in enumerate(widths)]
 
         trunc_normal_(self.cls_token, std=.02)
         self.apply(self._init_weights)
@@ -218,7 +358,7 @@ class T2TViT(nn.Module):
             if global_pool not in ('token', 'avg', ''):
                 raise ValueError(f"global_pool {global_pool!r} is not one of 'token', 'avg', ''")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -254,7 +394,7 @@ class T2TViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (B, 1 + N, embed_dim); the class token comes first."""
         self._check_input(x)
-        grid = token_grid_size((x.shape[-2], x.shape[-1]), 3, self.soft_splits)
+        grid = token_grid_size((x.shape[-2], x.shape[-1]), len(self.soft_splits), self.soft_splits)
         x = self.tokens_to_token(x)  # (B, N, C)
         x = self._pos_embed(x, grid)
         x = self._run_blocks(x)
@@ -286,12 +426,17 @@ class T2TViT(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features from the two T2T stages (indices 0 and 1, strides 4 and 8) and the blocks (2..., stride 16).
+        """Features from the tokenizer's stages, then from every entry of `blocks`; `feature_info` lists them.
+
+        With the T2T module (or the convolution tokenizer) indices 0 and 1 are its two maps (strides 4 and 8 with
+        the paper's splits) and 2... the blocks (stride 16); the patch tokenizer has no maps, so 0 is the first
+        block. In the dense variant the transitions are entries of `blocks` and widths change along the way.
 
         Args:
             indices: Take the last n features if int, these features if a sequence, all if None.
             return_prefix_tokens: Return (map, class token) pairs for block features.
-            norm: Apply the final norm to block features.
+            norm: Apply the final norm to block features of the final width (in the dense variant only the last
+                block's output has it; the others come out as they are).
             stop_early: Stop after the last block needed.
             output_fmt: 'NCHW' maps or 'NLC' token sequences.
             intermediates_only: Return only the features, not the final tokens.
@@ -299,10 +444,10 @@ class T2TViT(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt {output_fmt!r} is not one of 'NCHW', 'NLC'")
         self._check_input(x)
-        num_t2t = 2
-        take_indices, max_index = feature_take_indices(num_t2t + len(self.blocks), indices)
+        num_stem = self.num_stem_features
+        take_indices, max_index = feature_take_indices(num_stem + len(self.blocks), indices)
         B, _, H, W = x.shape
-        grid = token_grid_size((H, W), 3, self.soft_splits)
+        grid = token_grid_size((H, W), len(self.soft_splits), self.soft_splits)
 
         intermediates: List[Any] = []
         x, maps = self.tokens_to_token.forward_stages(x)
@@ -312,11 +457,11 @@ class T2TViT(nn.Module):
                 intermediates.append((feat, fmap.new_zeros(B, 0, fmap.shape[1])) if return_prefix_tokens else feat)
 
         x = self._pos_embed(x, grid)
-        blocks = self.blocks if not stop_early else self.blocks[:max(0, max_index - num_t2t + 1)]
+        blocks = self.blocks if not stop_early else self.blocks[:max(0, max_index - num_stem + 1)]
         for i, blk in enumerate(blocks):
             x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
-            if i + num_t2t in take_indices:
-                y = self.norm(x) if norm else x
+            if i + num_stem in take_indices:
+                y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
                 prefix, tokens = y[:, :self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
                 if output_fmt == 'NCHW':
                     tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, C, h, w)
@@ -332,12 +477,21 @@ class T2TViT(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the blocks (and optionally norm and head) that the requested features do not need."""
-        num_t2t = 2
-        take_indices, max_index = feature_take_indices(num_t2t + len(self.blocks), indices)
-        self.blocks = self.blocks[:max(0, max_index - num_t2t + 1)]
-        if prune_norm:
+        """Drop the blocks (and optionally norm and head) that the requested features do not need.
+
+        When the blocks left end at another width (dense variant) the final norm cannot apply and is dropped too.
+        """
+        num_stem = self.num_stem_features
+        take_indices, max_index = feature_take_indices(num_stem + len(self.blocks), indices)
+        kept = max(0, max_index - num_stem + 1)
+        self.blocks = self.blocks[:kept]
+        width = self.feature_info[num_stem + kept - 1]['num_chs'] if kept else self.embed_dim
+        if width != self.num_features and not prune_head:
+            raise ValueError(f'the features asked for end at width {width}, where the head takes '
+                             f'{self.num_features}; prune with prune_head=True')
+        if prune_norm or width != self.num_features:
             self.norm = nn.Identity()
+        self.num_features = self.head_hidden_size = width
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -346,7 +500,8 @@ class T2TViT(nn.Module):
 # --- registry ----------------------------------------------------------------------------------------------------
 
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
-    out_indices = kwargs.pop('out_indices', (0, 1, -1))  # features_only default: strides 4, 8, 16
+    # features_only default: the tokenizer's two maps and the last block (strides 4, 8, 16 with the paper's splits)
+    out_indices = kwargs.pop('out_indices', (0, 1, -1))
     try:
         return build_model_with_cfg(
             T2TViT,
@@ -391,6 +546,11 @@ def _cfg_t(**kwargs) -> Dict[str, Any]:
     return _cfg(first_conv='tokens_to_token.attention1.attn.qkv', **kwargs)
 
 
+def _cfg_untrained(first_conv: str, **kwargs) -> Dict[str, Any]:
+    """Paper ablations the official code never released (nor, for the convolution tokenizer, could run)."""
+    return _cfg(first_conv=first_conv, license='mit', **kwargs)
+
+
 _384 = dict(input_size=(3, 384, 384), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
@@ -410,6 +570,11 @@ default_cfgs = generate_default_cfgs({
     't2t_vit_t_24.in1k_384': _cfg_t(**_384),
     't2t_vit_14_resnext.in1k': _cfg(),
     't2t_vit_14_wide.in1k': _cfg(),
+    't2t_vit_14_se.in1k': _cfg(),
+    't2t_vit_16_ghost.in1k': _cfg(),
+    't2t_vit_dense.in1k': _cfg(),
+    't2t_vit_c_14': _cfg_untrained('tokens_to_token.soft_split0'),
+    't2t_vit_p_14': _cfg_untrained('tokens_to_token.proj'),
     # small images: Fashion-MNIST (1x28x28) and CIFAR (3x32x32)
     't2t_vit_mini.fmnist': _cfg(
         input_size=(1, 28, 28), num_classes=10, crop_pct=1.0, mean=(0.2860,), std=(0.3530,), license='mit'),
@@ -494,6 +659,53 @@ def t2t_vit_14_wide(pretrained: bool = False, **kwargs) -> T2TViT:
     """Shallow-wide counterpart of T2T-ViT-14 (768 wide, 4 blocks): the paper's wide-vs-deep ablation."""
     model_args = dict(tokens_type='performer', embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.)
     return _create_t2t_vit('t2t_vit_14_wide', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_14_se(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-14 with squeeze-and-excitation after each block's attention (paper Table 6: SE)."""
+    model_args = dict(tokens_type='performer', embed_dim=384, depth=14, num_heads=6, mlp_ratio=3., block_type='se')
+    return _create_t2t_vit('t2t_vit_14_se', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_16_ghost(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT with Ghost operations in attention and MLP, 16 blocks as the official builder (paper Table 6)."""
+    model_args = dict(
+        tokens_type='performer', embed_dim=384, depth=16, num_heads=6, mlp_ratio=3., block_type='ghost')
+    return _create_t2t_vit('t2t_vit_16_ghost', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_dense(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-Dense: 19 dense blocks in stages of 3/6/6/4, growth 64, width 128 -> 584 (paper Table 6)."""
+    model_args = dict(
+        tokens_type='performer', embed_dim=128, num_heads=8, mlp_ratio=2., block_type='dense', growth_rate=64,
+        block_config=(3, 6, 6, 4))
+    return _create_t2t_vit('t2t_vit_dense', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_c_14(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT_c-14: three convolutions (kernels 7/3/3, strides 4/2/2) instead of the T2T module (paper Table 7)."""
+    model_args = dict(tokens_type='convolution', embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_c_14', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_p_14(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-14 without T2T: ViT-S/16's patch embedding on the deep-narrow backbone (paper Table 7)."""
+    model_args = dict(tokens_type='patch', patch_size=16, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.)
+    return _create_t2t_vit('t2t_vit_p_14', pretrained, **dict(model_args, **kwargs))
+
+
+# The official classes behind each official builder, as callables taking the official constructor's kwargs.
+OFFICIAL_CLASSES = {
+    'T2T_ViT': T2TViT,
+    'T2T_ViT_SE': partial(T2TViT, block_type='se'),
+    'T2T_ViT_Ghost': partial(T2TViT, block_type='ghost'),
+    'T2T_ViT_Dense': partial(T2TViT, block_type='dense'),
+}
 
 
 # Soft splits 7/3/3 with strides 2/2/1 (padding 3/1/1): a 28 px image leaves a 7x7 grid (8x8 at 32 px) where the

@@ -4,19 +4,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
 
-from ..models import T2TViT, count_parameters, list_variants, load_checkpoint
+from ..models import OFFICIAL_CLASSES, T2TViT, count_parameters, list_variants, load_checkpoint
+from .paper import DESIGN_STUDY
+from .paper import PAPER_PARAMS_M as _TABLE4_PARAMS_M
 
-# Parameter counts (millions) in Table 4 of the paper; the paper counts the frozen tensors too.
+# Parameter counts (millions) the paper gives: Table 4 for the family, Tables 6 and 7 for the design study.
 PAPER_PARAMS_M: Dict[str, float] = {
-    't2t_vit_7': 4.3, 't2t_vit_10': 5.9, 't2t_vit_12': 6.9,
-    't2t_vit_14': 21.5, 't2t_vit_19': 39.2, 't2t_vit_24': 64.1,
-    't2t_vit_t_14': 21.5, 't2t_vit_t_19': 39.2, 't2t_vit_t_24': 64.1,
-}
+    **{name: ref.params_m for name, ref in DESIGN_STUDY.items()}, **_TABLE4_PARAMS_M}
 
 
 @dataclass
@@ -48,10 +47,12 @@ def variant_rows(with_tags: bool = True) -> List[VariantRow]:
             model: T2TViT = timm.create_model(name)
         total, trainable = count_parameters(model)
         base = name.partition('.')[0]
+        attention_blocks = [b for b in model.blocks if hasattr(b, 'attn')]  # not the dense transitions
         rows.append(VariantRow(
-            name=name, tokens=model.tokens_to_token.tokens_type, embed_dim=model.embed_dim, depth=len(model.blocks),
-            num_heads=model.blocks[0].attn.num_heads, img_size=model.img_size[0], params_total=total,
-            params_trainable=trainable, paper_params_m=PAPER_PARAMS_M.get(base) if model.img_size[0] == 224 else None,
+            name=name, tokens=model.tokens_to_token.tokens_type, embed_dim=model.embed_dim,
+            depth=len(attention_blocks), num_heads=attention_blocks[0].attn.num_heads, img_size=model.img_size[0],
+            params_total=total, params_trainable=trainable,
+            paper_params_m=PAPER_PARAMS_M.get(base) if model.img_size[0] == 224 else None,
         ))
     return rows
 
@@ -78,12 +79,14 @@ class FixtureRow:
     logits_max_abs_diff: float
 
 
-def verify_official_fixtures(official_dir: Path, classes: Optional[Dict[str, type]] = None) -> List[FixtureRow]:
+def verify_official_fixtures(
+        official_dir: Path, classes: Optional[Dict[str, Callable[..., T2TViT]]] = None) -> List[FixtureRow]:
     """Load each official fixture checkpoint and compare with the outputs the official code wrote.
 
-    `classes` maps the official class name to ours; fixtures of classes not in it are skipped.
+    `classes` maps the official class name to ours (default: all four official classes); fixtures of classes not
+    in it are skipped.
     """
-    classes = classes or {'T2T_ViT': T2TViT}
+    classes = classes or OFFICIAL_CLASSES
     official_dir = Path(official_dir)
     configs = json.loads((official_dir / 'tiny_configs.json').read_text())
     rows = []
