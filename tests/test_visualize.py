@@ -123,3 +123,28 @@ def test_visualize_command(tiny_run, tmp_path, capsys):
     assert 'blocks [7] do not exist' in capsys.readouterr().err
     assert cli(['visualize', str(tmp_path / 'shirt.png')]) == 2
     assert 'give --checkpoint FILE, or --model NAME' in capsys.readouterr().err
+
+
+DESIGN_STUDY = {  # small builds of every backbone block and tokenizer the pictures must handle
+    't2t_vit_14_se': dict(embed_dim=32, depth=2, num_heads=2),
+    't2t_vit_16_ghost': dict(embed_dim=32, depth=2, num_heads=2),
+    't2t_vit_dense': dict(embed_dim=32, growth_rate=8, block_config=(1, 2), num_heads=2),
+    't2t_vit_c_14': dict(embed_dim=32, depth=2, num_heads=2),
+    't2t_vit_p_14': dict(embed_dim=32, depth=2, num_heads=2),
+}
+
+
+@pytest.mark.parametrize('name', list(DESIGN_STUDY))
+def test_visualize_design_study_variants(name, tmp_path):
+    restored = restore_model(None, name, dict(DESIGN_STUDY[name], token_dim=8, img_size=64, num_classes=5))
+    Image.new('RGB', (64, 64), (30, 140, 200)).save(tmp_path / 'blue.png')
+    files, (e,) = visualize(restored, [tmp_path / 'blue.png'], tmp_path / 'out', channels=4)
+    attending = [i for i, b in enumerate(restored.model.blocks) if hasattr(b, 'attn')]
+    assert sorted(e.block_attention) == attending and e.max_error < 1e-5  # hooks rebuild SE / Ghost outputs too
+    for weights in e.block_attention.values():
+        assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5)
+    has_t2t_attention = name not in ('t2t_vit_c_14', 't2t_vit_p_14')
+    assert len(e.t2t_attention) == (2 if has_t2t_attention else 0)
+    assert len(files) == (4 if has_t2t_attention else 3) and all(f.is_file() for f in files)
+    stems = [t for t, _, _ in e.features if 'stage' in t]
+    assert len(stems) == (0 if name == 't2t_vit_p_14' else 2)

@@ -6,7 +6,7 @@ reproduce the official state-dict keys (`attn.se_layer.fc.0`, `attn.cheap_operat
 """
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -69,13 +69,21 @@ class SEAttention(nn.Module):
         self.se_layer = TokenSE(dim, se_reduction)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = _attention(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)
-        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+    def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, N, head_dim): the attention's inputs, also for pictures of its weights."""
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) attention output -> the layer output before its dropout."""
+        B, _, N, _ = x.shape
         # official: SE between the projection and its dropout
-        return self.proj_drop(self.se_layer(x))
+        return self.se_layer(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x)
+        return self.proj_drop(self.merge_heads(_attention(q, k, v, self.scale, self.attn_drop, self.fused_attn,
+                                                          self.training)))
 
 
 def _cheap_operation(channels: int) -> nn.Conv1d:
@@ -123,13 +131,20 @@ class GhostAttention(nn.Module):
         y = torch.cat((primary, _apply_cheap(primary, cheap)), dim=-1)  # (B, N, C)
         return y.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
 
+    def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, N, head_dim): the attention's inputs, also for pictures of its weights."""
+        return (self._heads(x, self.q, self.cheap_operation_q), self._heads(x, self.k, self.cheap_operation_k),
+                self._heads(x, self.v, self.cheap_operation_v))
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) attention output -> the layer output before its dropout."""
+        B, _, N, _ = x.shape
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        B, N, C = x.shape
-        q = self._heads(x, self.q, self.cheap_operation_q)
-        k = self._heads(x, self.k, self.cheap_operation_k)
-        v = self._heads(x, self.v, self.cheap_operation_v)
-        x = _attention(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        q, k, v = self.qkv_heads(x)
+        return self.proj_drop(self.merge_heads(_attention(q, k, v, self.scale, self.attn_drop, self.fused_attn,
+                                                          self.training)))
 
 
 class GhostMlp(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,12 +42,21 @@ DEFAULT_QUERIES = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.5))
 # --- attention from hooks -----------------------------------------------------------------------------------------
 
 def _block_attention(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale) of a timm `Attention` on its input, and the module output rebuilt from it."""
+    """softmax(q k^T * scale) of a block's attention on its input, and the module output rebuilt from it.
+
+    The SE and Ghost attention layers expose `qkv_heads` / `merge_heads`; timm's `Attention` is read through its
+    `qkv`, `q_norm` / `k_norm`, `norm`, `gate` and `proj`.
+    """
     B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if hasattr(attn, 'qkv_heads'):
+        q, k, v = attn.qkv_heads(x)
+    else:
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+    if hasattr(attn, 'merge_heads'):
+        return weights, attn.merge_heads(weights @ v)
     out = attn.norm((weights @ v).transpose(1, 2).reshape(B, N, -1))
     if getattr(attn, 'gate', None) is not None:
         out = out * attn.gate(x).sigmoid()
@@ -82,12 +91,15 @@ def t2t_attention(layer: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor,
 class AttentionRecorder:
     """Forward hooks that record every block's attention and both T2T layers' attention during one forward.
 
-    `blocks[i]` is (B, heads, 1 + N, 1 + N); `t2t[j]` is (B, T_j, T_j); `max_error` is the largest difference
-    between a hooked module's real output and the output rebuilt from the recorded attention.
+    `blocks[i]` is (B, heads, 1 + N, 1 + N) for the i-th block that has attention, which is `model.blocks`
+    entry `block_indices[i]` (the dense variant's transitions have none); `t2t[j]` is (B, T_j, T_j), empty for the
+    convolution and patch tokenizers; `max_error` is the largest difference between a hooked module's real output
+    and the output rebuilt from the recorded attention.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.block_indices = [i for i, block in enumerate(model.blocks) if hasattr(block, 'attn')]
         self.blocks: List[torch.Tensor] = []
         self.t2t: List[torch.Tensor] = []
         self.errors: List[float] = []
@@ -106,11 +118,13 @@ class AttentionRecorder:
         return hook
 
     def __enter__(self) -> 'AttentionRecorder':
-        for block in self.model.blocks:
-            self._handles.append(block.attn.register_forward_hook(self._record(self.blocks, _block_attention)))
+        for i in self.block_indices:
+            attn = self.model.blocks[i].attn
+            self._handles.append(attn.register_forward_hook(self._record(self.blocks, _block_attention)))
         t2t = self.model.tokens_to_token
-        for layer in (t2t.attention1, t2t.attention2):
-            self._handles.append(layer.register_forward_hook(self._record(self.t2t, t2t_attention)))
+        for layer in (getattr(t2t, 'attention1', None), getattr(t2t, 'attention2', None)):
+            if layer is not None:  # the convolution and patch tokenizers have no T2T attention
+                self._handles.append(layer.register_forward_hook(self._record(self.t2t, t2t_attention)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,10 +152,10 @@ class Explanation:
     name: str
     image: np.ndarray  # (H, W, C) in [0, 1]: the model input, un-normalised
     features: List[Tuple[str, torch.Tensor, int]]  # (title, (C, h, w) map, stride)
-    block_attention: List[torch.Tensor]  # per block (heads, 1 + N, 1 + N)
+    block_attention: Dict[int, torch.Tensor]  # block index -> (heads, 1 + N, 1 + N), for blocks with attention
     grid: Tuple[int, int]  # backbone token grid
     rollout: torch.Tensor  # (1 + N, 1 + N)
-    t2t_attention: List[torch.Tensor]  # stage 1, 2: (T, T)
+    t2t_attention: List[torch.Tensor]  # stage 1, 2: (T, T); empty without T2T attention layers
     t2t_grids: List[Tuple[int, int]]
     blocks: List[int]
     top: List[Tuple[str, float]]
@@ -161,31 +175,37 @@ def explain(restored: RestoredModel, image: Image.Image, name: str = 'image',
     """Run the model once on `image` (through its eval transform) and collect maps, attention and prediction."""
     model = restored.model.eval()
     depth = len(model.blocks)
-    blocks = sorted(set(blocks)) if blocks is not None else sorted({0, depth // 2, depth - 1})
+    with_attention = [i for i, block in enumerate(model.blocks) if hasattr(block, 'attn')]
+    if blocks is None:  # first, middle and last of the blocks that attend
+        blocks = [with_attention[0], with_attention[len(with_attention) // 2], with_attention[-1]]
+    blocks = sorted(set(blocks))
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise DataError(f'blocks {bad} do not exist: {restored.name} has blocks 0..{depth - 1}')
     transform = restored.transform()
     x = transform(image.convert('L' if restored.preprocess['in_chans'] == 1 else 'RGB')).unsqueeze(0)
     device = next(model.parameters()).device
+    num_stem = len(model.feature_info) - depth  # tokenizer stages with their own maps: 2, or 0 for patches
     with AttentionRecorder(model) as recorder:
-        final, maps = model.forward_intermediates(x.to(device), indices=[0, 1] + [2 + b for b in blocks])
+        final, maps = model.forward_intermediates(
+            x.to(device), indices=list(range(num_stem)) + [num_stem + b for b in blocks])
     probs = model.forward_head(final).softmax(-1)[0].float().cpu()
     values, indices = probs.topk(min(3, probs.numel()))
     pre = restored.preprocessing_facts()
-    r1, r2 = model.feature_info[0]['reduction'], model.feature_info[1]['reduction']
-    titles = [f'T2T stage 1 (stride {r1})', f'T2T stage 2 (stride {r2})'] + \
+    tokens_type = model.tokens_to_token.tokens_type
+    stem = 'convolution' if tokens_type == 'convolution' else 'T2T'
+    strides = [model.feature_info[i]['reduction'] for i in range(num_stem)] + [model.patch_size] * len(blocks)
+    titles = [f'{stem} stage {i + 1} (stride {strides[i]})' for i in range(num_stem)] + \
              [f'block {b} (stride {model.patch_size})' for b in blocks]
-    strides = [r1, r2] + [model.patch_size] * len(blocks)
     grid = tuple(maps[-1].shape[-2:])
     return Explanation(
         name=name, image=_display_image(x[0], pre['mean'], pre['std']),
         features=[(t, m[0].float().cpu(), s) for t, m, s in zip(titles, maps, strides)],
-        block_attention=[a[0] for a in recorder.blocks], grid=grid,
+        block_attention={i: a[0] for i, a in zip(recorder.block_indices, recorder.blocks)}, grid=grid,
         rollout=attention_rollout(recorder.blocks)[0],
-        t2t_attention=[a[0] for a in recorder.t2t], t2t_grids=[tuple(m.shape[-2:]) for m in maps[:2]],
+        t2t_attention=[a[0] for a in recorder.t2t], t2t_grids=[tuple(m.shape[-2:]) for m in maps[:num_stem]],
         blocks=list(blocks), top=[(restored.classes[i], v) for i, v in zip(indices.tolist(), values.tolist())],
-        max_error=recorder.max_error, tokens_type=model.tokens_to_token.tokens_type)
+        max_error=recorder.max_error, tokens_type=tokens_type)
 
 
 # --- pictures -----------------------------------------------------------------------------------------------------
@@ -260,10 +280,13 @@ def plot_feature_maps(e: Explanation, path: Path, channels: int = 16) -> Path:
 
 
 def plot_block_attention(e: Explanation, path: Path) -> Path:
-    heads = e.block_attention[0].shape[0]
+    shown = [b for b in e.blocks if b in e.block_attention]  # a dense transition has no attention to show
+    if not shown:
+        raise DataError(f'blocks {e.blocks} have no attention (dense transitions); choose others with --blocks')
+    heads = e.block_attention[shown[0]].shape[0]
     size = e.image.shape[:2]
-    fig, axes = _figure(len(e.blocks), heads + 1)
-    for row, b in enumerate(e.blocks):
+    fig, axes = _figure(len(shown), heads + 1)
+    for row, b in enumerate(shown):
         cls = e.block_attention[b][:, 0, 1:]  # (heads, N): class token -> patch tokens
         for h in range(heads):
             _overlay(axes[row, h], e.image, _upsample(cls[h], e.grid, size), f'block {b}, head {h}')
@@ -316,7 +339,8 @@ def visualize(
         blocks: Optional[Sequence[int]] = None,
         channels: int = 16,
 ) -> Tuple[List[Path], List[Explanation]]:
-    """Write NAME_feature_maps.png, NAME_attention.png, NAME_rollout.png and NAME_t2t_attention.png per image.
+    """Write NAME_feature_maps.png, NAME_attention.png, NAME_rollout.png and, for models whose tokenizer attends,
+    NAME_t2t_attention.png per image.
 
     `images` are files (default: scikit-image's astronaut, chelsea and coffee photos); `blocks` are the blocks
     shown (default: first, middle, last).
@@ -341,7 +365,8 @@ def visualize(
         explanations.append(e)
         files += [plot_feature_maps(e, out / f'{name}_feature_maps.png', channels),
                   plot_block_attention(e, out / f'{name}_attention.png'),
-                  plot_rollout(e, out / f'{name}_rollout.png'),
-                  plot_t2t_attention(e, out / f'{name}_t2t_attention.png')]
+                  plot_rollout(e, out / f'{name}_rollout.png')]
+        if e.t2t_attention:  # only the T2T module attends; the convolution and patch tokenizers do not
+            files.append(plot_t2t_attention(e, out / f'{name}_t2t_attention.png'))
     return files, explanations
 
