@@ -8,7 +8,7 @@ the runs, with the paper's ImageNet numbers for each idea printed next to ours f
 Small scale: the paper's models are built for 224 px ImageNet. For 28-32 px images every idea is built at one
 common small scale (the `small_kwargs` of each entry of `ABLATION_VARIANTS`): the T2T-ViT-14 baseline becomes
 128 wide and 4 blocks deep (4 heads, MLP ratio 2: the shape of `t2t_vit_mini`) with soft splits 7/3/3 at strides
-2/2/1 and 32-wide tokens inside the T2T module, which leave a 7x7 grid at 28 px; each other variant changes only what
+2/2/2 and 32-wide tokens inside the T2T module, which leave a 4x4 grid at 28 px; each other variant changes only what
 its idea changes.
 """
 from __future__ import annotations
@@ -69,8 +69,8 @@ ABLATION_VARIANTS: Dict[str, AblationVariant] = {
         'Ghost cheap operations', dict(SMALL_BASE),
         'half of q/k/v and of the MLP hidden layer from cheap ops (paper: two thirds, at MLP ratio 3); same depth'),
     't2t_vit_p_14': AblationVariant(
-        'patch tokenizer (no T2T)', dict(_BACKBONE, patch_size=4),
-        '4x4 patches: the same 7x7 grid at 28 px as the soft splits'),
+        'patch tokenizer (no T2T)', dict(_BACKBONE, patch_size=7),
+        '7x7 patches: the same 4x4 grid at 28 px as the soft splits'),
     't2t_vit_c_14': AblationVariant(
         'convolution tokenizer', dict(SMALL_BASE), 'three convolutions with the small soft splits'),
     't2t_vit_t_14': AblationVariant(
