@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
     try:
         code = main([
             'benchmark', '--models', 't2t_vit_mini', '--peers', 'deit_tiny_patch16_224', '--img-size', '32',
-            '--batch-size', '2', '--reps', '2', '--warmup', '1', '--runs', 'infer:fp32,infer:bf16,train:fp32',
+            '--batch-size', '2', '--reps', '2', '--iters', '2', '--warmup', '1',
+            '--runs', 'infer:fp32,infer:bf16,train:fp32',
             '--no-variants-table', '--agreement-images', '2', '--peak-size', '64', '--threads', '1', '--ab', 'all',
             '--reference', 'deit_tiny_patch16_224', '--output', str(tmp_path), '--name', 'tiny'])
     finally:
@@ -32,6 +34,7 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
                                                        'deit_tiny_patch16_224']
         for m in run['models']:
             assert m['images_per_s'] > 0 and m['mfu'] > 0 and m['peak_bytes'] > m['resident_bytes'] > 0
+            assert m['images_per_s'] == pytest.approx(statistics.median(2 / t for t in m['times_s']))  # per step
             assert len(m['times_s']) == 2 and 'x_reference' in m
         assert 'x_fast' in run['models'][1]
     assert set(result['agreement']) == {'t2t_vit_mini', 'deit_tiny_patch16_224'}

@@ -278,7 +278,7 @@ class Entry:
     flops_per_step: float = 0.
     images_per_step: int = 0
     first_call_s: float = 0.
-    times_s: List[float] = field(default_factory=list)
+    times_s: List[float] = field(default_factory=list)  # per step, one value per round
     resident_bytes: int = 0
     step_peak_bytes: int = 0  # transient peak of one step above what was allocated before it
     process_peak_bytes: int = 0
@@ -372,7 +372,7 @@ def _time_rounds(entries: List[Entry], config: BenchConfig, device: torch.device
             for _ in range(config.iters):
                 entry.step()
             _sync(device)
-            entry.times_s.append(time.perf_counter() - start)
+            entry.times_s.append((time.perf_counter() - start) / config.iters)  # seconds per step
 
 
 def _measure_memory(entry: Entry, device: torch.device, rss: Optional[_CpuPeakRss]) -> None:
