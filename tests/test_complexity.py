@@ -72,3 +72,12 @@ def test_paper_variants_counted_on_meta():
     assert at_384.paper_macs_g is None and at_384.macs_all > 3 * t14.macs_all
     table = format_complexity_table([t14, at_384])
     assert '4.78G' in table and '4.8' in table and '(b)' in table
+
+
+def test_peers_are_counted_at_the_benchmark_size():
+    """CNNs take no img_size argument: they are built as they are and counted at the size asked for."""
+    resnet = model_complexity('resnet50', 224)
+    assert resnet.macs_layers == resnet.macs_all and round(resnet.macs_all / 1e9, 2) == 4.09
+    assert model_complexity('resnet50', 112).macs_all < resnet.macs_all / 3
+    deit = model_complexity('deit_small_patch16_224', 224)
+    assert (round(deit.macs_layers / 1e9, 2), round(deit.macs_all / 1e9, 2)) == (4.24, 4.60)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ..models import list_variants, load_checkpoint
 from ..models.layers import FAST_PATHS, set_fast_paths
-from .complexity import TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, format_complexity_table, model_complexity
+from .complexity import (
+    TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
 PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50', 'mobilenetv2_100')
 MODES = ('infer', 'train')
@@ -183,16 +184,6 @@ def _autocast(device: torch.device, precision: str):
     if precision == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _create(name: str, img_size: int, **kwargs: Any) -> nn.Module:
-    """A randomly initialised timm model at `img_size`; CNNs take any size and have no img_size argument."""
-    try:
-        return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _resident_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
@@ -352,7 +343,7 @@ def _model_entry(name: str, kind: str, run: Run, config: BenchConfig, device: to
 
 def _build(name: str, config: BenchConfig) -> nn.Module:
     torch.manual_seed(0)
-    model = _create(name, config.img_size)
+    model = create_at_size(name, config.img_size)
     path = config.checkpoints.get(name)
     if path:
         if name in set(list_variants()):

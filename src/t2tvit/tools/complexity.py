@@ -131,12 +131,22 @@ class ComplexityRow:
         return dict(asdict(self), params_diff=self.params_diff, macs_diff=self.macs_diff)
 
 
+def create_at_size(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """A randomly initialised timm model built for `img_size`; CNNs take any size and have no img_size argument."""
+    if img_size is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if 'img_size' not in str(e):
+            raise
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def model_complexity(name: str, img_size: Optional[int] = None, **kwargs: Any) -> ComplexityRow:
     """Build `name` (any timm model) on the meta device and count its parameters and MACs at `img_size`."""
-    if img_size is not None:
-        kwargs['img_size'] = img_size
     with torch.device('meta'):
-        model = timm.create_model(name, **kwargs)
+        model = create_at_size(name, img_size, **kwargs)
     input_size = tuple(model.pretrained_cfg['input_size'])
     if img_size is not None:
         input_size = (input_size[0], img_size, img_size)
