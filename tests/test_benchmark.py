@@ -53,6 +53,7 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
     (['--checkpoint', 't2t_vit_14'], 'is not NAME=FILE'),
     (['--checkpoint', 't2t_vit_14=missing.pth'], 'no such file'),
     (['--train-models', 'resnet50', '--peers', 'none'], "'resnet50' is not among --models/--peers"),
+    (['--reference', 'resnet18'], "--reference 'resnet18' is not among --models/--peers"),
 ])
 def test_benchmark_refuses_bad_options_with_the_fix(argv, message, capsys):
     assert main(['benchmark', '--no-variants-table', '--output', 'none'] + argv) == 2

@@ -41,6 +41,7 @@ from .complexity import (
     TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
 PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50', 'mobilenetv2_100')
+DEFAULT_REFERENCE = 'deit_small_patch16_224'
 MODES = ('infer', 'train')
 PRECISIONS = ('fp32', 'bf16')
 COMPILES = ('eager', 'compiled')
@@ -101,7 +102,7 @@ class BenchConfig:
     agreement_images: int = 64  # images for the bf16-vs-fp32 top-1 agreement (0: skip)
     checkpoints: Dict[str, str] = field(default_factory=dict)  # model name -> weights file
     peak_size: int = 2048  # side of the square GEMM that measures the matmul peak
-    reference: str = 'deit_small_patch16_224'  # the model every other is divided by, round by round
+    reference: Optional[str] = None  # the model every other is divided by, round by round; None: deit_small if timed
     variants_table: bool = True  # print (and store) the complexity of every variant at 224 and 384
     output: Optional[Path] = Path('benchmarks')  # folder for JSON and PNG; None: write nothing
     stem: Optional[str] = None  # file name without suffix; default DEVICE-DATE (-smoke)
@@ -147,6 +148,8 @@ def validate(config: BenchConfig) -> BenchConfig:
         for name in config.train_models:
             if name not in everyone:
                 _fail(f'--train-models: {name!r} is not among --models/--peers ({", ".join(everyone)})')
+    if config.reference is not None and config.reference not in everyone:
+        _fail(f'--reference {config.reference!r} is not among --models/--peers ({", ".join(everyone)})')
     for name in config.checkpoints:
         if name not in everyone:
             _fail(f'--checkpoint {name}=...: {name!r} is not among --models/--peers')
@@ -434,7 +437,8 @@ def _run_one(run: Run, config: BenchConfig, device: torch.device, complexity: Di
     for entry in entries:
         _measure_memory(entry, device, rss)
     _time_rounds(entries + [gemm], config, device)
-    reference = next((e for e in entries if e.name == config.reference and not e.slow_paths), None)
+    reference = next((e for e in entries if e.name == (config.reference or DEFAULT_REFERENCE) and not e.slow_paths),
+                     None)
     results = [_summarise(e, reference, gemm) for e in entries]
     for entry in entries:  # the B copy is divided by its own A
         if entry.slow_paths:
@@ -442,7 +446,7 @@ def _run_one(run: Run, config: BenchConfig, device: torch.device, complexity: Di
             row = next(r for r in results if r['label'] == entry.label)
             row['x_fast'] = statistics.median(a_t / b_t for b_t, a_t in zip(entry.times_s, a.times_s))
     return dict(run=run.label, mode=run.mode, precision=run.precision, compile=run.compile,
-                peak=_summarise(gemm, None, gemm), models=results, reference=config.reference if reference else None,
+                peak=_summarise(gemm, None, gemm), models=results, reference=reference.name if reference else None,
                 seconds=time.perf_counter() - started)
 
 
