@@ -37,6 +37,9 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
             assert m['images_per_s'] == pytest.approx(statistics.median(2 / t for t in m['times_s']))  # per step
             assert len(m['times_s']) == 2 and 'x_reference' in m
         assert 'x_fast' in run['models'][1]
+    # runs that differ only in precision share their rounds: bf16 over fp32 is measured side by side
+    assert result['runs'][1]['timed_with'] == ['infer:fp32:eager', 'infer:bf16:eager']
+    assert all('x_fp32' in m for m in result['runs'][1]['models'])
     assert set(result['agreement']) == {'t2t_vit_mini', 'deit_tiny_patch16_224'}
     assert 0 <= result['agreement']['t2t_vit_mini']['top1_agreement'] <= 1
     assert result['complexity']['t2t_vit_mini']['macs_all'] > result['complexity']['t2t_vit_mini']['macs_layers']

@@ -411,9 +411,8 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
     return result
 
 
-def _run_one(run: Run, config: BenchConfig, device: torch.device, complexity: Dict[str, ComplexityRow],
-             rss: Optional[_CpuPeakRss], log: Callable[[str], None]) -> Dict[str, Any]:
-    started = time.perf_counter()
+def _entries(run: Run, config: BenchConfig, device: torch.device,
+             complexity: Dict[str, ComplexityRow]) -> List[Entry]:
     names = [(n, 'ours') for n in config.models] + [(n, 'peer') for n in config.peers]
     if run.mode == 'train' and config.train_models is not None:
         names = [(n, k) for n, k in names if n in config.train_models]
@@ -424,30 +423,51 @@ def _run_one(run: Run, config: BenchConfig, device: torch.device, complexity: Di
         if kind == 'ours' and config.ab:
             entries.append(_model_entry(name, kind, run, config, device, complexity[name],
                                         slow_paths=tuple(config.ab), base=base))
-    gemm = _matmul_entry(device, run.precision, config.peak_size)
-    for entry in entries + [gemm]:
-        _sync(device)
-        start = time.perf_counter()
-        entry.step()
-        _sync(device)
-        entry.first_call_s = time.perf_counter() - start
-        for _ in range(config.warmup - 1):
+    return entries
+
+
+def _per_round(numerator: Entry, denominator: Entry) -> float:
+    """Median over rounds of denominator time / numerator time: how many times faster `numerator` ran."""
+    return statistics.median(d / n for n, d in zip(numerator.times_s, denominator.times_s))
+
+
+def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, complexity: Dict[str, ComplexityRow],
+               rss: Optional[_CpuPeakRss], log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Time runs that differ only in precision in the same rounds, so that bf16 over fp32 is side by side too."""
+    started = time.perf_counter()
+    timed = [(run, _entries(run, config, device, complexity), _matmul_entry(device, run.precision, config.peak_size))
+             for run in runs]
+    for run, entries, gemm in timed:
+        for entry in entries + [gemm]:
+            _sync(device)
+            start = time.perf_counter()
             entry.step()
-        log(f'  {run.label}: {entry.label} ready (first call {entry.first_call_s:.1f} s)')
-    for entry in entries:
-        _measure_memory(entry, device, rss)
-    _time_rounds(entries + [gemm], config, device)
-    reference = next((e for e in entries if e.name == (config.reference or DEFAULT_REFERENCE) and not e.slow_paths),
-                     None)
-    results = [_summarise(e, reference, gemm) for e in entries]
-    for entry in entries:  # the B copy is divided by its own A
-        if entry.slow_paths:
-            a = next(e for e in entries if e.name == entry.name and not e.slow_paths)
-            row = next(r for r in results if r['label'] == entry.label)
-            row['x_fast'] = statistics.median(a_t / b_t for b_t, a_t in zip(entry.times_s, a.times_s))
-    return dict(run=run.label, mode=run.mode, precision=run.precision, compile=run.compile,
-                peak=_summarise(gemm, None, gemm), models=results, reference=reference.name if reference else None,
-                seconds=time.perf_counter() - started)
+            _sync(device)
+            entry.first_call_s = time.perf_counter() - start
+            for _ in range(config.warmup - 1):
+                entry.step()
+            log(f'  {run.label}: {entry.label} ready (first call {entry.first_call_s:.1f} s)')
+        for entry in entries:
+            _measure_memory(entry, device, rss)
+    _time_rounds([e for _, entries, gemm in timed for e in entries + [gemm]], config, device)
+    seconds = time.perf_counter() - started
+    fp32 = {e.label: e for run, entries, _ in timed if run.precision == 'fp32' for e in entries}
+    results = []
+    for run, entries, gemm in timed:
+        reference = next((e for e in entries if e.name == (config.reference or DEFAULT_REFERENCE)
+                          and not e.slow_paths), None)
+        rows = [_summarise(e, reference, gemm) for e in entries]
+        for entry, row in zip(entries, rows):
+            if entry.slow_paths:  # the B copy against its own A, round by round
+                row['x_fast'] = _per_round(next(e for e in entries if e.name == entry.name and not e.slow_paths),
+                                           entry)
+            if run.precision == 'bf16' and entry.label in fp32:
+                row['x_fp32'] = _per_round(entry, fp32[entry.label])
+        results.append(dict(
+            run=run.label, mode=run.mode, precision=run.precision, compile=run.compile,
+            peak=_summarise(gemm, None, gemm), models=rows, reference=reference.name if reference else None,
+            timed_with=[r.label for r in runs], seconds=seconds))
+    return results
 
 
 # --- bf16 agreement -----------------------------------------------------------------------------------------------
@@ -577,17 +597,21 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
         'step) per second / FLOPs per second of the GEMM timed in the same round. x ref = images/s over the '
         'reference model\'s, median of per-round ratios; A/B = images/s with the listed fast paths off over with '
         'them on. peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
+    groups: Dict[Tuple[str, str], List[Run]] = {}
     for run in config.runs:
-        log(f'run {run.label}: batch {config.batch_size}, {config.img_size} px, {config.reps} rounds x '
-            f'{config.iters} steps')
-        result['runs'].append(_run_one(run, config, device, complexity, rss, log))
+        groups.setdefault((run.mode, run.compile), []).append(run)
+    for (mode, compile_), runs in groups.items():
+        log(f'runs {", ".join(r.label for r in runs)}: batch {config.batch_size}, {config.img_size} px, '
+            f'{config.reps} rounds x {config.iters} steps')
+        for run_result in _run_group(runs, config, device, complexity, rss, log):
+            result['runs'].append(run_result)
+            log(format_run(run_result))
+            log('')
         gc.collect()
         if device.type == 'cuda':
             torch.cuda.empty_cache()
-        if run.compile == 'compiled':
+        if compile_ == 'compiled':
             torch._dynamo.reset()
-        log(format_run(result['runs'][-1]))
-        log('')
         save()
     if config.agreement_images and any(r.mode == 'infer' and r.precision == 'bf16' for r in config.runs):
         for name in names:
@@ -649,17 +673,10 @@ def format_agreement(agreement: Dict[str, Dict[str, Any]], with_weights: bool) -
 
 
 def format_summary(result: Dict[str, Any]) -> str:
-    """bf16 over fp32 images/s for models timed in both (same mode and compile)."""
-    lines = []
-    by_key = {}
-    for run in result['runs']:
-        for m in run['models']:
-            by_key[(run['mode'], run['compile'], run['precision'], m['label'])] = m['images_per_s']
-    for (mode, compile_, precision, label), rate in by_key.items():
-        if precision == 'bf16' and (mode, compile_, 'fp32', label) in by_key:
-            lines.append(f'  {label:<34}{mode}:{compile_}  bf16 / fp32 images/s = '
-                         f'{rate / by_key[(mode, compile_, "fp32", label)]:.2f}')
-    return ('bf16 autocast speed-up (medians of separate runs):\n' + '\n'.join(lines)) if lines else ''
+    """bf16 autocast over fp32 images/s, for models timed in both in the same rounds."""
+    lines = [f"  {m['label']:<34}{run['mode']}:{run['compile']}  bf16 / fp32 images/s = {m['x_fp32']:.2f}"
+             for run in result['runs'] for m in run['models'] if 'x_fp32' in m]
+    return ('bf16 autocast speed-up (median of per-round ratios):\n' + '\n'.join(lines)) if lines else ''
 
 
 def plot_results(result: Dict[str, Any], out_png: Path) -> Path:
