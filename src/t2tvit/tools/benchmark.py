@@ -538,6 +538,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
         device_type=device.type, host=platform.node(), python=platform.python_version(), torch=torch.__version__,
         timm=timm.__version__, t2tvit=__version__, threads=torch.get_num_threads(), command=' '.join(sys.argv),
         load_average=os.getloadavg() if hasattr(os, 'getloadavg') else None,
+        # what else decides CPU speed: the allocator (MALLOC_*, LD_PRELOAD) and OpenMP threads
+        env={k: v for k, v in os.environ.items() if k.startswith(('MALLOC_', 'OMP_', 'MKL_', 'KMP_', 'LD_PRELOAD'))},
     )
     if device.type == 'cuda':
         env.update(cuda=torch.version.cuda, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
@@ -595,8 +597,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
     log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
         'step) per second / FLOPs per second of the GEMM timed in the same round. x ref = images/s over the '
-        'reference model\'s, median of per-round ratios; A/B = images/s with the listed fast paths off over with '
-        'them on. peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
+        'reference model\'s, median of per-round ratios; off/on = images/s with the listed fast paths off over with '
+        'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
     groups: Dict[Tuple[str, str], List[Run]] = {}
     for run in config.runs:
         groups.setdefault((run.mode, run.compile), []).append(run)
@@ -650,7 +652,7 @@ def format_run(run: Dict[str, Any]) -> str:
         ratio = m.get('x_fast')
         ratio_text = f"{m['x_reference']:.2f}" if 'x_reference' in m else '-'
         if ratio is not None:
-            ratio_text += f' (A/B {1 / ratio:.2f})'  # images/s of B over A
+            ratio_text += f' (off/on {1 / ratio:.2f})'  # images/s with the fast paths off over on
         lines.append(
             f"{m['label'][:33]:<34}{m['macs_all'] / 1e9:>7.2f}{m['images_per_s']:>9.1f}"
             f"{m['images_per_s_min']:>7.1f}..{m['images_per_s_max']:<6.1f}{ratio_text:>18}{m['mfu']:>7.1%}"
