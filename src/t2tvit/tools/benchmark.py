@@ -87,10 +87,12 @@ def parse_runs(text: str) -> List[Run]:
 
 @dataclass
 class BenchConfig:
+    """Every option; the defaults are the `cpu` preset (`make bench`: a few minutes on 2 cores)."""
     models: List[str] = field(default_factory=lambda: ['t2t_vit_7', 't2t_vit_14', 't2t_vit_t_14'])
     peers: List[str] = field(default_factory=lambda: list(PEERS))
     runs: List[Run] = field(default_factory=lambda: parse_runs('infer:fp32,infer:bf16,train:fp32'))
-    train_models: Optional[List[str]] = None  # models and peers that train runs time; None: all of them
+    # models and peers that train runs time; None: all of them
+    train_models: Optional[List[str]] = field(default_factory=lambda: ['t2t_vit_14', DEFAULT_REFERENCE])
     batch_size: int = 16
     img_size: int = 224
     device: str = 'cpu'
@@ -111,11 +113,7 @@ class BenchConfig:
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # `make bench`: a few minutes on 2 cores
-    'cpu': dict(
-        models=['t2t_vit_7', 't2t_vit_14', 't2t_vit_t_14'], peers=list(PEERS),
-        runs=parse_runs('infer:fp32,infer:bf16,train:fp32'), train_models=['t2t_vit_14', 'deit_small_patch16_224'],
-        batch_size=16, img_size=224, device='cpu', warmup=2, reps=5, iters=1, agreement_images=64, peak_size=2048),
+    'cpu': {},  # the defaults
     # `make bench-gpu`: within 5 minutes on one H100
     'gpu': dict(
         models=['t2t_vit_14', 't2t_vit_t_14'], peers=['deit_small_patch16_224'],
@@ -300,7 +298,8 @@ def _matmul_entry(device: torch.device, precision: str, n: int) -> Entry:
     return Entry(name=f'gemm {n}x{n}x{n} {precision}', kind='gemm', flops_per_step=2. * n ** 3, step=step)
 
 
-def _adamw(params, device: torch.device) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    params = list(model.parameters())
     try:
         return torch.optim.AdamW(params, lr=1e-4, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or torch
@@ -308,9 +307,9 @@ def _adamw(params, device: torch.device) -> torch.optim.Optimizer:
 
 
 def _model_entry(name: str, kind: str, run: Run, config: BenchConfig, device: torch.device,
-                 complexity: ComplexityRow, slow_paths: Tuple[str, ...] = (),
-                 base: Optional[nn.Module] = None) -> Entry:
-    model = copy.deepcopy(base) if base is not None else _build(name, config)
+                 complexity: ComplexityRow, base: nn.Module, slow_paths: Tuple[str, ...] = ()) -> Entry:
+    """A copy of `base` on `device` (with `slow_paths` off) and the step that a round times."""
+    model = copy.deepcopy(base)
     if slow_paths:
         set_fast_paths(model, **{p: False for p in slow_paths})
     model.to(device)
@@ -328,7 +327,7 @@ def _model_entry(name: str, kind: str, run: Run, config: BenchConfig, device: to
                 fn(x)
     else:
         model.train()
-        optimizer = _adamw(model.parameters(), device)
+        optimizer = _adamw(model)
 
         def step():
             with _autocast(device, run.precision):
@@ -419,10 +418,10 @@ def _entries(run: Run, config: BenchConfig, device: torch.device,
     entries: List[Entry] = []
     for name, kind in names:
         base = _build(name, config)
-        entries.append(_model_entry(name, kind, run, config, device, complexity[name], base=base))
+        entries.append(_model_entry(name, kind, run, config, device, complexity[name], base))
         if kind == 'ours' and config.ab:
-            entries.append(_model_entry(name, kind, run, config, device, complexity[name],
-                                        slow_paths=tuple(config.ab), base=base))
+            entries.append(_model_entry(name, kind, run, config, device, complexity[name], base,
+                                        slow_paths=tuple(config.ab)))
     return entries
 
 
