@@ -383,8 +383,12 @@ def _measure_memory(entry: Entry, device: torch.device, rss: Optional[_CpuPeakRs
     entry.step_peak_bytes = max(0, peak - before)
 
 
+def _per_round(numerator: Entry, denominator: Entry) -> float:
+    """Median over rounds of denominator time / numerator time: how many times faster `numerator` ran."""
+    return statistics.median(d / n for n, d in zip(numerator.times_s, denominator.times_s))
+
+
 def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[str, Any]:
-    rates = [entry.images_per_step * 1. / t for t in entry.times_s] if entry.kind != 'gemm' else []
     result: Dict[str, Any] = dict(
         name=entry.name, label=entry.label, kind=entry.kind, slow_paths=list(entry.slow_paths),
         times_s=entry.times_s, first_call_s=entry.first_call_s)
@@ -392,6 +396,7 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         flops = [entry.flops_per_step / t for t in entry.times_s]
         result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops))
         return result
+    rates = [entry.images_per_step / t for t in entry.times_s]
     peak = [gemm.flops_per_step / t for t in gemm.times_s]
     model_flops = [entry.flops_per_step / t for t in entry.times_s]
     result.update(
@@ -405,8 +410,7 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
     if entry.process_peak_bytes:
         result['process_peak_rss_bytes'] = entry.process_peak_bytes
     if reference is not None:
-        result['x_reference'] = statistics.median(
-            r_t / e_t for e_t, r_t in zip(entry.times_s, reference.times_s))
+        result['x_reference'] = _per_round(entry, reference)
     return result
 
 
@@ -423,11 +427,6 @@ def _entries(run: Run, config: BenchConfig, device: torch.device,
             entries.append(_model_entry(name, kind, run, config, device, complexity[name], base,
                                         slow_paths=tuple(config.ab)))
     return entries
-
-
-def _per_round(numerator: Entry, denominator: Entry) -> float:
-    """Median over rounds of denominator time / numerator time: how many times faster `numerator` ran."""
-    return statistics.median(d / n for n, d in zip(numerator.times_s, denominator.times_s))
 
 
 def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, complexity: Dict[str, ComplexityRow],
