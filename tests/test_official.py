@@ -7,6 +7,7 @@ import pytest
 
 import t2tvit
 from t2tvit.models import OFFICIAL_CLASSES, T2TViT, count_parameters
+from t2tvit.models.layers import FAST_PATHS, set_fast_paths
 
 PLAIN_FIXTURES = ['tiny_performer', 'tiny_transformer', 'tiny_performer_gray32', 'tiny_transformer_qkvbias']
 # The design-study classes of the official code (T2T_ViT_SE, T2T_ViT_Ghost, T2T_ViT_Dense)
@@ -74,6 +75,18 @@ def test_outputs_equal_official(fixtures_dir, tiny_configs, name, suffix):
         logits = model(io['input'])
     torch.testing.assert_close(pre_logits, io['pre_logits'], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, io['logits'], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('slow', ['all'] + list(FAST_PATHS))
+@pytest.mark.parametrize('name', PLAIN_FIXTURES)
+def test_outputs_equal_official_with_fast_paths_off(fixtures_dir, tiny_configs, name, slow):
+    """Each fast path, and all of them, can be switched off for A/B timing and the outputs stay the official ones."""
+    model = T2TViT(**tiny_configs[name]['kwargs']).eval()
+    t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
+    set_fast_paths(model, **{p: False for p in (FAST_PATHS if slow == 'all' else [slow])})
+    io = _io(fixtures_dir, name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
 
 
 def test_ema_weights_are_preferred(fixtures_dir, tiny_configs):

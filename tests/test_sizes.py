@@ -10,6 +10,8 @@ from timm.layers import resample_abs_pos_embed
 
 import t2tvit
 from t2tvit.models import T2TViT, TokenPerformer, token_grid_size
+from t2tvit.models.layers import (
+    FAST_PATHS, fast_path_default, patch_major_order, set_fast_paths, soft_split)
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
 
@@ -193,3 +195,57 @@ def test_model_cast_to_bfloat16_runs():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# --- fast paths: same numbers, switchable for A/B timing ---------------------------------------------------------
+
+@pytest.mark.parametrize('shape,split', [((2, 3, 32, 32), (7, 4, 2)), ((2, 5, 13, 9), (3, 2, 1)),
+                                         ((1, 4, 8, 8), (3, 1, 1)), ((1, 2, 10, 7), (2, 3, 0))])
+def test_soft_split_is_unfold_bit_for_bit(shape, split):
+    x = torch.randn(shape)
+    kernel, stride, padding = split
+    expected = torch.nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)
+    assert torch.equal(soft_split(x, *split), expected)
+    assert torch.equal(soft_split(x.contiguous(memory_format=torch.channels_last), *split), expected)
+    order = patch_major_order(shape[1], kernel)
+    assert torch.equal(soft_split(x, *split, patch_major=True), expected[..., order])
+
+
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_fast_paths_keep_outputs_and_gradients(tokens_type):
+    torch.manual_seed(0)
+    fast = T2TViT(tokens_type=tokens_type, **TINY)
+    plain = set_fast_paths(T2TViT(tokens_type=tokens_type, **TINY), **{name: False for name in FAST_PATHS})
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model in (fast, plain):
+        model.eval()
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_set_fast_paths_switches_every_module_and_refuses_unknown_names():
+    model = T2TViT(tokens_type='transformer', **TINY)
+    set_fast_paths(model, fused_attn=False, strided_unfold=False)
+    assert not model.tokens_to_token.strided_unfold and model.tokens_to_token.conv_project
+    assert not model.tokens_to_token.attention1.attn.fused_attn and not model.blocks[0].attn.fused_attn
+    with pytest.raises(ValueError, match='unknown fast paths.*strided_unfold'):
+        set_fast_paths(model, strided=False)
+
+
+def test_environment_turns_fast_paths_off_for_new_models(monkeypatch):
+    monkeypatch.setenv('T2TVIT_SLOW_PATHS', 'conv_project,fused_attn')
+    model = T2TViT(tokens_type='transformer', **TINY)
+    assert not model.tokens_to_token.conv_project and model.tokens_to_token.strided_unfold
+    assert not model.tokens_to_token.attention1.attn.fused_attn and not model.blocks[1].attn.fused_attn
+    monkeypatch.setenv('T2TVIT_SLOW_PATHS', 'all')
+    assert not any(fast_path_default(name) for name in FAST_PATHS)
+    monkeypatch.setenv('T2TVIT_SLOW_PATHS', 'conv_projection')
+    with pytest.raises(ValueError, match="T2TVIT_SLOW_PATHS names \\['conv_projection'\\]; known fast paths"):
+        T2TViT(**TINY)

@@ -298,6 +298,32 @@ def _ablate_help() -> Tuple[str, str]:
         f"{name} ({d['img_size']} px, {d['in_chans']} ch)" for name, d in DATASET_DEFAULTS.items()))
     return description, '\n'.join(lines)
 
+# --- benchmark ----------------------------------------------------------------------------------------------------
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..tools.benchmark import BenchmarkError, config_from_options, parse_checkpoints, run_benchmark
+    from ..tools.complexity import complexity_rows, format_complexity_table
+    if args.complexity_only:
+        print(format_complexity_table(complexity_rows()))
+        return 0
+    try:
+        config = config_from_options(
+            args.preset, args.smoke, models=args.models, peers=args.peers, train_models=args.train_models,
+            runs=args.runs, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
+            threads=args.threads, warmup=args.warmup, reps=args.reps, iters=args.iters, ab=args.ab,
+            agreement_images=args.agreement_images, peak_size=args.peak_size, reference=args.reference,
+            checkpoints=parse_checkpoints(args.checkpoint) if args.checkpoint else None,
+            variants_table=False if args.no_variants_table else None, output=args.output, stem=args.name,
+            plot=False if args.no_plot else None)
+        run_benchmark(config)
+    except BenchmarkError as e:
+        return _error(str(e))
+    return 0
+
+
+def _name_list(text: str) -> List[str]:
+    return [] if text.strip().lower() == 'none' else [t.strip() for t in text.split(',') if t.strip()]
+
 
 # --- parser -------------------------------------------------------------------------------------------------------
 
@@ -431,6 +457,47 @@ def build_parser() -> argparse.ArgumentParser:
                     help='any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
                          '(t2tvit train --help lists the keys)')
     ab.set_defaults(func=_cmd_ablate)
+
+    bench = sub.add_parser(
+        'benchmark', help='complexity table; throughput, memory and MFU beside timm peers (CPU or GPU)',
+        description='Print parameters and MACs of every variant, then time inference and training steps of T2T-ViT '
+                    'and timm peers interleaved in one process, with the matmul peak of the same machine; write JSON '
+                    'and a PNG. Presets: cpu (make bench, a few minutes on 2 cores), gpu (make bench-gpu). '
+                    'Options given override the preset.')
+    bench.add_argument('--preset', default='cpu', choices=('cpu', 'gpu'), help='starting values (default: cpu)')
+    bench.add_argument('--smoke', action='store_true',
+                       help='toy sizes (batch 2, 64 px, 2 rounds): checks the code path, e.g. of --preset gpu on a CPU')
+    bench.add_argument('--complexity-only', action='store_true',
+                       help='print the parameter and MAC table of every variant at 224 and 384 px, and stop')
+    bench.add_argument('--models', type=_name_list, metavar='LIST', help='T2T-ViT variants, comma-separated, or none')
+    bench.add_argument('--peers', type=_name_list, metavar='LIST', help='timm models to time beside them, or none')
+    bench.add_argument('--train-models', type=_name_list, metavar='LIST',
+                       help='which of the models and peers train runs time (default: the preset\'s)')
+    bench.add_argument('--runs', metavar='LIST',
+                       help='MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16, eager|compiled; '
+                            'e.g. infer:fp32,infer:bf16,train:fp32')
+    bench.add_argument('--batch-size', type=int)
+    bench.add_argument('--img-size', type=int)
+    bench.add_argument('--device', choices=('cpu', 'cuda'))
+    bench.add_argument('--threads', type=int, help='CPU threads (default: one per core)')
+    bench.add_argument('--warmup', type=int, help='untimed steps per model before timing (the first compiles)')
+    bench.add_argument('--reps', type=int, help='timed rounds; each runs every model once')
+    bench.add_argument('--iters', type=int, help='steps per model per round')
+    bench.add_argument('--ab', metavar='PATHS',
+                       help='also time a copy of each T2T-ViT with these fast paths off, side by side: '
+                            'comma-separated names (an unknown one lists them), or all')
+    bench.add_argument('--agreement-images', type=int, metavar='N',
+                       help='images for the bf16-vs-fp32 top-1 agreement (0: skip)')
+    bench.add_argument('--checkpoint', action='append', metavar='NAME=FILE',
+                       help='weights for one model (repeatable), e.g. for a meaningful bf16 agreement')
+    bench.add_argument('--peak-size', type=int, metavar='N', help='side of the square GEMM that measures the peak')
+    bench.add_argument('--reference', metavar='NAME', help='model the others are divided by, round by round')
+    bench.add_argument('--no-variants-table', action='store_true', help='skip the table of every variant')
+    bench.add_argument('--output', metavar='DIR',
+                       help="folder for JSON and PNG (default: benchmarks; 'none': no files)")
+    bench.add_argument('--name', metavar='STEM', help='file name without suffix (default: DEVICE-DATE)')
+    bench.add_argument('--no-plot', action='store_true', help='no PNG')
+    bench.set_defaults(func=_cmd_benchmark)
     return parser
 
 

@@ -5,7 +5,8 @@ Module and attribute names reproduce the official state-dict keys, so official c
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,9 +14,59 @@ import torch.nn.functional as F
 from timm.layers import Mlp, use_fused_attn
 
 __all__ = [
-    'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'sinusoid_table',
+    'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'soft_split', 'patch_major_order',
+    'sinusoid_table',
+    'FAST_PATHS', 'fast_path_default', 'set_fast_paths',
     'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
+
+# --- fast paths ---------------------------------------------------------------------------------------------------
+# Each one computes what the plain code computes (bit for bit, or within fp32 rounding) and is a boolean attribute of
+# the modules that use it, so that it can be switched off for an A/B timing: per model with
+# `set_fast_paths(model, name=False)`, or for every model built afterwards with the environment variable
+# T2TVIT_SLOW_PATHS=name,name (or `all`).
+FAST_PATHS: Dict[str, str] = {
+    'strided_unfold': 'soft splits as a strided view of the padded map and one copy (not im2col + transpose copy)',
+    'conv_project': 'last soft split and project as one stride-2 convolution of the token map',
+    'fused_attn': 'scaled_dot_product_attention, in the token transformer and the blocks (not an N x N matrix)',
+    'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
+    'patch_major': 'second soft split gathered (row, column, channel) from the channels-last map, the next layer\'s '
+                   'first weights permuted to match (with strided_unfold)',
+}
+
+
+def _slow_paths_from_env() -> Tuple[str, ...]:
+    text = os.environ.get('T2TVIT_SLOW_PATHS', '').strip()
+    if text == 'all':
+        return tuple(FAST_PATHS)
+    names = tuple(n.strip() for n in text.split(',') if n.strip())
+    unknown = [n for n in names if n not in FAST_PATHS]
+    if unknown:
+        raise ValueError(f'T2TVIT_SLOW_PATHS names {unknown}; known fast paths: {", ".join(FAST_PATHS)} (or all)')
+    return names
+
+
+def fast_path_default(name: str) -> bool:
+    """Whether a newly built module takes fast path `name`: yes unless T2TVIT_SLOW_PATHS names it."""
+    if name not in FAST_PATHS:
+        raise ValueError(f'unknown fast path {name!r}; known: {", ".join(FAST_PATHS)}')
+    return name not in _slow_paths_from_env()
+
+
+def set_fast_paths(model: nn.Module, **enabled: bool) -> nn.Module:
+    """Switch fast paths on or off in every module of `model` that has them, e.g. `strided_unfold=False`.
+
+    `fused_attn` also switches timm's attention in the blocks, which has an attribute of the same name.
+    """
+    unknown = [n for n in enabled if n not in FAST_PATHS]
+    if unknown:
+        raise ValueError(f'unknown fast paths {unknown}; known: {", ".join(FAST_PATHS)}')
+    for module in model.modules():
+        for name, value in enabled.items():
+            if hasattr(module, name):
+                setattr(module, name, bool(value))
+    return model
+
 
 # (kernel, stride, padding) of soft_split0, soft_split1, soft_split2, as in the paper.
 SOFT_SPLITS: Tuple[Tuple[int, int, int], ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -49,6 +100,42 @@ def token_grid_size(
     return h, w
 
 
+def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool = False) -> torch.Tensor:
+    """`nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)`, bit for bit, in one copy.
+
+    A strided view of the zero-padded map gathered once into token order: faster than im2col followed by the copy
+    that a transposed result costs the next LayerNorm, and it takes channels-last maps as they are.
+    (B, C, H, W) -> (B, h*w, C*k*k), features ordered (channel, row, column) as Unfold orders them, or with
+    `patch_major` (row, column, channel): a copy of whole channel vectors, much faster from a channels-last map
+    (features permuted by `patch_major_order`).
+    """
+    x = F.pad(x, (padding, padding, padding, padding))
+    patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k), a view
+    if patch_major:
+        return patches.permute(0, 2, 3, 4, 5, 1).flatten(3).flatten(1, 2)  # (B, h*w, k*k*C)
+    return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, h, w, C*k*k) copy -> (B, h*w, C*k*k)
+
+
+def patch_major_order(channels: int, kernel: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Feature j of a `patch_major` soft split is feature order[j] of the Unfold layout."""
+    order = torch.arange(channels * kernel * kernel, device=device)
+    return order.view(channels, kernel, kernel).permute(1, 2, 0).flatten()
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """LayerNorm of features permuted by `order`: the statistics do not depend on the order, the affine does."""
+    if order is None:
+        return norm(x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight[order], norm.bias[order], norm.eps)
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """`linear` of input features permuted by `order`: its weight columns permuted alike."""
+    if order is None:
+        return linear(x)
+    return F.linear(x, linear.weight[:, order], linear.bias)
+
+
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
     """The fixed 1-D sinusoid position table of "Attention is all you need", shape (1, num_positions, dim).
 
@@ -75,11 +162,12 @@ class TokenAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(out_dim, out_dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.fused_attn = use_fused_attn()
+        self.fused_attn = use_fused_attn() and fast_path_default('fused_attn')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`order`: x's features are permuted by it (see `soft_split(..., patch_major=True)`)."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4)  # (3, B, 1, N, out_dim)
+        qkv = _linear(self.qkv, x, order).reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4)  # (3, B, 1, N, d)
         q, k, v = qkv.unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -103,8 +191,9 @@ class TokenTransformer(nn.Module):
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = Mlp(in_features=out_dim, hidden_features=int(out_dim * mlp_ratio), out_features=out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.norm1(x))  # no residual around attention: widths differ, TokenAttention adds v instead
+    def forward(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`order`: x's features are permuted by it (see `soft_split(..., patch_major=True)`)."""
+        x = self.attn(_norm(self.norm1, x, order), order)  # no residual around attention: TokenAttention adds v
         return x + self.mlp(self.norm2(x))
 
 
@@ -140,24 +229,38 @@ class TokenPerformer(nn.Module):
         # official: the frozen random features live in the state dict as `w`; a persistent buffer, not a Parameter
         w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.register_buffer('w', w, persistent=True)
+        self.performer_fusion = fast_path_default('performer_fusion')
 
     def random_features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) = exp(w x - |x|^2 / 2) / sqrt(m), so that E[phi(q) phi(k)] = exp(q.k)."""
+        if self.performer_fusion:
+            # exp(w x - (|x|^2 / 2 + log sqrt(m))): the row term is the GEMM's bias, so the (B, T, m) features are
+            # written once by the GEMM and once by the exp, instead of by a product, a sum, a difference, an exp and
+            # a division
+            offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * -0.5 \
+                - 0.5 * math.log(self.num_features)  # (B, T, 1)
+            wtx = torch.addmm(offset.flatten(0, 1), x.flatten(0, 1), self.w.float().t())  # (B*T, m)
+            return wtx.exp_().unflatten(0, x.shape[:2])  # (B, T, m)
         half_sq_norm = (x * x).sum(dim=-1, keepdim=True) / 2  # (B, T, 1), broadcast instead of repeated
         wtx = x @ self.w.float().t()  # (B, T, d) @ (d, m) -> (B, T, m)
         return torch.exp(wtx - half_sq_norm) / math.sqrt(self.num_features)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        k, q, v = self.kqv(x).split(self.out_dim, dim=-1)  # official order: k, q, v
-        with torch.autocast(device_type=x.device.type, enabled=False):
+    def attention(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        k, q, v = _linear(self.kqv, x, order).split(self.out_dim, dim=-1)  # official order: k, q, v
+        device_type = 'cpu' if x.device.type == 'meta' else x.device.type  # meta (shapes only) has no autocast
+        with torch.autocast(device_type=device_type, enabled=False):
             kp = self.random_features(k.float())  # (B, T, m)
             qp = self.random_features(q.float())  # (B, T, m)
             normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, m) @ (B, m, 1) -> (B, T, 1)
             kptv = v.float().transpose(1, 2) @ kp  # (B, d, T) @ (B, T, m) -> (B, d, m)
-            y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)  # (B, T, m) @ (B, m, d) -> (B, T, d)
+            if self.performer_fusion:  # divide the m-wide features, not the d-wide result
+                y = (qp / (normaliser + self.eps)) @ kptv.transpose(1, 2)  # (B, T, d)
+            else:
+                y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)  # (B, T, m) @ (B, m, d) -> (B, T, d)
         # official: the residual is v, as in the token transformer
         return v + self.dp(self.proj(y.to(v.dtype)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attention(self.norm1(x))
+    def forward(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`order`: x's features are permuted by it (see `soft_split(..., patch_major=True)`)."""
+        x = self.attention(_norm(self.norm1, x, order), order)
         return x + self.mlp(self.norm2(x))

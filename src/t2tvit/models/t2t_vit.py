@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -22,7 +23,9 @@ from timm.models.vision_transformer import Attention, Block
 
 from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from .checkpoint import checkpoint_filter_fn
-from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
+from .layers import (
+    SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
+    sinusoid_table, soft_split, token_grid_size)
 
 __all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
            'OFFICIAL_CLASSES']
@@ -73,25 +76,52 @@ class T2TModule(nn.Module):
             self.attention2 = TokenTransformer(dim=token_dim * k1 * k1, out_dim=token_dim, mlp_ratio=1.0)
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.grad_checkpointing = False
+        self.strided_unfold = fast_path_default('strided_unfold')
+        self.conv_project = fast_path_default('conv_project')
+        self.patch_major = fast_path_default('patch_major')
+        self.token_dim = token_dim
 
-    def _restructure(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _soft_split(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, h*w, C*k*k) tokens: the official unfold, or the same numbers by `soft_split`."""
+        if self.strided_unfold:
+            return soft_split(x, *self.soft_splits[index])
+        unfold = (self.soft_split0, self.soft_split1, self.soft_split2)[index]
+        return unfold(x).transpose(1, 2)  # (B, C*k*k, L) -> (B, L, C*k*k)
+
+    def _split_and_project(self, x: torch.Tensor) -> torch.Tensor:
+        """Last soft split then `project`: (B, token_dim, h2, w2) -> (B, h3*w3, embed_dim).
+
+        Both are linear, so together they are one convolution whose kernel is the projection's weight.
+        """
+        if self.conv_project:
+            kernel, stride, padding = self.soft_splits[2]
+            weight = self.project.weight.unflatten(1, (-1, kernel, kernel))  # (E, C*k*k) -> (E, C, k, k)
+            x = F.conv2d(x, weight, self.project.bias, stride=stride, padding=padding)  # (B, E, h3, w3)
+            return x.flatten(2).transpose(1, 2)  # (B, h3*w3, E)
+        return self.project(self._soft_split(2, x))
+
+    def _restructure(self, layer: nn.Module, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x)
-        return layer(x)
+            return checkpoint(layer, x, order)
+        return layer(x, order)
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
         B, _, H, W = x.shape
         h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
         h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
-        x = self.soft_split0(x).transpose(1, 2)  # (B, C*7*7, L) -> (B, L, C*7*7)
+        x = self._soft_split(0, x)  # (B, h1*w1, C*7*7)
         x = self._restructure(self.attention1, x)  # (B, h1*w1, token_dim)
-        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1)
-        x = self.soft_split1(map1).transpose(1, 2)  # (B, h2*w2, token_dim*3*3)
-        x = self._restructure(self.attention2, x)  # (B, h2*w2, token_dim)
+        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1), channels-last view
+        if self.strided_unfold and self.patch_major:  # features (row, column, channel): whole channel vectors copied
+            x = soft_split(map1, *self.soft_splits[1], patch_major=True)  # (B, h2*w2, 3*3*token_dim)
+            order = patch_major_order(self.token_dim, self.soft_splits[1][0], device=x.device)
+            x = self._restructure(self.attention2, x, order)  # (B, h2*w2, token_dim)
+        else:
+            x = self._soft_split(1, map1)  # (B, h2*w2, token_dim*3*3)
+            x = self._restructure(self.attention2, x)  # (B, h2*w2, token_dim)
         map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
-        x = self.soft_split2(map2).transpose(1, 2)  # (B, h3*w3, token_dim*3*3)
-        return self.project(x), [map1, map2]  # (B, h3*w3, embed_dim)
+        return self._split_and_project(map2), [map1, map2]  # (B, h3*w3, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]
@@ -303,6 +333,8 @@ class T2TViT(nn.Module):
             widths = [embed_dim] * depth
         self.block_type = block_type
         self.blocks = nn.Sequential(*blocks)
+        if not fast_path_default('fused_attn'):
+            set_fast_paths(self.blocks, fused_attn=False)  # the blocks' attention follows T2TVIT_SLOW_PATHS too
         self.num_features = self.head_hidden_size = widths[-1] if widths else embed_dim
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -1,0 +1,750 @@
+"""Measured speed: throughput, peak memory and model FLOP utilisation of T2T-ViT beside timm peers, in one process.
+
+Every timed round runs each model once (the order rotates from round to round) and also times the machine's own
+matmul peak (a large square GEMM in the run's precision), so a machine that gets busier or quieter during the run
+moves every figure alike: read the results as ratios measured side by side. Per run and model the benchmark reports
+images/s (median over rounds, with min and max), the ratio to a reference model taken round by round, model FLOP
+utilisation (MFU = model FLOPs per second / measured GEMM peak, model FLOPs from the paper's convention, see
+`complexity.py`, a training step counted as 3 x the forward pass) and peak memory.
+
+A run is MODE:PRECISION[:COMPILE]: `infer` (no_grad forward) or `train` (forward, cross-entropy, backward, AdamW
+step, `zero_grad(set_to_none=True)`, no host sync), `fp32` or `bf16` (autocast), `eager` or `compiled`
+(`torch.compile(model)`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models import list_variants, load_checkpoint
+from ..models.layers import FAST_PATHS, set_fast_paths
+from .complexity import (
+    TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
+
+PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50', 'mobilenetv2_100')
+DEFAULT_REFERENCE = 'deit_small_patch16_224'
+MODES = ('infer', 'train')
+PRECISIONS = ('fp32', 'bf16')
+COMPILES = ('eager', 'compiled')
+
+
+class BenchmarkError(ValueError):
+    """A benchmark option that cannot work, named with what would."""
+
+
+@dataclass(frozen=True)
+class Run:
+    mode: str
+    precision: str
+    compile: str = 'eager'
+
+    @property
+    def label(self) -> str:
+        return f'{self.mode}:{self.precision}:{self.compile}'
+
+
+def parse_runs(text: str) -> List[Run]:
+    """'infer:fp32,train:bf16:compiled' -> runs; the compile part defaults to eager."""
+    runs = []
+    for item in (t.strip() for t in text.split(',')):
+        if not item:
+            continue
+        parts = item.split(':')
+        if len(parts) not in (2, 3):
+            raise BenchmarkError(
+                f'run {item!r} is not MODE:PRECISION[:COMPILE], e.g. infer:fp32 or train:bf16:compiled')
+        mode, precision, compile_ = parts + ['eager'] * (3 - len(parts))
+        for value, allowed, what in ((mode, MODES, 'mode'), (precision, PRECISIONS, 'precision'),
+                                     (compile_, COMPILES, 'compile')):
+            if value not in allowed:
+                raise BenchmarkError(f'run {item!r}: {what} {value!r} is not one of {", ".join(allowed)}')
+        run = Run(mode, precision, compile_)
+        if run not in runs:
+            runs.append(run)
+    if not runs:
+        raise BenchmarkError('no runs given; e.g. --runs infer:fp32,infer:bf16,train:fp32')
+    return runs
+
+
+@dataclass
+class BenchConfig:
+    """Every option; the defaults are the `cpu` preset (`make bench`: a few minutes on 2 cores)."""
+    models: List[str] = field(default_factory=lambda: ['t2t_vit_7', 't2t_vit_14', 't2t_vit_t_14'])
+    peers: List[str] = field(default_factory=lambda: list(PEERS))
+    runs: List[Run] = field(default_factory=lambda: parse_runs('infer:fp32,infer:bf16,train:fp32'))
+    # models and peers that train runs time; None: all of them
+    train_models: Optional[List[str]] = field(default_factory=lambda: ['t2t_vit_14', DEFAULT_REFERENCE])
+    batch_size: int = 16
+    img_size: int = 224
+    device: str = 'cpu'
+    threads: Optional[int] = None  # CPU threads; None: torch's default (one per core)
+    warmup: int = 2  # untimed steps per model before the rounds; the first one (compilation) is reported
+    reps: int = 5  # timed rounds
+    iters: int = 1  # steps per model per round
+    ab: Tuple[str, ...] = ()  # fast paths switched off in a B copy of each of our models, timed beside A
+    agreement_images: int = 64  # images for the bf16-vs-fp32 top-1 agreement (0: skip)
+    checkpoints: Dict[str, str] = field(default_factory=dict)  # model name -> weights file
+    peak_size: int = 2048  # side of the square GEMM that measures the matmul peak
+    reference: Optional[str] = None  # the model every other is divided by, round by round; None: deit_small if timed
+    variants_table: bool = True  # print (and store) the complexity of every variant at 224 and 384
+    output: Optional[Path] = Path('benchmarks')  # folder for JSON and PNG; None: write nothing
+    stem: Optional[str] = None  # file name without suffix; default DEVICE-DATE (-smoke)
+    plot: bool = True
+    smoke: bool = False  # toy sizes: a check of the code path, not figures
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'cpu': {},  # the defaults
+    # `make bench-gpu`: within 5 minutes on one H100
+    'gpu': dict(
+        models=['t2t_vit_14', 't2t_vit_t_14'], peers=['deit_small_patch16_224'],
+        runs=parse_runs('infer:bf16,train:bf16,infer:bf16:compiled,train:bf16:compiled'), train_models=None,
+        batch_size=128, img_size=224, device='cuda', warmup=3, reps=10, iters=5, agreement_images=256,
+        peak_size=8192, variants_table=False),
+}
+
+# --smoke: the same code path at toy sizes, to check a preset on a machine it was not made for
+SMOKE = dict(batch_size=2, img_size=64, warmup=1, reps=2, iters=1, agreement_images=4, peak_size=256, smoke=True)
+
+
+def _fail(message: str) -> None:
+    raise BenchmarkError(message)
+
+
+def validate(config: BenchConfig) -> BenchConfig:
+    """Check every option before anything is built, so a typo fails in a second with the fix."""
+    ours = set(list_variants())
+    for name in config.models:
+        if name not in ours:
+            _fail(f'--models: {name!r} is not a T2T-ViT variant; one of {", ".join(sorted(ours))}')
+    for name in config.peers:
+        if not timm.is_model(name):
+            _fail(f'--peers: {name!r} is not a timm model name (timm.list_models() lists them)')
+    everyone = list(config.models) + list(config.peers)
+    if not everyone:
+        _fail('nothing to time: give --models and/or --peers')
+    if config.train_models is not None:
+        for name in config.train_models:
+            if name not in everyone:
+                _fail(f'--train-models: {name!r} is not among --models/--peers ({", ".join(everyone)})')
+    if config.reference is not None and config.reference not in everyone:
+        _fail(f'--reference {config.reference!r} is not among --models/--peers ({", ".join(everyone)})')
+    for name in config.checkpoints:
+        if name not in everyone:
+            _fail(f'--checkpoint {name}=...: {name!r} is not among --models/--peers')
+    for name, path in config.checkpoints.items():
+        if not Path(path).is_file():
+            _fail(f'--checkpoint {name}={path}: no such file')
+    for name, value, least in (('--batch-size', config.batch_size, 1), ('--img-size', config.img_size, 3),
+                               ('--reps', config.reps, 1), ('--iters', config.iters, 1),
+                               ('--warmup', config.warmup, 1), ('--agreement-images', config.agreement_images, 0),
+                               ('--peak-size', config.peak_size, 16)):
+        if value < least:
+            _fail(f'{name} {value}: must be at least {least}')
+    if config.threads is not None and config.threads < 1:
+        _fail(f'--threads {config.threads}: must be at least 1')
+    for name in config.ab:
+        if name not in FAST_PATHS:
+            _fail(f'--ab: {name!r} is not a fast path; one of {", ".join(FAST_PATHS)} (or all)')
+    if config.ab and not config.models:
+        _fail('--ab compares our models with fast paths on and off: give --models')
+    if config.device not in ('cpu', 'cuda'):
+        _fail(f"--device {config.device!r}: 'cpu' or 'cuda'")
+    if config.device == 'cuda' and not torch.cuda.is_available():
+        _fail('--device cuda: no CUDA device is visible here; use --device cpu (with --smoke for a quick check)')
+    return config
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == 'bf16':
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _resident_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Weights, buffers and optimizer state: what a model keeps between steps."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+class _CpuPeakRss:
+    """Peak resident memory of this process during a block, on Linux by resetting the kernel's high-water mark
+    (/proc/self/clear_refs), elsewhere by sampling with psutil."""
+
+    def __init__(self):
+        self._libc = None
+        try:
+            self._libc = ctypes.CDLL('libc.so.6')
+        except OSError:
+            pass
+        self.method = 'VmHWM' if self._can_reset() else 'psutil sampling'
+
+    @staticmethod
+    def _can_reset() -> bool:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f'{key} not in /proc/self/status')
+
+    @staticmethod
+    def _rss() -> int:
+        import psutil
+        return psutil.Process().memory_info().rss
+
+    def measure(self, fn: Callable[[], None]) -> Tuple[int, int]:
+        """(resident bytes before, peak resident bytes during `fn`)."""
+        gc.collect()
+        if self._libc is not None and hasattr(self._libc, 'malloc_trim'):
+            self._libc.malloc_trim(0)  # hand freed memory back, so the peak is this step's and not a leftover
+        if self.method == 'VmHWM':
+            self._can_reset()
+            before = self._status('VmRSS')
+            fn()
+            return before, self._status('VmHWM')
+        before = peak = self._rss()
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, self._rss())
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            sampler.join()
+        return before, max(peak, self._rss())
+
+
+@dataclass
+class Entry:
+    """One model in one run: what is timed and what was measured."""
+    name: str
+    kind: str  # 'ours' or 'peer' or 'gemm'
+    slow_paths: Tuple[str, ...] = ()
+    macs_all: int = 0
+    macs_layers: int = 0
+    flops_per_step: float = 0.
+    images_per_step: int = 0
+    first_call_s: float = 0.
+    times_s: List[float] = field(default_factory=list)  # per step, one value per round
+    resident_bytes: int = 0
+    step_peak_bytes: int = 0  # transient peak of one step above what was allocated before it
+    process_peak_bytes: int = 0
+    step: Optional[Callable[[], None]] = field(default=None, repr=False)
+    model: Optional[nn.Module] = field(default=None, repr=False)
+    optimizer: Optional[torch.optim.Optimizer] = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        if not self.slow_paths:
+            return self.name
+        off = 'plain' if set(self.slow_paths) == set(FAST_PATHS) else '-' + ',-'.join(self.slow_paths)
+        return f'{self.name} [{off}]'
+
+
+def _matmul_entry(device: torch.device, precision: str, n: int) -> Entry:
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    g = torch.Generator(device='cpu').manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+
+    def step():
+        torch.mm(a, b)
+
+    return Entry(name=f'gemm {n}x{n}x{n} {precision}', kind='gemm', flops_per_step=2. * n ** 3, step=step)
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or torch
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def _model_entry(name: str, kind: str, run: Run, config: BenchConfig, device: torch.device,
+                 complexity: ComplexityRow, base: nn.Module, slow_paths: Tuple[str, ...] = ()) -> Entry:
+    """A copy of `base` on `device` (with `slow_paths` off) and the step that a round times."""
+    model = copy.deepcopy(base)
+    if slow_paths:
+        set_fast_paths(model, **{p: False for p in slow_paths})
+    model.to(device)
+    g = torch.Generator(device='cpu').manual_seed(0)
+    in_chans = getattr(model, 'in_chans', 3)
+    x = torch.randn(config.batch_size, in_chans, config.img_size, config.img_size, generator=g).to(device)
+    y = torch.randint(0, max(1, getattr(model, 'num_classes', 1000)), (config.batch_size,), generator=g).to(device)
+    fn = torch.compile(model) if run.compile == 'compiled' else model
+    optimizer = None
+    if run.mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad(), _autocast(device, run.precision):
+                fn(x)
+    else:
+        model.train()
+        optimizer = _adamw(model)
+
+        def step():
+            with _autocast(device, run.precision):
+                loss = F.cross_entropy(fn(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    factor = TRAIN_STEP_FACTOR if run.mode == 'train' else 1
+    return Entry(
+        name=name, kind=kind, slow_paths=slow_paths, macs_all=complexity.macs_all,
+        macs_layers=complexity.macs_layers, flops_per_step=2. * complexity.macs_all * factor * config.batch_size,
+        images_per_step=config.batch_size, step=step, model=model, optimizer=optimizer)
+
+
+def _build(name: str, config: BenchConfig) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_at_size(name, config.img_size)
+    path = config.checkpoints.get(name)
+    if path:
+        if name in set(list_variants()):
+            load_checkpoint(model, path)
+        else:
+            timm.models.load_checkpoint(model, path)
+    return model
+
+
+def _time_rounds(entries: List[Entry], config: BenchConfig, device: torch.device) -> None:
+    """Each round times every entry once; the order rotates so that no model always follows the same one."""
+    for r in range(config.reps):
+        shift = r % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(config.iters):
+                entry.step()
+            _sync(device)
+            entry.times_s.append((time.perf_counter() - start) / config.iters)  # seconds per step
+
+
+def _measure_memory(entry: Entry, device: torch.device, rss: Optional[_CpuPeakRss]) -> None:
+    entry.resident_bytes = _resident_bytes(entry.model, entry.optimizer)
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        entry.step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        before, peak = rss.measure(entry.step)
+        entry.process_peak_bytes = peak
+    entry.step_peak_bytes = max(0, peak - before)
+
+
+def _per_round(numerator: Entry, denominator: Entry) -> float:
+    """Median over rounds of denominator time / numerator time: how many times faster `numerator` ran."""
+    return statistics.median(d / n for n, d in zip(numerator.times_s, denominator.times_s))
+
+
+def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[str, Any]:
+    result: Dict[str, Any] = dict(
+        name=entry.name, label=entry.label, kind=entry.kind, slow_paths=list(entry.slow_paths),
+        times_s=entry.times_s, first_call_s=entry.first_call_s)
+    if entry.kind == 'gemm':
+        flops = [entry.flops_per_step / t for t in entry.times_s]
+        result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops))
+        return result
+    rates = [entry.images_per_step / t for t in entry.times_s]
+    peak = [gemm.flops_per_step / t for t in gemm.times_s]
+    model_flops = [entry.flops_per_step / t for t in entry.times_s]
+    result.update(
+        macs_all=entry.macs_all, macs_layers=entry.macs_layers, flops_per_step=entry.flops_per_step,
+        images_per_s=statistics.median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
+        # per round, against the GEMM of the same round
+        mfu=statistics.median(f / p for f, p in zip(model_flops, peak)),
+        resident_bytes=entry.resident_bytes, step_peak_bytes=entry.step_peak_bytes,
+        peak_bytes=entry.resident_bytes + entry.step_peak_bytes,
+    )
+    if entry.process_peak_bytes:
+        result['process_peak_rss_bytes'] = entry.process_peak_bytes
+    if reference is not None:
+        result['x_reference'] = _per_round(entry, reference)
+    return result
+
+
+def _entries(run: Run, config: BenchConfig, device: torch.device,
+             complexity: Dict[str, ComplexityRow]) -> List[Entry]:
+    names = [(n, 'ours') for n in config.models] + [(n, 'peer') for n in config.peers]
+    if run.mode == 'train' and config.train_models is not None:
+        names = [(n, k) for n, k in names if n in config.train_models]
+    entries: List[Entry] = []
+    for name, kind in names:
+        base = _build(name, config)
+        entries.append(_model_entry(name, kind, run, config, device, complexity[name], base))
+        if kind == 'ours' and config.ab:
+            entries.append(_model_entry(name, kind, run, config, device, complexity[name], base,
+                                        slow_paths=tuple(config.ab)))
+    return entries
+
+
+def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, complexity: Dict[str, ComplexityRow],
+               rss: Optional[_CpuPeakRss], log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Time runs that differ only in precision in the same rounds, so that bf16 over fp32 is side by side too."""
+    started = time.perf_counter()
+    timed = [(run, _entries(run, config, device, complexity), _matmul_entry(device, run.precision, config.peak_size))
+             for run in runs]
+    for run, entries, gemm in timed:
+        for entry in entries + [gemm]:
+            _sync(device)
+            start = time.perf_counter()
+            entry.step()
+            _sync(device)
+            entry.first_call_s = time.perf_counter() - start
+            for _ in range(config.warmup - 1):
+                entry.step()
+            log(f'  {run.label}: {entry.label} ready (first call {entry.first_call_s:.1f} s)')
+        for entry in entries:
+            _measure_memory(entry, device, rss)
+    _time_rounds([e for _, entries, gemm in timed for e in entries + [gemm]], config, device)
+    seconds = time.perf_counter() - started
+    fp32 = {e.label: e for run, entries, _ in timed if run.precision == 'fp32' for e in entries}
+    results = []
+    for run, entries, gemm in timed:
+        reference = next((e for e in entries if e.name == (config.reference or DEFAULT_REFERENCE)
+                          and not e.slow_paths), None)
+        rows = [_summarise(e, reference, gemm) for e in entries]
+        for entry, row in zip(entries, rows):
+            if entry.slow_paths:  # the B copy against its own A, round by round
+                row['x_fast'] = _per_round(next(e for e in entries if e.name == entry.name and not e.slow_paths),
+                                           entry)
+            if run.precision == 'bf16' and entry.label in fp32:
+                row['x_fp32'] = _per_round(entry, fp32[entry.label])
+        results.append(dict(
+            run=run.label, mode=run.mode, precision=run.precision, compile=run.compile,
+            peak=_summarise(gemm, None, gemm), models=rows, reference=reference.name if reference else None,
+            timed_with=[r.label for r in runs], seconds=seconds))
+    return results
+
+
+# --- bf16 agreement -----------------------------------------------------------------------------------------------
+
+def _agreement_images(n: int, size: int, in_chans: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random patterns at several scales with per-image contrast and offset: more varied than white noise,
+    so that even randomly initialised models predict more than one class."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(n):
+        cells = int(torch.randint(2, 33, (1,), generator=g))
+        base = torch.randn(1, in_chans, cells, cells, generator=g)
+        image = F.interpolate(base, size=(size, size), mode='bicubic', align_corners=False)
+        contrast, offset = 2 * torch.rand(1, in_chans, 1, 1, generator=g), torch.randn(1, in_chans, 1, 1, generator=g)
+        images.append(image * contrast + offset)
+    return torch.cat(images)
+
+
+def bf16_agreement(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> Dict[str, Any]:
+    """Top-1 of bf16 autocast against fp32 on the same images, with what makes the figure meaningful or not."""
+    model.eval().to(device)
+    fp32, bf16 = [], []
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(device)
+            fp32.append(model(chunk).float().cpu())
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                bf16.append(model(chunk).float().cpu())
+    fp32_logits, bf16_logits = torch.cat(fp32), torch.cat(bf16)
+    top2 = fp32_logits.topk(2, dim=1).values
+    return dict(
+        images=len(images),
+        top1_agreement=(fp32_logits.argmax(1) == bf16_logits.argmax(1)).float().mean().item(),
+        fp32_classes_predicted=fp32_logits.argmax(1).unique().numel(),
+        median_top1_margin=(top2[:, 0] - top2[:, 1]).median().item(),
+        max_abs_logit_diff=(fp32_logits - bf16_logits).abs().max().item(),
+        cosine=F.cosine_similarity(fp32_logits, bf16_logits, dim=1).mean().item(),
+    )
+
+
+# --- the whole benchmark ------------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{_cpu_name()}, {torch.get_num_threads()} threads'
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    from .. import __version__
+    env = dict(
+        date=datetime.datetime.now().isoformat(timespec='seconds'), device=device_name(device),
+        device_type=device.type, host=platform.node(), python=platform.python_version(), torch=torch.__version__,
+        timm=timm.__version__, t2tvit=__version__, threads=torch.get_num_threads(), command=' '.join(sys.argv),
+        load_average=os.getloadavg() if hasattr(os, 'getloadavg') else None,
+        # what else decides CPU speed: the allocator (MALLOC_*, LD_PRELOAD) and OpenMP threads
+        env={k: v for k, v in os.environ.items() if k.startswith(('MALLOC_', 'OMP_', 'MKL_', 'KMP_', 'LD_PRELOAD'))},
+    )
+    if device.type == 'cuda':
+        env.update(cuda=torch.version.cuda, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return env
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Time every run of `config`, write JSON (after each run) and a PNG, and return the results."""
+    validate(config)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    if any(r.compile == 'compiled' for r in config.runs):
+        # every model (and each A/B copy) is a new graph of the same forward code; keep them all compiled
+        dynamo = torch._dynamo.config
+        for name, least in (('recompile_limit', 64), ('cache_size_limit', 64),
+                            ('accumulated_recompile_limit', 512), ('accumulated_cache_size_limit', 512)):
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), least))
+    rss = _CpuPeakRss() if device.type == 'cpu' else None
+    result: Dict[str, Any] = dict(
+        environment=environment(device),
+        config=dict(asdict(config), runs=[r.label for r in config.runs],
+                    output=str(config.output) if config.output else None),
+        conventions=dict(
+            macs_layers='(a) Linear/conv layers only: matrix products with a trainable weight (fvcore, mmpretrain)',
+            macs_all='(b) every matrix product, attention and Performer ones included (the paper)',
+            mfu='model FLOPs per second / GEMM FLOPs per second of the same round; model FLOPs = 2 x MACs (b) per '
+                'image, x3 for a training step',
+            peak_bytes=('CUDA max allocated' if device.type == 'cuda' else 'peak RSS (VmHWM) growth') +
+                       ' during one step + the model\'s weights, buffers and optimizer state'),
+        memory_method='torch.cuda.max_memory_allocated' if rss is None else rss.method,
+        runs=[], agreement={}, variants=[])
+    stem = config.stem or (f'{_slug(device_name(device).split(",")[0])}-{datetime.date.today().isoformat()}'
+                           + ('-smoke' if config.smoke else ''))
+    json_path = Path(config.output) / f'{stem}.json' if config.output else None
+
+    def save() -> None:
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = json_path.with_name(json_path.name + '.tmp')
+            tmp.write_text(json.dumps(result, indent=1, default=str))
+            os.replace(tmp, json_path)
+
+    log(f'device: {result["environment"]["device"]}; torch {torch.__version__}, timm {timm.__version__}')
+    if config.variants_table:
+        rows = complexity_rows()
+        result['variants'] = [r.to_dict() for r in rows]
+        log(format_complexity_table(rows))
+        log('')
+    names = list(config.models) + list(config.peers)
+    complexity = {n: model_complexity(n, config.img_size) for n in names}
+    result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
+    log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
+        'step) per second / FLOPs per second of the GEMM timed in the same round. x ref = images/s over the '
+        'reference model\'s, median of per-round ratios; off/on = images/s with the listed fast paths off over with '
+        'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
+    groups: Dict[Tuple[str, str], List[Run]] = {}
+    for run in config.runs:
+        groups.setdefault((run.mode, run.compile), []).append(run)
+    for (mode, compile_), runs in groups.items():
+        log(f'runs {", ".join(r.label for r in runs)}: batch {config.batch_size}, {config.img_size} px, '
+            f'{config.reps} rounds x {config.iters} steps')
+        for run_result in _run_group(runs, config, device, complexity, rss, log):
+            result['runs'].append(run_result)
+            log(format_run(run_result))
+            log('')
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        if compile_ == 'compiled':
+            torch._dynamo.reset()
+        save()
+    if config.agreement_images and any(r.mode == 'infer' and r.precision == 'bf16' for r in config.runs):
+        for name in names:
+            model = _build(name, config)
+            images = _agreement_images(config.agreement_images, config.img_size, getattr(model, 'in_chans', 3))
+            result['agreement'][name] = bf16_agreement(model, images, config.batch_size, device)
+            del model
+        log(format_agreement(result['agreement'], bool(config.checkpoints)))
+        save()
+    summary = format_summary(result)
+    if summary:
+        log(summary)
+    if json_path is not None:
+        if config.plot:
+            result['plot'] = str(plot_results(result, json_path.with_suffix('.png')))
+        save()
+        log(f'wrote {json_path}' + (f' and {result["plot"]}' if config.plot else ''))
+    return result
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+def _mib(n: Optional[int]) -> str:
+    return f'{n / 2 ** 20:,.0f}' if n else '-'
+
+
+def format_run(run: Dict[str, Any]) -> str:
+    peak = run['peak']
+    ref = run.get('reference')
+    header = (f"{'model':<34}{'GMACs':>7}{'img/s':>9}{'min..max':>15}{'x ref':>18}"
+              f"{'MFU':>7}{'peak MiB':>10}{'1st call s':>11}")
+    lines = [f"{run['run']}  (GEMM peak {peak['flops_per_s'] / 1e9:,.0f} GFLOP/s, "
+             f"{peak['flops_per_s_min'] / 1e9:,.0f}..{peak['flops_per_s_max'] / 1e9:,.0f} over the rounds; "
+             f"ref = {ref or 'none'})", header, '-' * len(header)]
+    for m in run['models']:
+        ratio = m.get('x_fast')
+        ratio_text = f"{m['x_reference']:.2f}" if 'x_reference' in m else '-'
+        if ratio is not None:
+            ratio_text += f' (off/on {1 / ratio:.2f})'  # images/s with the fast paths off over on
+        lines.append(
+            f"{m['label'][:33]:<34}{m['macs_all'] / 1e9:>7.2f}{m['images_per_s']:>9.1f}"
+            f"{m['images_per_s_min']:>7.1f}..{m['images_per_s_max']:<6.1f}{ratio_text:>18}{m['mfu']:>7.1%}"
+            f"{_mib(m['peak_bytes']):>10}{m['first_call_s']:>11.1f}")
+    return '\n'.join(lines)
+
+
+def format_agreement(agreement: Dict[str, Dict[str, Any]], with_weights: bool) -> str:
+    header = (f"{'bf16 autocast vs fp32':<26}{'images':>7}{'top-1 agree':>12}{'classes':>9}{'margin':>9}"
+              f"{'max|dlogit|':>12}{'cosine':>9}")
+    lines = [header, '-' * len(header)]
+    for name, a in agreement.items():
+        lines.append(f"{name:<26}{a['images']:>7}{a['top1_agreement']:>12.1%}{a['fp32_classes_predicted']:>9}"
+                     f"{a['median_top1_margin']:>9.3f}{a['max_abs_logit_diff']:>12.4f}{a['cosine']:>9.5f}")
+    lines.append('classes: distinct fp32 predictions; margin: median fp32 top-1 minus top-2 logit.')
+    if not with_weights:
+        lines.append('Random weights: logits differ by little between classes, so agreement is only informative '
+                     'where margin >> max|dlogit|; --checkpoint NAME=FILE measures it with trained weights.')
+    return '\n'.join(lines)
+
+
+def format_summary(result: Dict[str, Any]) -> str:
+    """bf16 autocast over fp32 images/s, for models timed in both in the same rounds."""
+    lines = [f"  {m['label']:<34}{run['mode']}:{run['compile']}  bf16 / fp32 images/s = {m['x_fp32']:.2f}"
+             for run in result['runs'] for m in run['models'] if 'x_fp32' in m]
+    return ('bf16 autocast speed-up (median of per-round ratios):\n' + '\n'.join(lines)) if lines else ''
+
+
+def plot_results(result: Dict[str, Any], out_png: Path) -> Path:
+    """Images/s against MACs (paper convention), one panel per run; ours as circles, peers as squares."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    runs = result['runs']
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5 * max(1, len(runs)), 4.5), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        for m in run['models']:
+            marker = 'o' if m['kind'] == 'ours' else 's'
+            color = 'tab:blue' if m['kind'] == 'ours' else 'tab:gray'
+            face = 'none' if m['slow_paths'] else color
+            ax.scatter(m['macs_all'] / 1e9, m['images_per_s'], marker=marker, edgecolors=color, facecolors=face,
+                       s=50)
+            ax.errorbar(m['macs_all'] / 1e9, m['images_per_s'], fmt='none', ecolor=color,
+                        yerr=[[m['images_per_s'] - m['images_per_s_min']], [m['images_per_s_max'] - m['images_per_s']]])
+            ax.annotate(m['label'], (m['macs_all'] / 1e9, m['images_per_s']), fontsize=7,
+                        xytext=(4, 3), textcoords='offset points')
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter('%g'))
+            axis.set_minor_formatter(FormatStrFormatter('%g'))
+        ax.set_xlabel('GMACs per image (paper convention)')
+        ax.set_ylabel('images/s')
+        ax.set_title(run['run'], fontsize=10)
+        ax.grid(True, which='both', alpha=0.3)
+    env = result['environment']
+    fig.suptitle(f"{env['device']}; batch {result['config']['batch_size']}, {result['config']['img_size']} px; "
+                 f"circles: T2T-ViT, squares: timm peers", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def config_from_options(preset: Optional[str] = None, smoke: bool = False, **options: Any) -> BenchConfig:
+    """A preset's values, then `--smoke`'s toy sizes, then every option given explicitly (None: not given)."""
+    if preset is not None and preset not in PRESETS:
+        _fail(f'--preset {preset!r} is not one of {", ".join(PRESETS)}')
+    config = BenchConfig(**copy.deepcopy(PRESETS[preset or 'cpu']))
+    if smoke:
+        config = replace(config, **SMOKE)
+    given = {k: v for k, v in options.items() if v is not None}
+    if 'runs' in given and isinstance(given['runs'], str):
+        given['runs'] = parse_runs(given['runs'])
+    if isinstance(given.get('output'), str):
+        given['output'] = None if given['output'] == 'none' else Path(given['output'])
+    if 'ab' in given and isinstance(given['ab'], str):
+        given['ab'] = tuple(FAST_PATHS) if given['ab'] == 'all' else tuple(
+            p.strip() for p in given['ab'].split(',') if p.strip())
+    config = replace(config, **given)
+    if 'train_models' not in given and config.train_models is not None:
+        # the preset's choice, kept for the models still named; all of them when none is left
+        kept = [n for n in config.train_models if n in list(config.models) + list(config.peers)]
+        config.train_models = kept or None
+    return config
+
+
+def parse_checkpoints(items: Sequence[str]) -> Dict[str, str]:
+    checkpoints = {}
+    for item in items:
+        name, sep, path = item.partition('=')
+        if not sep or not name or not path:
+            _fail(f'--checkpoint {item!r} is not NAME=FILE, e.g. t2t_vit_14=81.5_T2T_ViT_14.pth.tar')
+        checkpoints[name] = path
+    return checkpoints

@@ -1,0 +1,80 @@
+"""The benchmark command: what it prints and writes, and the options it refuses; never timings."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from t2tvit.cli.main import main
+from t2tvit.models.layers import FAST_PATHS
+from t2tvit.tools.benchmark import BenchmarkError, config_from_options, parse_runs
+
+
+def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = main([
+            'benchmark', '--models', 't2t_vit_mini', '--peers', 'deit_tiny_patch16_224', '--img-size', '32',
+            '--batch-size', '2', '--reps', '2', '--iters', '2', '--warmup', '1',
+            '--runs', 'infer:fp32,infer:bf16,train:fp32',
+            '--no-variants-table', '--agreement-images', '2', '--peak-size', '64', '--threads', '1', '--ab', 'all',
+            '--reference', 'deit_tiny_patch16_224', '--output', str(tmp_path), '--name', 'tiny'])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert 'infer:bf16:eager' in out and 't2t_vit_mini [plain]' in out and 'bf16 / fp32 images/s' in out
+    result = json.loads((tmp_path / 'tiny.json').read_text())
+    assert [r['run'] for r in result['runs']] == ['infer:fp32:eager', 'infer:bf16:eager', 'train:fp32:eager']
+    for run in result['runs']:
+        assert run['peak']['flops_per_s'] > 0
+        assert [m['label'] for m in run['models']] == ['t2t_vit_mini', 't2t_vit_mini [plain]',
+                                                       'deit_tiny_patch16_224']
+        for m in run['models']:
+            assert m['images_per_s'] > 0 and m['mfu'] > 0 and m['peak_bytes'] > m['resident_bytes'] > 0
+            assert m['images_per_s'] == pytest.approx(statistics.median(2 / t for t in m['times_s']))  # per step
+            assert len(m['times_s']) == 2 and 'x_reference' in m
+        assert 'x_fast' in run['models'][1]
+    # runs that differ only in precision share their rounds: bf16 over fp32 is measured side by side
+    assert result['runs'][1]['timed_with'] == ['infer:fp32:eager', 'infer:bf16:eager']
+    assert all('x_fp32' in m for m in result['runs'][1]['models'])
+    assert set(result['agreement']) == {'t2t_vit_mini', 'deit_tiny_patch16_224'}
+    assert 0 <= result['agreement']['t2t_vit_mini']['top1_agreement'] <= 1
+    assert result['complexity']['t2t_vit_mini']['macs_all'] > result['complexity']['t2t_vit_mini']['macs_layers']
+    assert (tmp_path / 'tiny.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--models', 't2t_vit_99'], "'t2t_vit_99' is not a T2T-ViT variant"),
+    (['--peers', 'resnet_5000'], "'resnet_5000' is not a timm model name"),
+    (['--runs', 'infer:fp16'], "precision 'fp16' is not one of fp32, bf16"),
+    (['--runs', 'infer'], 'is not MODE:PRECISION'),
+    (['--ab', 'strided'], "'strided' is not a fast path; one of strided_unfold"),
+    (['--batch-size', '0'], '--batch-size 0: must be at least 1'),
+    (['--checkpoint', 't2t_vit_14'], 'is not NAME=FILE'),
+    (['--checkpoint', 't2t_vit_14=missing.pth'], 'no such file'),
+    (['--train-models', 'resnet50', '--peers', 'none'], "'resnet50' is not among --models/--peers"),
+    (['--reference', 'resnet18'], "--reference 'resnet18' is not among --models/--peers"),
+])
+def test_benchmark_refuses_bad_options_with_the_fix(argv, message, capsys):
+    assert main(['benchmark', '--no-variants-table', '--output', 'none'] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a CUDA device is visible')
+def test_gpu_preset_without_a_gpu_says_how_to_check_it(capsys):
+    assert main(['benchmark', '--preset', 'gpu', '--output', 'none']) == 2
+    assert '--device cpu' in capsys.readouterr().err
+
+
+def test_presets_and_overrides():
+    config = config_from_options('gpu', smoke=True, device='cpu')
+    assert (config.batch_size, config.img_size, config.device) == (2, 64, 'cpu')
+    assert config.runs == parse_runs('infer:bf16,train:bf16,infer:bf16:compiled,train:bf16:compiled')
+    cpu = config_from_options('cpu', models=['t2t_vit_7'], peers=['resnet50'])
+    assert cpu.train_models is None  # the preset's train models are gone: all of the named ones train
+    assert config_from_options('cpu', ab='all').ab == tuple(FAST_PATHS)
+    with pytest.raises(BenchmarkError, match="--preset 'tpu'"):
+        config_from_options('tpu')
