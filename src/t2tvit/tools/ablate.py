@@ -23,13 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import build_dataset
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
 from ..models import count_parameters
 from ..models.t2t_vit import SMALL_IMAGE_SOFT_SPLITS
+from . import complexity
 from .paper import DESIGN_STUDY, PaperResult
 
 __all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DATASET_DEFAULTS', 'VariantResult',
@@ -99,7 +99,7 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
 _SET_BY_ABLATE = ('model', 'model_kwargs', 'run_name', 'output', 'pretrained')
 
 MACS_CONVENTION = ('MACs = FLOPs / 2 from torch.utils.flop_counter over one forward pass of one image: matrix '
-                   'products and convolutions, attention included (counted through the explicit attention path); '
+                   'products and convolutions, attention included (t2tvit.tools.complexity, convention "all"); '
                    'element-wise operations (norms, activations, the Ghost cheap operations, SE gating) are not '
                    'counted. This reproduces the paper\'s counts: T2T-ViT-14 at 224 px gives 4.78 G here, 4.8 G in '
                    'the paper; T2T-ViT_t-14 6.09 G and 6.1 G.')
@@ -133,27 +133,9 @@ class AblationResult:
 # --- measurements --------------------------------------------------------------------------------------------------
 
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on an input of `input_size` (C, H, W); see MACS_CONVENTION.
-
-    Fused attention (scaled_dot_product_attention) is not counted by the flop counter on every device, so the
-    model runs its explicit attention path while counting; its flags are restored afterwards.
-    """
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
-    was_training = model.training
-    param = next(model.parameters())
-    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
-    counter = FlopCounterMode(display=False)
-    try:
-        for m in fused:
-            m.fused_attn = False
-        model.eval()
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        for m, flag in fused.items():
-            m.fused_attn = flag
-        model.train(was_training)
-    return counter.get_total_flops() // 2
+    """Multiply-accumulates of one forward pass on an input of `input_size` (C, H, W), attention included (the
+    paper's convention, `t2tvit.tools.complexity`); see MACS_CONVENTION."""
+    return complexity.count_macs(model, tuple(input_size), device=str(next(model.parameters()).device))['all']
 
 
 def images_per_second(model: nn.Module, input_size: Sequence[int], batch_size: int = 64, seconds: float = 3.0,
