@@ -296,7 +296,7 @@ def test_finetune_to_new_classes_and_resolution_lowers_the_loss(reference_run, t
     result = train(config)
     state = read_checkpoint(result.run_dir / 'last.pth')
     assert state['state_dict']['head.weight'].shape == (3, 32)
-    assert state['state_dict']['pos_embed'].shape[1] == 1 + 6 * 6  # 24 px -> 6x6 grid
+    assert state['state_dict']['pos_embed'].shape[1] == 1 + 3 * 3  # 24 px -> 12 -> 6 -> a 3x3 grid
     records = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()]
     losses = [r['loss'] for r in records if r['type'] == 'train']
     assert sum(losses[-3:]) < sum(losses[:3])

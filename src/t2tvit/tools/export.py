@@ -25,6 +25,7 @@ from .. import __version__
 from ..engine.checkpointing import atomic_write
 from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
 from ..models import load_checkpoint, token_grid_size
+from ..models.layers import set_fast_paths
 
 __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY']
 
@@ -114,6 +115,8 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_hw: bool, min_s
             output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
         proto = program.model_proto
     else:
+        # the TorchScript tracer cannot read the sizes of the strided-view soft split; Unfold gives the same numbers
+        model = set_fast_paths(copy.deepcopy(model), strided_unfold=False)
         buffer = io.BytesIO()
         torch.onnx.export(
             model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

@@ -41,7 +41,7 @@ DEFAULT_QUERIES = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.5))
 
 # --- attention from hooks -----------------------------------------------------------------------------------------
 
-def _block_attention(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _block_attention(attn: nn.Module, x: torch.Tensor, *_) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale) of a block's attention on its input, and the module output rebuilt from it.
 
     The SE and Ghost attention layers expose `qkv_heads` / `merge_heads`; timm's `Attention` is read through its
@@ -63,13 +63,16 @@ def _block_attention(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, to
     return weights, attn.proj(out)
 
 
-def t2t_attention(layer: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def t2t_attention(layer: nn.Module, tokens: torch.Tensor,
+                  order: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of a T2T layer over its T tokens, (B, T, T), and the layer output rebuilt from it.
 
     Token transformer: the exact single-head softmax attention. Performer: the attention its kernel implies,
     A_ij = phi(q_i).phi(k_j) / (sum_j phi(q_i).phi(k_j) + eps), which is what FAVOR+ applies to v without ever
     forming it; rows sum to 1 up to eps.
     """
+    if order is not None:  # the `patch_major` soft split permuted the features by `order`: undo it
+        tokens = tokens[..., order.argsort()]
     x = layer.norm1(tokens)
     if isinstance(layer, TokenPerformer):
         k, q, v = layer.kqv(x).split(layer.out_dim, dim=-1)  # official order: k, q, v
@@ -112,7 +115,7 @@ class AttentionRecorder:
     def _record(self, store: List[torch.Tensor], compute):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             with torch.no_grad():
-                weights, rebuilt = compute(module, args[0])
+                weights, rebuilt = compute(module, *args)
             store.append(weights.detach().float().cpu())
             self.errors.append((rebuilt.float() - output.float()).abs().max().item())
         return hook
