@@ -129,10 +129,11 @@ def test_rgb_weights_into_four_channels(tokens_type):
     assert torch.isfinite(four(torch.randn(1, 4, 32, 32))).all()
 
 
-@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
-def test_sdpa_and_explicit_attention_agree(tokens_type):
+@pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
+                                     dict(block_type='se'), dict(block_type='ghost')], ids=str)
+def test_sdpa_and_explicit_attention_agree(variant):
     torch.manual_seed(0)
-    model = T2TViT(tokens_type=tokens_type, **TINY).eval()
+    model = T2TViT(**variant, **TINY).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused = model(x)
