@@ -289,7 +289,7 @@ def _ablate_help() -> Tuple[str, str]:
         "split. Writes OUTPUT/ablate-NAME/results.{json,md,png} with the paper's ImageNet numbers (Tables 6 and 7)\n"
         "beside ours; each variant trains into OUTPUT/ablate-NAME/VARIANT, so rerunning resumes.\n\n"
         "Default: the 8 ideas below on Fashion-MNIST (data/fashion-mnist, 28 px, 1 channel), recipe fashion_mnist,\n"
-        "1 epoch each (937 steps of 64 images), small-scale builds; estimated at about 23 minutes on 2 CPU cores.")
+        "1 epoch each (937 steps of 64 images), small-scale builds; measured at 11.5 minutes on 2 CPU cores.")
     lines = ['variants (small-scale build; * = run by default):']
     for name, variant in ABLATION_VARIANTS.items():
         mark = '*' if name in DEFAULT_VARIANTS else ' '
