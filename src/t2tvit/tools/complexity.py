@@ -27,15 +27,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..models import count_parameters, list_variants
 from .info import PAPER_PARAMS_M
+from .paper import PAPER_MACS_G
 
 CONVENTIONS = ('layers', 'all')
-
-# MACs (G) in Table 4 of the paper, at 224 px; the paper counts attention products too (convention `all`).
-PAPER_MACS_G: Dict[str, float] = {
-    't2t_vit_7': 1.1, 't2t_vit_10': 1.5, 't2t_vit_12': 1.8,
-    't2t_vit_14': 4.8, 't2t_vit_19': 8.5, 't2t_vit_24': 13.8,
-    't2t_vit_t_14': 6.1, 't2t_vit_t_19': 9.8, 't2t_vit_t_24': 15.0,
-}
 
 TRAIN_STEP_FACTOR = 3  # forward + input gradient + weight gradient
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict
 
-__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'DESIGN_STUDY']
+__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'PAPER_MACS_G', 'DESIGN_STUDY']
 
 # Parameter counts (millions) in Table 4; the paper counts the frozen tensors too.
 PAPER_PARAMS_M: Dict[str, float] = {
     't2t_vit_7': 4.3, 't2t_vit_10': 5.9, 't2t_vit_12': 6.9,
     't2t_vit_14': 21.5, 't2t_vit_19': 39.2, 't2t_vit_24': 64.1,
     't2t_vit_t_14': 21.5, 't2t_vit_t_19': 39.2, 't2t_vit_t_24': 64.1,
+}
+
+# MACs (G) in Table 4 of the paper, at 224 px; the paper counts attention products too (convention `all`).
+PAPER_MACS_G: Dict[str, float] = {
+    't2t_vit_7': 1.1, 't2t_vit_10': 1.5, 't2t_vit_12': 1.8,
+    't2t_vit_14': 4.8, 't2t_vit_19': 8.5, 't2t_vit_24': 13.8,
+    't2t_vit_t_14': 6.1, 't2t_vit_t_19': 9.8, 't2t_vit_t_24': 15.0,
 }
 
 
