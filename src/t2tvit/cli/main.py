@@ -169,13 +169,12 @@ def _restore(args: argparse.Namespace, labels: Optional[str] = None):
 
 
 def _device(name: str) -> str:
-    import torch
     from ..engine.config import ConfigError
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('--device cuda but no CUDA device is visible; use --device cpu')
-    return name
+    from ..engine.distributed import pick_device
+    try:
+        return str(pick_device(name))
+    except RuntimeError as e:  # cuda asked for, none visible
+        raise ConfigError(str(e)) from e
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

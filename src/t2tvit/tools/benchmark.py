@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
 from ..models.layers import FAST_PATHS, set_fast_paths
 from .complexity import (
@@ -580,9 +581,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     def save() -> None:
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = json_path.with_name(json_path.name + '.tmp')
-            tmp.write_text(json.dumps(result, indent=1, default=str))
-            os.replace(tmp, json_path)
+            text = json.dumps(result, indent=1, default=str).encode()
+            atomic_write(json_path, lambda f: f.write(text), what='benchmark results')
 
     log(f'device: {result["environment"]["device"]}; torch {torch.__version__}, timm {timm.__version__}')
     if config.variants_table:
