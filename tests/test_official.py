@@ -89,6 +89,23 @@ def test_outputs_equal_official_with_fast_paths_off(fixtures_dir, tiny_configs, 
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', PLAIN_FIXTURES)
+def test_outputs_equal_official_in_batch_chunks(fixtures_dir, tiny_configs, name):
+    """`batch_chunks` runs the T2T module image by image here (a budget of one token): same logits and maps."""
+    model = T2TViT(**tiny_configs[name]['kwargs']).eval()
+    t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
+    io = _io(fixtures_dir, name)
+    with torch.no_grad():
+        whole_tokens, whole_maps = model.tokens_to_token.forward_stages(io['input'])
+        model.tokens_to_token.chunk_tokens = 1
+        assert model.tokens_to_token._num_chunks(io['input']) == io['input'].shape[0]
+        torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
+        tokens, maps = model.tokens_to_token.forward_stages(io['input'])
+    torch.testing.assert_close(tokens, whole_tokens, rtol=0, atol=1e-5)
+    for chunked, whole in zip(maps, whole_maps, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
 def test_ema_weights_are_preferred(fixtures_dir, tiny_configs):
     """The .pth.tar holds two different weight sets; the outputs belong to state_dict_ema."""
     path = fixtures_dir / 'official' / 'tiny_performer.pth.tar'

@@ -216,6 +216,7 @@ def test_soft_split_is_unfold_bit_for_bit(shape, split):
 def test_fast_paths_keep_outputs_and_gradients(tokens_type):
     torch.manual_seed(0)
     fast = T2TViT(tokens_type=tokens_type, **TINY)
+    fast.tokens_to_token.chunk_tokens = 1  # batch_chunks engaged: one image per chunk
     plain = set_fast_paths(T2TViT(tokens_type=tokens_type, **TINY), **{name: False for name in FAST_PATHS})
     plain.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -250,3 +251,26 @@ def test_environment_turns_fast_paths_off_for_new_models(monkeypatch):
     monkeypatch.setenv('T2TVIT_SLOW_PATHS', 'conv_projection')
     with pytest.raises(ValueError, match="T2TVIT_SLOW_PATHS names \\['conv_projection'\\]; known fast paths"):
         T2TViT(**TINY)
+
+
+def test_batch_chunks_only_in_eager_cpu_runs_and_leave_traces_batch_free():
+    """Chunks follow the batch size, so traced and exported graphs must not contain them."""
+    torch.manual_seed(0)
+    model = T2TViT(**TINY).eval()
+    t2t = model.tokens_to_token
+    t2t.chunk_tokens = 1
+    x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    assert t2t._num_chunks(x3) == 3
+    t2t.chunk_tokens = 2 * 8 * 8  # two images' first-stage tokens (8x8 at 32 px)
+    assert t2t._num_chunks(x3) == 2 and t2t._num_chunks(x2) == 1
+    set_fast_paths(model, batch_chunks=False)
+    assert t2t._num_chunks(x3) == 1
+    set_fast_paths(model, batch_chunks=True)
+    t2t.chunk_tokens = 1
+    with torch.no_grad():
+        expected = model(x3)
+        traced = torch.jit.trace(model, x2, check_trace=False)
+        torch.testing.assert_close(traced(x3), expected, rtol=0, atol=1e-5)
+        batch = torch.export.Dim('batch', min=1, max=64)
+        exported = torch.export.export(model, (x2,), dynamic_shapes=({0: batch},))
+        torch.testing.assert_close(exported.module()(x3), expected, rtol=0, atol=1e-5)

@@ -32,6 +32,8 @@ FAST_PATHS: Dict[str, str] = {
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'patch_major': 'second soft split gathered (row, column, channel) from the channels-last map, the next layer\'s '
                    'first weights permuted to match (with strided_unfold)',
+    'batch_chunks': 'T2T module on CPU in batch chunks of about 16k first-stage tokens, so that its 3136-token '
+                    'intermediates stay in cache and on reused pages (eager only)',
 }
 
 

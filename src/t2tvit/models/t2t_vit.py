@@ -48,6 +48,10 @@ class T2TModule(nn.Module):
     """
 
     stage_modules = ('attention1', 'attention2')  # where the two intermediate maps come from
+    # first-stage tokens per batch chunk on CPU (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4
+    # images, whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and
+    # so on reused pages rather than fresh ones
+    chunk_tokens: int = 16384
 
     def __init__(
             self,
@@ -79,6 +83,7 @@ class T2TModule(nn.Module):
         self.strided_unfold = fast_path_default('strided_unfold')
         self.conv_project = fast_path_default('conv_project')
         self.patch_major = fast_path_default('patch_major')
+        self.batch_chunks = fast_path_default('batch_chunks')
         self.token_dim = token_dim
 
     def _soft_split(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,28 @@ class T2TModule(nn.Module):
             return checkpoint(layer, x, order)
         return layer(x, order)
 
+    def _num_chunks(self, x: torch.Tensor) -> int:
+        """How many batch chunks `batch_chunks` cuts `x` into: 1 off CPU, when tracing or compiling, or when small.
+
+        Every op of the module is per image, so chunks change no number beyond GEMM rounding; they only keep the
+        large first-stage tensors small enough to be cache- and allocator-friendly on CPU.
+        """
+        if (not self.batch_chunks or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.compiler.is_compiling()):
+            return 1
+        h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
+        return max(1, min(x.shape[0], math.ceil(x.shape[0] * h1 * w1 / self.chunk_tokens)))
+
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
+        chunks = self._num_chunks(x)
+        if chunks == 1:
+            return self._forward_stages(x)
+        parts = [self._forward_stages(part) for part in x.chunk(chunks)]
+        maps = [torch.cat(stage) for stage in zip(*(part_maps for _, part_maps in parts))]
+        return torch.cat([tokens for tokens, _ in parts]), maps
+
+    def _forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         B, _, H, W = x.shape
         h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
         h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
@@ -124,7 +149,10 @@ class T2TModule(nn.Module):
         return self._split_and_project(map2), [map1, map2]  # (B, h3*w3, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(x)[0]
+        chunks = self._num_chunks(x)
+        if chunks == 1:
+            return self._forward_stages(x)[0]
+        return torch.cat([self._forward_stages(part)[0] for part in x.chunk(chunks)])  # no maps to concatenate
 
 
 class ConvTokenizer(nn.Module):
