@@ -19,6 +19,7 @@ from t2tvit.cli.main import main as cli
 from t2tvit.engine import ConfigError, TrainingDiverged, resolve_config, train
 from t2tvit.engine import checkpointing
 from t2tvit.engine.config import RECIPES, load_recipe
+from t2tvit.engine.evaluate import evaluate_checkpoint
 from t2tvit.models import read_checkpoint
 
 TINY_MODEL = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'token_dim': 8, 't2t_drop_rate': 0.0}
@@ -279,6 +280,22 @@ def test_eval_command_reports_and_writes_files(reference_run, tmp_path, capsys):
     assert (out / 'confusion_matrix.png').stat().st_size > 1000
     expected = json.loads((reference_run.run_dir / 'eval.json').read_text())
     assert report['top1'] == pytest.approx(expected['top1'])
+
+
+def test_eval_agreement_compares_reduced_precision_with_fp32(reference_run, tmp_path, capsys):
+    checkpoint = str(reference_run.run_dir / 'best.pth')
+    code = cli(['eval', '--checkpoint', checkpoint, '--workers', '0', '--amp', 'bf16', '--agreement',
+                '--output', str(tmp_path / 'bf16')])
+    assert code == 0
+    assert 'bf16 against fp32 on the same images: top-1 agreement' in capsys.readouterr().out
+    report = json.loads((tmp_path / 'bf16' / 'eval.json').read_text())
+    agreement = report['agreement']
+    assert 0 <= agreement['top1_agreement'] <= 100 and agreement['precision'] == 'bf16'
+    assert 0 < agreement['mean_abs_logit_diff'] <= agreement['max_abs_logit_diff'] < 1  # bf16 moved the logits
+    expected = json.loads((reference_run.run_dir / 'eval.json').read_text())
+    assert agreement['fp32_top1'] == pytest.approx(expected['top1'])  # the fp32 side is the plain evaluation
+    with pytest.raises(ConfigError, match='give amp bf16 or fp16'):
+        evaluate_checkpoint(checkpoint, None, workers=0, agreement=True)
 
 
 def test_eval_uses_the_model_transform_for_imagenet_models():

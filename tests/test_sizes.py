@@ -274,3 +274,27 @@ def test_batch_chunks_only_in_eager_cpu_runs_and_leave_traces_batch_free():
         batch = torch.export.Dim('batch', min=1, max=64)
         exported = torch.export.export(model, (x2,), dynamic_shapes=({0: batch},))
         torch.testing.assert_close(exported.module()(x3), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('patch_major', [False, True])
+@pytest.mark.parametrize('shape,split', [((2, 5, 13, 9), (3, 2, 1)), ((1, 3, 32, 32), (7, 4, 2)),
+                                         ((2, 4, 10, 7), (2, 3, 0))])
+def test_soft_split_gradient_is_unfold_gradient(shape, split, patch_major):
+    """Training takes the fold backward; its gradient is Unfold's (overlaps summed), in any memory format."""
+    kernel, stride, padding = split
+    x = torch.randn(shape, dtype=torch.float64)
+    grad = torch.randn_like(soft_split(x, *split, patch_major=patch_major))
+    plain = x.clone().requires_grad_()
+    expected_out = torch.nn.Unfold(kernel, stride=stride, padding=padding)(plain).transpose(1, 2)
+    if patch_major:
+        expected_out = expected_out[..., patch_major_order(shape[1], kernel)]
+    expected, = torch.autograd.grad(expected_out, plain, grad)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        fast = x.clone().contiguous(memory_format=memory_format).requires_grad_()
+        out = soft_split(fast, *split, patch_major=patch_major)
+        assert out.grad_fn is not None and 'SoftSplitWithFoldBackward' in type(out.grad_fn).__name__
+        assert torch.equal(out, expected_out)
+        got, = torch.autograd.grad(out, fast, grad)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: soft_split(t, *split, patch_major=patch_major),
+                                    (x[:1, :2].clone().requires_grad_(),))

@@ -107,11 +107,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset, split=args.split, img_size=args.img_size,
         in_chans=args.in_chans, crop_pct=args.crop_pct, interpolation=args.interpolation,
         batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device, output=args.output,
-        on_bad_image=args.on_bad_image)
+        on_bad_image=args.on_bad_image, agreement=args.agreement)
     t = result['transform']
-    print(f"{result['model']} on {result['samples']} images ({args.data}, split {args.split}; "
+    print(f"{result['model']} on {result['samples']} images ({result['data'] or result['dataset']}, split {args.split}; "
           f"resize {int(t['img_size'] / t['crop_pct'])} {t['interpolation']}, centre crop {t['img_size']})")
     print(f"top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   loss {result['loss']:.4f}")
+    if 'agreement' in result:
+        a = result['agreement']
+        print(f"{a['precision']} against fp32 on the same images: top-1 agreement {a['top1_agreement']:.2f}%; "
+              f"fp32 top-1 {a['fp32_top1']:.2f}%; |logit difference| mean {a['mean_abs_logit_diff']:.2e}, "
+              f"max {a['max_abs_logit_diff']:.2e}")
     if len(result['classes']) <= 100:
         print('per-class top-1:')
         for name, acc in zip(result['classes'], result['per_class_top1']):
@@ -375,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--batch-size', type=int, default=64)
     ev.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     ev.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
+    ev.add_argument('--agreement', action='store_true',
+                    help='with --amp: also run each batch in fp32 and report how often the top-1 classes agree')
     ev.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     ev.add_argument('--on-bad-image', default='fail', choices=('fail', 'skip'))
     ev.add_argument('--output', default='runs/eval', metavar='DIR', help='where eval.json and the PNG go')

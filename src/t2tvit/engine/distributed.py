@@ -60,6 +60,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum over processes, in place; a no-op in a single process."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every process when any process says True (e.g. a stop request or a bad loss)."""
     if not info.distributed:

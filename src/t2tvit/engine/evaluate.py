@@ -29,9 +29,11 @@ def evaluate_checkpoint(
         device: str = 'auto',
         output: Optional[str] = None,
         on_bad_image: str = 'fail',
+        agreement: bool = False,
 ) -> Dict[str, Any]:
     """Top-1/top-5, loss, per-class accuracy; writes eval.json and confusion_matrix.png into `output`.
 
+    `agreement` (with `amp`): also compare every batch with fp32 (see `evaluate`).
     Options left as None come from the checkpoint (t2tvit checkpoints store their config), then from the model's
     pretrained_cfg: for the ImageNet models that is resize to 248 bicubic, centre crop 224.
     """
@@ -52,8 +54,9 @@ def evaluate_checkpoint(
                               f'{net.num_classes}; evaluate it on the data set it was trained for')
         net.to(info.device)
         loader = _eval_loader(eval_set, restored.transform(), batch_size, workers, info)
-        result = evaluate(net, loader, info.device, net.num_classes, amp, info)
+        result = evaluate(net, loader, info.device, net.num_classes, amp, info, agreement=agreement)
         result['model'] = model_name
+        result['dataset'], result['data'] = dataset_name, data or facts.get('data')
         result['checkpoint'] = str(checkpoint)
         result['classes'] = classes
         result['transform'] = {k: config[k] for k in ('img_size', 'crop_pct', 'interpolation')}

@@ -36,7 +36,7 @@ from ..data import build_dataset, build_transform
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 
 __all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for']
@@ -195,19 +195,35 @@ def autocast_for(amp: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, amp: str = 'none',
-             info: Optional[DistInfo] = None) -> Dict[str, Any]:
+             info: Optional[DistInfo] = None, agreement: bool = False) -> Dict[str, Any]:
     """Top-1/top-5, mean loss, per-class accuracy and the confusion matrix; across processes each sample counts
-    once (every process sees a disjoint share, with no padding)."""
+    once (every process sees a disjoint share, with no padding).
+
+    `agreement` (with `amp`): also run every batch in fp32 and report how often the two agree on the top-1 class,
+    the fp32 top-1, and how far the logits move (`result['agreement']`).
+    """
+    if agreement and amp == 'none':
+        raise ConfigError('agreement compares a reduced precision with fp32: give amp bf16 or fp16 as well')
     info = info or DistInfo(device=device)
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, samples
+    # top-1 agreements, fp32 top-1 hits, sum of |logit difference|, its max (a max: reduced separately)
+    agree = torch.zeros(3, dtype=torch.float64, device=device)
+    max_diff = torch.zeros(1, dtype=torch.float64, device=device)
     k = min(5, num_classes)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast_for(amp, device):
             logits = model(images)
         logits = logits.float()
+        if agreement:
+            reference = model(images).float()
+            agree[0] += (reference.argmax(dim=1) == logits.argmax(dim=1)).sum()
+            agree[1] += (reference.argmax(dim=1) == targets).sum()
+            difference = (reference - logits).abs()
+            agree[2] += difference.sum().double()
+            max_diff = torch.maximum(max_diff, difference.max().double())
         sums[0] += F.cross_entropy(logits, targets, reduction='sum').double()
         sums[1] += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
         sums[2] += targets.numel()
@@ -218,7 +234,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     n = max(sums[2].item(), 1)
     confusion = confusion.cpu()
     per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp_min(1)).tolist()
-    return {
+    result = {
         'top1': 100.0 * confusion.diag().sum().item() / n,
         'top5': 100.0 * sums[1].item() / n,
         'loss': sums[0].item() / n,
@@ -226,6 +242,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         'per_class_top1': [100.0 * v for v in per_class],
         'confusion': confusion,
     }
+    if agreement:
+        all_reduce_sum(agree, info)
+        all_reduce_max(max_diff, info)
+        result['agreement'] = {
+            'precision': amp,
+            'top1_agreement': 100.0 * agree[0].item() / n,  # % of images whose top-1 class is fp32's
+            'fp32_top1': 100.0 * agree[1].item() / n,
+            'mean_abs_logit_diff': agree[2].item() / (n * num_classes),
+            'max_abs_logit_diff': max_diff.item(),
+        }
+    return result
 
 
 def _eval_loader(dataset: Dataset, transform, batch_size: int, workers: int, info: DistInfo) -> DataLoader:

@@ -102,6 +102,34 @@ def token_grid_size(
     return h, w
 
 
+def _gather_patches(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+    x = F.pad(x, (padding, padding, padding, padding))
+    patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k), a view
+    if patch_major:
+        return patches.permute(0, 2, 3, 4, 5, 1).flatten(3).flatten(1, 2)  # (B, h*w, k*k*C)
+    return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, h, w, C*k*k) copy -> (B, h*w, C*k*k)
+
+
+class _SoftSplitWithFoldBackward(torch.autograd.Function):
+    """The strided gather forward; backward by col2im (`F.fold`), which sums the overlapping patches' gradients in
+    one pass: on CPU several times faster than the backward of two nested `unfold` views."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+        ctx.geometry = (tuple(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+        return _gather_patches(x, kernel, stride, padding, patch_major)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size, channels, kernel, stride, padding, patch_major = ctx.geometry
+        B, L, _ = grad.shape
+        if patch_major:  # (row, column, channel) -> Unfold's (channel, row, column)
+            cols = grad.view(B, L, kernel, kernel, channels).permute(0, 4, 2, 3, 1).reshape(B, -1, L)
+        else:
+            cols = grad.transpose(1, 2)
+        return F.fold(cols, size, kernel, padding=padding, stride=stride), None, None, None, None
+
+
 def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool = False) -> torch.Tensor:
     """`nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)`, bit for bit, in one copy.
 
@@ -109,13 +137,12 @@ def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_ma
     that a transposed result costs the next LayerNorm, and it takes channels-last maps as they are.
     (B, C, H, W) -> (B, h*w, C*k*k), features ordered (channel, row, column) as Unfold orders them, or with
     `patch_major` (row, column, channel): a copy of whole channel vectors, much faster from a channels-last map
-    (features permuted by `patch_major_order`).
+    (features permuted by `patch_major_order`). In eager training the gradient goes back by `F.fold`.
     """
-    x = F.pad(x, (padding, padding, padding, padding))
-    patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k), a view
-    if patch_major:
-        return patches.permute(0, 2, 3, 4, 5, 1).flatten(3).flatten(1, 2)  # (B, h*w, k*k*C)
-    return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, h, w, C*k*k) copy -> (B, h*w, C*k*k)
+    if (torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()):
+        return _SoftSplitWithFoldBackward.apply(x, kernel, stride, padding, patch_major)
+    return _gather_patches(x, kernel, stride, padding, patch_major)
 
 
 def patch_major_order(channels: int, kernel: int, device: Optional[torch.device] = None) -> torch.Tensor:
