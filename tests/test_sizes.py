@@ -298,3 +298,32 @@ def test_soft_split_gradient_is_unfold_gradient(shape, split, patch_major):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: soft_split(t, *split, patch_major=patch_major),
                                     (x[:1, :2].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
+def test_bf16_cpu_attn_takes_explicit_products_only_under_cpu_bf16_autocast(block_type, monkeypatch):
+    torch.manual_seed(0)
+    model = T2TViT(block_type=block_type, **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    depth = len(model.blocks)
+
+    def block_sdpa_calls(**fast) -> int:
+        set_fast_paths(model, **fast)
+        calls.clear()
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+
+    assert block_sdpa_calls(bf16_cpu_attn=True) == 0
+    assert block_sdpa_calls(bf16_cpu_attn=False) == depth
+    calls.clear()
+    with torch.no_grad():
+        fp32 = model(x)  # outside autocast the fused kernel stays
+    assert sum(1 for shape in calls if shape[1] > 1) == depth
+    set_fast_paths(model, bf16_cpu_attn=True)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)

@@ -10,20 +10,40 @@ from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import use_fused_attn
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 
-__all__ = ['TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
+from .layers import attention, cpu_bf16_autocast, fast_path_default
+
+__all__ = ['ViTAttention', 'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_drop: nn.Dropout,
-               fused: bool, training: bool) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (B, heads, N, head_dim) tensors; fused when timm allows it."""
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop.p if training else 0., scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    return attn_drop(attn.softmax(dim=-1)) @ v
+class ViTAttention(Attention):
+    """timm's ViT attention (same parameters, same keys) that also exposes `qkv_heads` / `merge_heads`, and takes
+    explicit products under CPU bf16 autocast (fast path `bf16_cpu_attn`)."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(dim, **kwargs)
+        self.bf16_cpu_attn = fast_path_default('bf16_cpu_attn')
+
+    def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, N, head_dim): the attention's inputs, also for pictures of its weights."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) attention output -> the layer output before its dropout."""
+        B, _, N, _ = x.shape
+        return self.proj(self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim)))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal or getattr(self, 'gate', None) is not None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # options T2T-ViT never uses
+        q, k, v = self.qkv_heads(x)
+        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
 
 
 class TokenSE(nn.Module):
@@ -63,6 +83,7 @@ class SEAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
+        self.bf16_cpu_attn = fast_path_default('bf16_cpu_attn')
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
@@ -82,8 +103,8 @@ class SEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv_heads(x)
-        return self.proj_drop(self.merge_heads(_attention(q, k, v, self.scale, self.attn_drop, self.fused_attn,
-                                                          self.training)))
+        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
 
 
 def _cheap_operation(channels: int) -> nn.Conv1d:
@@ -114,6 +135,7 @@ class GhostAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
+        self.bf16_cpu_attn = fast_path_default('bf16_cpu_attn')
         self.q = nn.Linear(dim, half, bias=qkv_bias)
         self.k = nn.Linear(dim, half, bias=qkv_bias)
         self.v = nn.Linear(dim, half, bias=qkv_bias)
@@ -143,8 +165,8 @@ class GhostAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv_heads(x)
-        return self.proj_drop(self.merge_heads(_attention(q, k, v, self.scale, self.attn_drop, self.fused_attn,
-                                                          self.training)))
+        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
 
 
 class GhostMlp(nn.Module):
@@ -183,6 +205,7 @@ class DenseBlock(Block):
     """A ViT block whose output is projected to `growth_rate` channels and appended to its input (DenseNet)."""
 
     def __init__(self, dim: int, growth_rate: int, **block_kwargs):
+        block_kwargs.setdefault('attn_layer', ViTAttention)
         super().__init__(dim, **block_kwargs)
         self.dense_linear = nn.Linear(dim, growth_rate)
 

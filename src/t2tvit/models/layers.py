@@ -16,7 +16,7 @@ from timm.layers import Mlp, use_fused_attn
 __all__ = [
     'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'soft_split', 'patch_major_order',
     'sinusoid_table',
-    'FAST_PATHS', 'fast_path_default', 'set_fast_paths',
+    'FAST_PATHS', 'fast_path_default', 'set_fast_paths', 'attention', 'cpu_bf16_autocast',
     'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
 
@@ -32,6 +32,8 @@ FAST_PATHS: Dict[str, str] = {
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'patch_major': 'second soft split gathered (row, column, channel) from the channels-last map, the next layer\'s '
                    'first weights permuted to match (with strided_unfold)',
+    'bf16_cpu_attn': 'under CPU bf16 autocast, the blocks\' attention as explicit bf16 products (q k^T, softmax, '
+                     'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
     'batch_chunks': 'T2T module on CPU in batch chunks of about 16k first-stage tokens, so that its 3136-token '
                     'intermediates stay in cache and on reused pages (eager only)',
 }
@@ -68,6 +70,21 @@ def set_fast_paths(model: nn.Module, **enabled: bool) -> nn.Module:
             if hasattr(module, name):
                 setattr(module, name, bool(value))
     return model
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_drop: nn.Dropout,
+              fused: bool, training: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, heads, N, head_dim) tensors, by the fused kernel or explicit products."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop.p if training else 0., scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return attn_drop(attn.softmax(dim=-1)) @ v
+
+
+def cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether `x` is on CPU inside a bf16 autocast region (eager: a compiled graph picks its own kernels)."""
+    return (x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+            and torch.get_autocast_dtype('cpu') == torch.bfloat16 and not torch.compiler.is_compiling())
 
 
 # (kernel, stride, padding) of soft_split0, soft_split1, soft_split2, as in the paper.

@@ -19,9 +19,9 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
-from timm.models.vision_transformer import Attention, Block
+from timm.models.vision_transformer import Block
 
-from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, ViTAttention
 from .checkpoint import checkpoint_filter_fn
 from .layers import (
     SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
@@ -212,7 +212,7 @@ class PatchTokenizer(nn.Module):
 
 def _vit_blocks(block_type: str, dim: int, depth: int, dpr: Sequence[float], **block_kwargs) -> List[nn.Module]:
     attn_layer, mlp_layer = {
-        'vit': (Attention, Mlp),
+        'vit': (ViTAttention, Mlp),
         'se': (SEAttention, Mlp),
         'ghost': (GhostAttention, GhostMlp),
     }[block_type]
