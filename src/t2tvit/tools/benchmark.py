@@ -19,6 +19,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -99,7 +100,7 @@ class BenchConfig:
     device: str = 'cpu'
     threads: Optional[int] = None  # CPU threads; None: torch's default (one per core)
     warmup: int = 2  # untimed steps per model before the rounds; the first one (compilation) is reported
-    reps: int = 5  # timed rounds
+    reps: int = 7  # timed rounds
     iters: int = 1  # steps per model per round
     ab: Tuple[str, ...] = ()  # fast paths switched off in a B copy of each of our models, timed beside A
     agreement_images: int = 64  # images for the bf16-vs-fp32 top-1 agreement (0: skip)
@@ -287,16 +288,29 @@ class Entry:
         return f'{self.name} [{off}]'
 
 
-def _matmul_entry(device: torch.device, precision: str, n: int) -> Entry:
+def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: float = 0.25) -> Entry:
+    """The peak: an n^3 GEMM, repeated so that one step lasts about `min_seconds`, like a model step.
+
+    A single product (90 ms for n=2048 on 2 cores) samples the machine at one moment; a sample as long as a model's
+    averages the same speed changes a model step sees, so that per-round MFU compares like with like.
+    """
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
     g = torch.Generator(device='cpu').manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
+    torch.mm(a, b)  # first call: library set-up
+    _sync(device)
+    start = time.perf_counter()
+    torch.mm(a, b)
+    _sync(device)
+    repeats = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
 
     def step():
-        torch.mm(a, b)
+        for _ in range(repeats):
+            torch.mm(a, b)
 
-    return Entry(name=f'gemm {n}x{n}x{n} {precision}', kind='gemm', flops_per_step=2. * n ** 3, step=step)
+    return Entry(name=f'gemm {n}x{n}x{n} {precision} x{repeats}', kind='gemm', flops_per_step=2. * n ** 3 * repeats,
+                 step=step)
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -434,8 +448,9 @@ def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, compl
                rss: Optional[_CpuPeakRss], log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Time runs that differ only in precision in the same rounds, so that bf16 over fp32 is side by side too."""
     started = time.perf_counter()
-    timed = [(run, _entries(run, config, device, complexity), _matmul_entry(device, run.precision, config.peak_size))
-             for run in runs]
+    gemm_seconds = 0. if config.smoke else 0.25
+    timed = [(run, _entries(run, config, device, complexity),
+              _matmul_entry(device, run.precision, config.peak_size, gemm_seconds)) for run in runs]
     for run, entries, gemm in timed:
         for entry in entries + [gemm]:
             _sync(device)
