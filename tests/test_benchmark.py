@@ -78,3 +78,16 @@ def test_presets_and_overrides():
     assert config_from_options('cpu', ab='all').ab == tuple(FAST_PATHS)
     with pytest.raises(BenchmarkError, match="--preset 'tpu'"):
         config_from_options('tpu')
+
+
+def test_mfu_divides_by_the_gemm_around_each_step():
+    """A slow spell that slows the model step and the GEMM around it alike leaves MFU where it was."""
+    from t2tvit.tools.benchmark import Entry, _summarise
+    gemm = Entry(name='gemm', kind='gemm', flops_per_step=100.)
+    model = Entry(name='m', kind='ours', flops_per_step=50., images_per_step=10,
+                  times_s=[1., 2., 1.], peak_times_s=[0.5, 1., 0.5])  # round 2: everything twice as slow
+    gemm.times_s = [0.5, 0.5, 1., 1., 0.5, 0.5]
+    row = _summarise(model, None, gemm)
+    assert row['mfu'] == pytest.approx(0.25)  # 50 FLOP/s of 200 FLOP/s, in every round
+    assert row['images_per_s'] == pytest.approx(10.) and row['images_per_s_min'] == pytest.approx(5.)
+    assert _summarise(gemm, None, gemm)['flops_per_s'] == pytest.approx(200.)

@@ -273,6 +273,8 @@ class Entry:
     images_per_step: int = 0
     first_call_s: float = 0.
     times_s: List[float] = field(default_factory=list)  # per step, one value per round
+    # models: seconds of one step of their precision's GEMM around each timed step (mean of just before and after)
+    peak_times_s: List[float] = field(default_factory=list)
     resident_bytes: int = 0
     step_peak_bytes: int = 0  # transient peak of one step above what was allocated before it
     process_peak_bytes: int = 0
@@ -370,17 +372,31 @@ def _build(name: str, config: BenchConfig) -> nn.Module:
     return model
 
 
-def _time_rounds(entries: List[Entry], config: BenchConfig, device: torch.device) -> None:
-    """Each round times every entry once; the order rotates so that no model always follows the same one."""
+def _timed(entry: Entry, iters: int, device: torch.device) -> float:
+    """Seconds per step of `iters` steps of `entry`."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        entry.step()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _time_rounds(pairs: List[Tuple[Entry, Entry]], config: BenchConfig, device: torch.device) -> None:
+    """Each round times every model once, between two steps of the GEMM of its precision; the order rotates so
+    that no model always follows the same one.
+
+    The GEMM just before and just after a model step sees the same machine as the step does, so MFU stays a
+    like-for-like ratio on a machine whose speed drifts (shared or frequency-scaled cores).
+    """
     for r in range(config.reps):
-        shift = r % len(entries)
-        for entry in entries[shift:] + entries[:shift]:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(config.iters):
-                entry.step()
-            _sync(device)
-            entry.times_s.append((time.perf_counter() - start) / config.iters)  # seconds per step
+        shift = r % len(pairs)
+        for entry, gemm in pairs[shift:] + pairs[:shift]:
+            before = _timed(gemm, 1, device)
+            entry.times_s.append(_timed(entry, config.iters, device))
+            after = _timed(gemm, 1, device)
+            gemm.times_s += [before, after]
+            entry.peak_times_s.append((before + after) / 2)
 
 
 def _measure_memory(entry: Entry, device: torch.device, rss: Optional[_CpuPeakRss]) -> None:
@@ -412,12 +428,12 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops))
         return result
     rates = [entry.images_per_step / t for t in entry.times_s]
-    peak = [gemm.flops_per_step / t for t in gemm.times_s]
+    peak = [gemm.flops_per_step / t for t in entry.peak_times_s]  # the GEMM around each of this model's steps
     model_flops = [entry.flops_per_step / t for t in entry.times_s]
     result.update(
         macs_all=entry.macs_all, macs_layers=entry.macs_layers, flops_per_step=entry.flops_per_step,
         images_per_s=statistics.median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
-        # per round, against the GEMM of the same round
+        # per round, against the GEMM timed just before and after the step
         mfu=statistics.median(f / p for f, p in zip(model_flops, peak)),
         resident_bytes=entry.resident_bytes, step_peak_bytes=entry.step_peak_bytes,
         peak_bytes=entry.resident_bytes + entry.step_peak_bytes,
@@ -448,7 +464,7 @@ def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, compl
                rss: Optional[_CpuPeakRss], log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Time runs that differ only in precision in the same rounds, so that bf16 over fp32 is side by side too."""
     started = time.perf_counter()
-    gemm_seconds = 0. if config.smoke else 0.25
+    gemm_seconds = 0. if config.smoke else 0.05 if device.type == 'cuda' else 0.2
     timed = [(run, _entries(run, config, device, complexity),
               _matmul_entry(device, run.precision, config.peak_size, gemm_seconds)) for run in runs]
     for run, entries, gemm in timed:
@@ -463,7 +479,7 @@ def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, compl
             log(f'  {run.label}: {entry.label} ready (first call {entry.first_call_s:.1f} s)')
         for entry in entries:
             _measure_memory(entry, device, rss)
-    _time_rounds([e for _, entries, gemm in timed for e in entries + [gemm]], config, device)
+    _time_rounds([(e, gemm) for _, entries, gemm in timed for e in entries], config, device)
     seconds = time.perf_counter() - started
     fp32 = {e.label: e for run, entries, _ in timed if run.precision == 'fp32' for e in entries}
     results = []
@@ -583,8 +599,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
         conventions=dict(
             macs_layers='(a) Linear/conv layers only: matrix products with a trainable weight (fvcore, mmpretrain)',
             macs_all='(b) every matrix product, attention and Performer ones included (the paper)',
-            mfu='model FLOPs per second / GEMM FLOPs per second of the same round; model FLOPs = 2 x MACs (b) per '
-                'image, x3 for a training step',
+            mfu='model FLOPs per second / FLOPs per second of the GEMM timed just before and after the same step '
+                '(mean), median over rounds; model FLOPs = 2 x MACs (b) per image, x3 for a training step',
             peak_bytes=('CUDA max allocated' if device.type == 'cuda' else 'peak RSS (VmHWM) growth') +
                        ' during one step + the model\'s weights, buffers and optimizer state'),
         memory_method='torch.cuda.max_memory_allocated' if rss is None else rss.method,
@@ -609,7 +625,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     complexity = {n: model_complexity(n, config.img_size) for n in names}
     result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
     log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
-        'step) per second / FLOPs per second of the GEMM timed in the same round. x ref = images/s over the '
+        'step) per second / FLOPs per second of the GEMM timed just before and after each step. x ref = images/s over the '
         'reference model\'s, median of per-round ratios; off/on = images/s with the listed fast paths off over with '
         'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
     groups: Dict[Tuple[str, str], List[Run]] = {}
