@@ -710,12 +710,26 @@ def format_summary(result: Dict[str, Any]) -> str:
     return ('bf16 autocast speed-up (median of per-round ratios):\n' + '\n'.join(lines)) if lines else ''
 
 
+def _minor_log_labels(axis) -> Callable[[float, int], str]:
+    """Minor log-axis labels: all of them on an axis spanning less than a decade, else only at 2, 3 and 5 times a
+    power of ten, so that 0.6 0.7 0.8 0.9 do not collide."""
+    def label(value: float, _position: int) -> str:
+        low, high = sorted(axis.get_view_interval())
+        if value <= 0 or low <= 0:
+            return ''
+        if high / low < 10:
+            return f'{value:.3g}'
+        leading = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        return f'{value:g}' if leading in (2.0, 3.0, 5.0) else ''
+    return label
+
+
 def plot_results(result: Dict[str, Any], out_png: Path) -> Path:
     """Images/s against MACs (paper convention), one panel per run; ours as circles, peers as squares."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
     runs = result['runs']
     fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5 * max(1, len(runs)), 4.5), squeeze=False)
@@ -734,7 +748,7 @@ def plot_results(result: Dict[str, Any], out_png: Path) -> Path:
         ax.set_yscale('log')
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_formatter(FormatStrFormatter('%g'))
-            axis.set_minor_formatter(FormatStrFormatter('%g'))
+            axis.set_minor_formatter(FuncFormatter(_minor_log_labels(axis)))
         ax.set_xlabel('GMACs per image (paper convention)')
         ax.set_ylabel('images/s')
         ax.set_title(run['run'], fontsize=10)
