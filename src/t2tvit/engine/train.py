@@ -217,17 +217,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         with autocast_for(amp, device):
             logits = model(images)
         logits = logits.float()
+        top1 = logits.argmax(dim=1)
         if agreement:
             reference = model(images).float()
-            agree[0] += (reference.argmax(dim=1) == logits.argmax(dim=1)).sum()
-            agree[1] += (reference.argmax(dim=1) == targets).sum()
+            reference_top1 = reference.argmax(dim=1)
+            agree[0] += (reference_top1 == top1).sum()
+            agree[1] += (reference_top1 == targets).sum()
             difference = (reference - logits).abs()
             agree[2] += difference.sum().double()
             max_diff = torch.maximum(max_diff, difference.max().double())
         sums[0] += F.cross_entropy(logits, targets, reduction='sum').double()
         sums[1] += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
         sums[2] += targets.numel()
-        index = targets * num_classes + logits.argmax(dim=1)
+        index = targets * num_classes + top1
         confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
     all_reduce_sum(confusion, info)
     all_reduce_sum(sums, info)

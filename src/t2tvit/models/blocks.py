@@ -18,6 +18,14 @@ from .layers import attention, cpu_bf16_autocast, fast_path_default
 __all__ = ['ViTAttention', 'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
 
 
+def _attend(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of an attention layer with `qkv_heads` / `merge_heads`: heads, attention (fused unless CPU bf16
+    autocast makes explicit products faster), merged output, dropout."""
+    q, k, v = layer.qkv_heads(x)
+    fused = layer.fused_attn and not (layer.bf16_cpu_attn and cpu_bf16_autocast(x))
+    return layer.proj_drop(layer.merge_heads(attention(q, k, v, layer.scale, layer.attn_drop, fused, layer.training)))
+
+
 class ViTAttention(Attention):
     """timm's ViT attention (same parameters, same keys) that also exposes `qkv_heads` / `merge_heads`, and takes
     explicit products under CPU bf16 autocast (fast path `bf16_cpu_attn`)."""
@@ -41,9 +49,7 @@ class ViTAttention(Attention):
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal or getattr(self, 'gate', None) is not None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # options T2T-ViT never uses
-        q, k, v = self.qkv_heads(x)
-        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
-        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
+        return _attend(self, x)
 
 
 class TokenSE(nn.Module):
@@ -102,9 +108,7 @@ class SEAttention(nn.Module):
         return self.se_layer(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x)
-        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
-        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
+        return _attend(self, x)
 
 
 def _cheap_operation(channels: int) -> nn.Conv1d:
@@ -164,9 +168,7 @@ class GhostAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x)
-        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
-        return self.proj_drop(self.merge_heads(attention(q, k, v, self.scale, self.attn_drop, fused, self.training)))
+        return _attend(self, x)
 
 
 class GhostMlp(nn.Module):

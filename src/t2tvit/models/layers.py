@@ -215,13 +215,7 @@ class TokenAttention(nn.Module):
         B, N, _ = x.shape
         qkv = _linear(self.qkv, x, order).reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4)  # (3, B, 1, N, d)
         q, k, v = qkv.unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, 1, N, N)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        x = attention(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)  # (B, 1, N, out_dim)
         x = self.proj_drop(self.proj(x.squeeze(1)))  # (B, 1, N, out_dim) -> (B, N, out_dim)
         # official: the residual is v, because input and output widths differ
         return v.squeeze(1) + x

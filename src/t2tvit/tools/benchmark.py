@@ -290,7 +290,17 @@ class Entry:
         return f'{self.name} [{off}]'
 
 
-def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: float = 0.25) -> Entry:
+def _seconds(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> float:
+    """Seconds per call of `iters` calls of `fn`, the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: float) -> Entry:
     """The peak: an n^3 GEMM, repeated so that one step lasts about `min_seconds`, like a model step.
 
     A single product (90 ms for n=2048 on 2 cores) samples the machine at one moment; a sample as long as a model's
@@ -300,12 +310,8 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
     g = torch.Generator(device='cpu').manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    torch.mm(a, b)  # first call: library set-up
-    _sync(device)
-    start = time.perf_counter()
-    torch.mm(a, b)
-    _sync(device)
-    repeats = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    _seconds(lambda: torch.mm(a, b), device)  # first call: library set-up
+    repeats = max(1, math.ceil(min_seconds / max(_seconds(lambda: torch.mm(a, b), device), 1e-6)))
 
     def step():
         for _ in range(repeats):
@@ -372,16 +378,6 @@ def _build(name: str, config: BenchConfig) -> nn.Module:
     return model
 
 
-def _timed(entry: Entry, iters: int, device: torch.device) -> float:
-    """Seconds per step of `iters` steps of `entry`."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        entry.step()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
-
-
 def _time_rounds(pairs: List[Tuple[Entry, Entry]], config: BenchConfig, device: torch.device) -> None:
     """Each round times every model once, between two steps of the GEMM of its precision; the order rotates so
     that no model always follows the same one.
@@ -392,9 +388,9 @@ def _time_rounds(pairs: List[Tuple[Entry, Entry]], config: BenchConfig, device: 
     for r in range(config.reps):
         shift = r % len(pairs)
         for entry, gemm in pairs[shift:] + pairs[:shift]:
-            before = _timed(gemm, 1, device)
-            entry.times_s.append(_timed(entry, config.iters, device))
-            after = _timed(gemm, 1, device)
+            before = _seconds(gemm.step, device)
+            entry.times_s.append(_seconds(entry.step, device, config.iters))
+            after = _seconds(gemm.step, device)
             gemm.times_s += [before, after]
             entry.peak_times_s.append((before + after) / 2)
 
@@ -469,11 +465,7 @@ def _run_group(runs: List[Run], config: BenchConfig, device: torch.device, compl
               _matmul_entry(device, run.precision, config.peak_size, gemm_seconds)) for run in runs]
     for run, entries, gemm in timed:
         for entry in entries + [gemm]:
-            _sync(device)
-            start = time.perf_counter()
-            entry.step()
-            _sync(device)
-            entry.first_call_s = time.perf_counter() - start
+            entry.first_call_s = _seconds(entry.step, device)
             for _ in range(config.warmup - 1):
                 entry.step()
             log(f'  {run.label}: {entry.label} ready (first call {entry.first_call_s:.1f} s)')

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..models import count_parameters, list_variants
 from .info import PAPER_PARAMS_M
-from .paper import PAPER_MACS_G
+from .paper import PAPER_MACS_G, or_dash
 
 CONVENTIONS = ('layers', 'all')
 
@@ -167,13 +167,10 @@ def format_complexity_table(rows: List[ComplexityRow]) -> str:
               f"{'MACs (a)':>11}{'MACs (b)':>11}{'paper G':>9}{'diff':>7}")
     lines = [header, '-' * len(header)]
     for r in rows:
-        paper_p = f'{r.paper_params_m:.1f}' if r.paper_params_m is not None else '-'
-        paper_m = f'{r.paper_macs_g:.1f}' if r.paper_macs_g is not None else '-'
-        diff_p = f'{r.params_diff:+.1%}' if r.params_diff is not None else '-'
-        diff_m = f'{r.macs_diff:+.1%}' if r.macs_diff is not None else '-'
         lines.append(f'{r.name:<20}{r.img_size:>5}{r.params_total:>13,}{r.params_trainable:>13,}'
-                     f'{r.params_no_frozen:>13,}{paper_p:>9}{diff_p:>7}{r.macs_layers / 1e9:>10.2f}G'
-                     f'{r.macs_all / 1e9:>10.2f}G{paper_m:>9}{diff_m:>7}')
+                     f'{r.params_no_frozen:>13,}{or_dash(r.paper_params_m, ".1f"):>9}'
+                     f'{or_dash(r.params_diff, "+.1%"):>7}{r.macs_layers / 1e9:>10.2f}G'
+                     f'{r.macs_all / 1e9:>10.2f}G{or_dash(r.paper_macs_g, ".1f"):>9}{or_dash(r.macs_diff, "+.1%"):>7}')
     lines.append('params = parameters + frozen buffers (pos_embed, Performer w), as the paper counts; no frozen = '
                  'parameters only')
     lines.append('MACs per image, one forward pass: (a) Linear/conv layers only (fvcore, mmpretrain); (b) also '

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from ..models import OFFICIAL_CLASSES, T2TViT, count_parameters, list_variants, load_checkpoint
-from .paper import DESIGN_STUDY
+from .paper import DESIGN_STUDY, or_dash
 from .paper import PAPER_PARAMS_M as _TABLE4_PARAMS_M
 
 # Parameter counts (millions) the paper gives: Table 4 for the family, Tables 6 and 7 for the design study.
@@ -62,10 +62,9 @@ def format_variant_table(rows: List[VariantRow]) -> str:
               f"{'total':>12}{'trainable':>12}{'paper (M)':>11}{'diff':>8}")
     lines = [header, '-' * len(header)]
     for r in rows:
-        paper = f'{r.paper_params_m:.1f}' if r.paper_params_m is not None else '-'
-        diff = f'{r.relative_diff:+.1%}' if r.relative_diff is not None else '-'
         lines.append(f'{r.name:<24}{r.tokens:<13}{r.embed_dim:>5}{r.depth:>6}{r.num_heads:>6}{r.img_size:>5}'
-                     f'{r.params_total:>12,}{r.params_trainable:>12,}{paper:>11}{diff:>8}')
+                     f'{r.params_total:>12,}{r.params_trainable:>12,}{or_dash(r.paper_params_m, ".1f"):>11}'
+                     f'{or_dash(r.relative_diff, "+.1%"):>8}')
     lines.append("total = parameters + frozen buffers (pos_embed, Performer w), as the paper counts; "
                  "trainable = what the optimizer updates")
     return '\n'.join(lines)

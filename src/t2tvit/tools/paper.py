@@ -8,9 +8,9 @@ are the paper's, in G, per 224 px image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
-__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'PAPER_MACS_G', 'DESIGN_STUDY']
+__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'PAPER_MACS_G', 'DESIGN_STUDY', 'or_dash']
 
 # Parameter counts (millions) in Table 4; the paper counts the frozen tensors too.
 PAPER_PARAMS_M: Dict[str, float] = {
@@ -53,3 +53,8 @@ DESIGN_STUDY: Dict[str, PaperResult] = {
     't2t_vit_14_resnext': PaperResult('T2T-ViT-ResNeXt', 'Table 6', 81.5, 21.5, 4.8),
     't2t_vit_16_ghost': PaperResult('T2T-ViT-Ghost', 'Table 6', 79.5, 16.3, 3.7),
 }
+
+
+def or_dash(value: Optional[float], spec: str) -> str:
+    """`value` formatted by `spec` for a table, or '-' where there is none (e.g. no paper figure at that size)."""
+    return '-' if value is None else format(value, spec)
