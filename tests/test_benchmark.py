@@ -91,3 +91,28 @@ def test_mfu_divides_by_the_gemm_around_each_step():
     assert row['mfu'] == pytest.approx(0.25)  # 50 FLOP/s of 200 FLOP/s, in every round
     assert row['images_per_s'] == pytest.approx(10.) and row['images_per_s_min'] == pytest.approx(5.)
     assert _summarise(gemm, None, gemm)['flops_per_s'] == pytest.approx(200.)
+
+
+def test_peak_is_the_fastest_gemm_library_and_mfu_is_also_given_against_the_others(monkeypatch):
+    """A model calling a faster GEMM library than the peak's would read as over 100% MFU: the peak takes the
+    fastest one, and MFU against each slower one is scaled by their measured ratio."""
+    from t2tvit.tools import benchmark
+    from t2tvit.tools.benchmark import Entry, _matmul_entry, _summarise
+    products = []
+    monkeypatch.setattr(benchmark, '_gemm_libraries', lambda device, a, b: {
+        'slow': lambda: products.append('slow'), 'fast': lambda: products.append('fast')})
+    times = {'slow': 0.02, 'fast': 0.01}
+    monkeypatch.setattr(benchmark, '_seconds', lambda fn, device, iters=1: (fn(), times[products[-1]])[1])
+    gemm = _matmul_entry(torch.device('cpu'), 'fp32', 64, 0.05)
+    assert 'fast x5' in gemm.name and gemm.libraries == {'slow': pytest.approx(2 * 64 ** 3 / 0.02),
+                                                         'fast': pytest.approx(2 * 64 ** 3 / 0.01)}
+    products.clear()
+    gemm.step()
+    assert products == ['fast'] * 5
+    gemm.times_s = [0.05, 0.05]
+    model = Entry(name='m', kind='ours', flops_per_step=gemm.flops_per_step / 2, images_per_step=1,
+                  times_s=[0.1], peak_times_s=[0.05])
+    row = _summarise(model, None, gemm)
+    assert row['mfu'] == pytest.approx(0.25)
+    assert row['mfu_by_library'] == {'fast': pytest.approx(0.25), 'slow': pytest.approx(0.5)}
+    assert _summarise(gemm, None, gemm)['libraries_flops_per_s'] == gemm.libraries

@@ -11,7 +11,7 @@ from timm.layers import resample_abs_pos_embed
 import t2tvit
 from t2tvit.models import T2TViT, TokenPerformer, token_grid_size
 from t2tvit.models.layers import (
-    FAST_PATHS, fast_path_default, patch_major_order, set_fast_paths, soft_split)
+    FAST_PATHS, fast_path_default, onednn_available, patch_major_order, set_fast_paths, soft_split)
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
 
@@ -327,3 +327,65 @@ def test_bf16_cpu_attn_takes_explicit_products_only_under_cpu_bf16_autocast(bloc
     set_fast_paths(model, bf16_cpu_attn=True)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
+                                     dict(tokens_type='performer', block_type='se'),
+                                     dict(tokens_type='performer', block_type='ghost')])
+def test_onednn_linear_only_in_cpu_fp32_inference_and_same_numbers(variant, monkeypatch):
+    """Every product of a plain block and of the token layers goes through oneDNN in eval-mode no-grad fp32 and
+    bf16 autocast, and none under autograd, in train mode, under fp16 autocast or in a trace."""
+    from t2tvit.models import blocks, layers
+    calls = []
+    fused = layers.fused_linear
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs.get('gelu', False), kwargs.get('add') is not None))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(layers, 'fused_linear', counted)
+    monkeypatch.setattr(blocks, 'fused_linear', counted)
+    torch.manual_seed(0)
+    model = T2TViT(**variant, **TINY).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        set_fast_paths(model, onednn_linear=False)
+        calls_on = list(calls)
+        calls.clear()
+        plain = model(x)
+    assert not calls
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    token_layers = 2 * 4  # per token layer: kqv, proj + v, fc1 + GELU, fc2 + residual
+    mlp_layers = 2 * len(model.blocks) if variant.get('block_type') != 'ghost' else 0
+    attn_layers = 2 * len(model.blocks) if variant.get('block_type') is None else 0  # qkv, proj + residual
+    assert len(calls_on) == token_layers + mlp_layers + attn_layers
+    assert sum(gelu for gelu, _ in calls_on) == 2 + mlp_layers // 2
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        plain_bf16 = model(x)
+        set_fast_paths(model, onednn_linear=True)
+        calls.clear()
+        fast_bf16 = model(x)  # bf16 products as autocast's, the float32 residual stream kept
+    assert len(calls) == len(calls_on) and fast_bf16.dtype == plain_bf16.dtype
+    torch.testing.assert_close(fast_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
+    calls.clear()
+    model(x).sum().backward()  # autograd: the oneDNN op has no backward
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        model(x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        torch.jit.trace(model, x, check_trace=False)
+    assert not calls
+    seen = []  # a hook on a layer inside a block or token layer still runs: that block takes the plain path
+    for layer in (model.blocks[0].mlp.fc1, model.tokens_to_token.attention1.mlp[0] if variant.get('tokens_type') ==
+                  'performer' else model.tokens_to_token.attention1.mlp.fc1):
+        layer.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-5)
+    token_lost = 4 if variant.get('tokens_type') == 'performer' else 2  # the token transformer's attention stays
+    block_lost = (2 if mlp_layers else 0) + (2 if attn_layers else 0)
+    assert len(seen) == 2 and len(calls) == len(calls_on) - token_lost - block_lost

@@ -13,9 +13,10 @@ import torch.nn as nn
 from timm.layers import use_fused_attn
 from timm.models.vision_transformer import Attention, Block
 
-from .layers import attention, cpu_bf16_autocast, fast_path_default
+from .layers import (attention, cpu_bf16_autocast, fast_path_default, fused_linear, fused_mlp_residual, mlp_fusable,
+                     onednn_inference)
 
-__all__ = ['ViTAttention', 'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
+__all__ = ['ViTBlock', 'ViTAttention', 'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
 
 
 def _attend(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,41 @@ class ViTAttention(Attention):
         if attn_mask is not None or is_causal or getattr(self, 'gate', None) is not None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # options T2T-ViT never uses
         return _attend(self, x)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + self(x)` in inference, with every product by oneDNN and the addition inside the last one."""
+        B, N, _ = x.shape
+        qkv = fused_linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+        x = attention(self.q_norm(q), self.k_norm(k), v, self.scale, self.attn_drop, fused, False)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return fused_linear(x, self.proj.weight, self.proj.bias, add=residual)
+
+
+class ViTBlock(Block):
+    """timm's ViT block (same parameters, same keys) whose CPU inference takes fast path `onednn_linear`: its
+    products by oneDNN, with the bias, the MLP's GELU and (in fp32) both residual additions done inside them."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(dim, **kwargs)
+        self.onednn_linear = fast_path_default('onednn_linear')
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
+                and isinstance(self.ls2, nn.Identity) and onednn_inference(x, self))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal or not self._fusable(x):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if isinstance(self.attn, ViTAttention) and getattr(self.attn, 'gate', None) is None:
+            x = self.attn.forward_add(self.norm1(x), x)
+        else:  # SE and Ghost attention; drop paths are off in inference
+            x = x + self.attn(self.norm1(x))
+        if mlp_fusable(self.mlp):
+            return fused_mlp_residual(self.mlp, self.norm2(x), x)
+        return x + self.mlp(self.norm2(x))
 
 
 class TokenSE(nn.Module):
@@ -203,7 +239,7 @@ class GhostMlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
-class DenseBlock(Block):
+class DenseBlock(ViTBlock):
     """A ViT block whose output is projected to `growth_rate` channels and appended to its input (DenseNet)."""
 
     def __init__(self, dim: int, growth_rate: int, **block_kwargs):

@@ -19,9 +19,8 @@ from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
-from timm.models.vision_transformer import Block
 
-from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, ViTAttention
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, ViTAttention, ViTBlock
 from .checkpoint import checkpoint_filter_fn
 from .layers import (
     SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
@@ -216,7 +215,7 @@ def _vit_blocks(block_type: str, dim: int, depth: int, dpr: Sequence[float], **b
         'se': (SEAttention, Mlp),
         'ghost': (GhostAttention, GhostMlp),
     }[block_type]
-    return [Block(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
+    return [ViTBlock(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
             for i in range(depth)]
 
 

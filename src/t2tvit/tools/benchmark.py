@@ -1,7 +1,7 @@
 """Measured speed: throughput, peak memory and model FLOP utilisation of T2T-ViT beside timm peers, in one process.
 
 Every timed round runs each model once (the order rotates from round to round) and also times the machine's own
-matmul peak (a large square GEMM in the run's precision), so a machine that gets busier or quieter during the run
+matmul peak (a large square GEMM in the run's precision, by the fastest library here), so a machine that gets busier or quieter during the run
 moves every figure alike: read the results as ratios measured side by side. Per run and model the benchmark reports
 images/s (median over rounds, with min and max), the ratio to a reference model taken round by round, model FLOP
 utilisation (MFU = model FLOPs per second / measured GEMM peak, model FLOPs from the paper's convention, see
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
-from ..models.layers import FAST_PATHS, set_fast_paths
+from ..models.layers import FAST_PATHS, fused_linear, onednn_available, set_fast_paths
 from .complexity import (
     TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
@@ -278,6 +278,7 @@ class Entry:
     resident_bytes: int = 0
     step_peak_bytes: int = 0  # transient peak of one step above what was allocated before it
     process_peak_bytes: int = 0
+    libraries: Dict[str, float] = field(default_factory=dict)  # gemm: FLOP/s of each library's product, best of 5
     step: Optional[Callable[[], None]] = field(default=None, repr=False)
     model: Optional[nn.Module] = field(default=None, repr=False)
     optimizer: Optional[torch.optim.Optimizer] = field(default=None, repr=False)
@@ -300,25 +301,47 @@ def _seconds(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> flo
     return (time.perf_counter() - start) / iters
 
 
+def _gemm_libraries(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], Any]]:
+    """The n^3 products this PyTorch can run: `torch.mm` (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and, on CPU,
+    oneDNN's, which the `onednn_linear` fast path uses and which on AMD CPUs is much faster than MKL's."""
+    libraries: Dict[str, Callable[[], Any]] = {'torch.mm': lambda: torch.mm(a, b)}
+    if device.type == 'cpu' and onednn_available():
+        weight = b.t().contiguous()  # linear(a, W) = a @ W^T = a @ b
+        libraries['oneDNN'] = lambda: fused_linear(a, weight)
+    return libraries
+
+
 def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: float) -> Entry:
-    """The peak: an n^3 GEMM, repeated so that one step lasts about `min_seconds`, like a model step.
+    """The peak: an n^3 GEMM by the fastest library here, repeated so that one step lasts about `min_seconds`.
 
     A single product (90 ms for n=2048 on 2 cores) samples the machine at one moment; a sample as long as a model's
-    averages the same speed changes a model step sees, so that per-round MFU compares like with like.
+    averages the same speed changes a model step sees, so that per-round MFU compares like with like. Every library
+    is timed first (interleaved, best of 5): the peak is the fastest one's, so that no model can beat the "peak" by
+    calling a faster library than the GEMM did. The others' speeds are kept for MFU against them.
     """
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
     g = torch.Generator(device='cpu').manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    _seconds(lambda: torch.mm(a, b), device)  # first call: library set-up
-    repeats = max(1, math.ceil(min_seconds / max(_seconds(lambda: torch.mm(a, b), device), 1e-6)))
+    libraries = _gemm_libraries(device, a, b)
+    for product in libraries.values():
+        _seconds(product, device)  # first call: library set-up
+    best = {name: math.inf for name in libraries}
+    for _ in range(5):
+        for name, product in libraries.items():
+            best[name] = min(best[name], _seconds(product, device))
+    fastest = min(best, key=best.get)
+    product = libraries[fastest]
+    repeats = max(1, math.ceil(min_seconds / max(best[fastest], 1e-6)))
 
     def step():
         for _ in range(repeats):
-            torch.mm(a, b)
+            product()
 
-    return Entry(name=f'gemm {n}x{n}x{n} {precision} x{repeats}', kind='gemm', flops_per_step=2. * n ** 3 * repeats,
-                 step=step)
+    entry = Entry(name=f'gemm {n}x{n}x{n} {precision} {fastest} x{repeats}', kind='gemm',
+                  flops_per_step=2. * n ** 3 * repeats, step=step)
+    entry.libraries = {name: 2. * n ** 3 / seconds for name, seconds in best.items()}
+    return entry
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -421,7 +444,8 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         times_s=entry.times_s, first_call_s=entry.first_call_s)
     if entry.kind == 'gemm':
         flops = [entry.flops_per_step / t for t in entry.times_s]
-        result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops))
+        result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops),
+                      libraries_flops_per_s=entry.libraries)
         return result
     rates = [entry.images_per_step / t for t in entry.times_s]
     peak = [gemm.flops_per_step / t for t in entry.peak_times_s]  # the GEMM around each of this model's steps
@@ -431,6 +455,9 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         images_per_s=statistics.median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
         # per round, against the GEMM timed just before and after the step
         mfu=statistics.median(f / p for f, p in zip(model_flops, peak)),
+        # against each library's GEMM, scaled by its speed relative to the fastest (measured side by side)
+        mfu_by_library={name: statistics.median(f / p for f, p in zip(model_flops, peak)) * max(
+            gemm.libraries.values()) / rate for name, rate in gemm.libraries.items()} if gemm.libraries else {},
         resident_bytes=entry.resident_bytes, step_peak_bytes=entry.step_peak_bytes,
         peak_bytes=entry.resident_bytes + entry.step_peak_bytes,
     )
@@ -617,7 +644,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     complexity = {n: model_complexity(n, config.img_size) for n in names}
     result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
     log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
-        'step) per second / FLOPs per second of the GEMM timed just before and after each step. x ref = images/s over the '
+        'step) per second / FLOPs per second of the GEMM timed just before and after each step, by the fastest GEMM '
+        'library here (MFU LIBRARY: against a slower library\'s GEMM instead). x ref = images/s over the '
         'reference model\'s, median of per-round ratios; off/on = images/s with the listed fast paths off over with '
         'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
     groups: Dict[Tuple[str, str], List[Run]] = {}
@@ -661,22 +689,36 @@ def _mib(n: Optional[int]) -> str:
     return f'{n / 2 ** 20:,.0f}' if n else '-'
 
 
+def _other_libraries(peak: Dict[str, Any]) -> List[str]:
+    """GEMM libraries slower than the one the peak was timed with (their MFU is printed too)."""
+    rates = peak.get('libraries_flops_per_s') or {}
+    fastest = max(rates, key=rates.get) if rates else None
+    return [name for name in rates if name != fastest]
+
+
 def format_run(run: Dict[str, Any]) -> str:
     peak = run['peak']
     ref = run.get('reference')
+    others = _other_libraries(peak)
     header = (f"{'model':<34}{'GMACs':>7}{'img/s':>9}{'min..max':>15}{'x ref':>18}"
-              f"{'MFU':>7}{'peak MiB':>10}{'1st call s':>11}")
+              f"{'MFU':>7}" + ''.join(f'{"MFU " + name:>13}' for name in others) +
+              f"{'peak MiB':>10}{'1st call s':>11}")
+    rates = peak.get('libraries_flops_per_s') or {}
+    speeds = ', '.join(f'{name} {rate / 1e9:,.0f}' for name, rate in rates.items())
     lines = [f"{run['run']}  (GEMM peak {peak['flops_per_s'] / 1e9:,.0f} GFLOP/s, "
-             f"{peak['flops_per_s_min'] / 1e9:,.0f}..{peak['flops_per_s_max'] / 1e9:,.0f} over the rounds; "
-             f"ref = {ref or 'none'})", header, '-' * len(header)]
+             f"{peak['flops_per_s_min'] / 1e9:,.0f}..{peak['flops_per_s_max'] / 1e9:,.0f} over the rounds"
+             + (f'; set-up, best of 5: {speeds}' if speeds else '') + f"; ref = {ref or 'none'})",
+             header, '-' * len(header)]
     for m in run['models']:
         ratio = m.get('x_fast')
         ratio_text = f"{m['x_reference']:.2f}" if 'x_reference' in m else '-'
         if ratio is not None:
             ratio_text += f' (off/on {1 / ratio:.2f})'  # images/s with the fast paths off over on
+        by_library = m.get('mfu_by_library') or {}
         lines.append(
             f"{m['label'][:33]:<34}{m['macs_all'] / 1e9:>7.2f}{m['images_per_s']:>9.1f}"
             f"{m['images_per_s_min']:>7.1f}..{m['images_per_s_max']:<6.1f}{ratio_text:>18}{m['mfu']:>7.1%}"
+            + ''.join(f'{by_library[name]:>13.1%}' if name in by_library else f'{"-":>13}' for name in others) +
             f"{_mib(m['peak_bytes']):>10}{m['first_call_s']:>11.1f}")
     return '\n'.join(lines)
 
