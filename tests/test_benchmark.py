@@ -95,24 +95,26 @@ def test_mfu_divides_by_the_gemm_around_each_step():
 
 def test_peak_is_the_fastest_gemm_library_and_mfu_is_also_given_against_the_others(monkeypatch):
     """A model calling a faster GEMM library than the peak's would read as over 100% MFU: the peak takes the
-    fastest one, and MFU against each slower one is scaled by their measured ratio."""
+    fastest one, and MFU against each slower one is scaled by their speed ratio, sampled side by side each round."""
     from t2tvit.tools import benchmark
-    from t2tvit.tools.benchmark import Entry, _matmul_entry, _summarise
+    from t2tvit.tools.benchmark import Entry, _matmul_entry, _summarise, _time_rounds
     products = []
     monkeypatch.setattr(benchmark, '_gemm_libraries', lambda device, a, b: {
         'slow': lambda: products.append('slow'), 'fast': lambda: products.append('fast')})
     times = {'slow': 0.02, 'fast': 0.01}
     monkeypatch.setattr(benchmark, '_seconds', lambda fn, device, iters=1: (fn(), times[products[-1]])[1])
     gemm = _matmul_entry(torch.device('cpu'), 'fp32', 64, 0.05)
-    assert 'fast x5' in gemm.name and gemm.libraries == {'slow': pytest.approx(2 * 64 ** 3 / 0.02),
-                                                         'fast': pytest.approx(2 * 64 ** 3 / 0.01)}
+    assert gemm.library == 'fast' and gemm.name.endswith('fast x5')
     products.clear()
     gemm.step()
     assert products == ['fast'] * 5
-    gemm.times_s = [0.05, 0.05]
     model = Entry(name='m', kind='ours', flops_per_step=gemm.flops_per_step / 2, images_per_step=1,
-                  times_s=[0.1], peak_times_s=[0.05])
+                  step=lambda: products.append('fast'))  # the stub times every step as 0.01 s, the GEMM's too
+    times['slow'] = 0.03  # the slow library gets slower still during the rounds
+    _time_rounds([(model, gemm)], benchmark.BenchConfig(reps=3), torch.device('cpu'))
+    assert gemm.library_times_s == {'slow': [0.02, 0.03, 0.03, 0.03], 'fast': [0.01] * 4}
     row = _summarise(model, None, gemm)
-    assert row['mfu'] == pytest.approx(0.25)
-    assert row['mfu_by_library'] == {'fast': pytest.approx(0.25), 'slow': pytest.approx(0.5)}
-    assert _summarise(gemm, None, gemm)['libraries_flops_per_s'] == gemm.libraries
+    assert row['mfu'] == pytest.approx(0.5)  # half the GEMM step's FLOPs in as long
+    assert row['mfu_by_library'] == {'fast': pytest.approx(0.5), 'slow': pytest.approx(1.5)}
+    peak = _summarise(gemm, None, gemm)
+    assert peak['library'] == 'fast' and peak['libraries_time_ratio']['slow'] == pytest.approx(3.)

@@ -278,7 +278,11 @@ class Entry:
     resident_bytes: int = 0
     step_peak_bytes: int = 0  # transient peak of one step above what was allocated before it
     process_peak_bytes: int = 0
-    libraries: Dict[str, float] = field(default_factory=dict)  # gemm: FLOP/s of each library's product, best of 5
+    # gemm: seconds of one n^3 product by each library, at set-up (best of 5) and then once at the start of each round
+    library_times_s: Dict[str, List[float]] = field(default_factory=dict)
+    library_products: Dict[str, Callable[[], Any]] = field(default_factory=dict, repr=False)
+    product_flops: float = 0.
+    library: str = ''  # gemm: the library whose product is the peak
     step: Optional[Callable[[], None]] = field(default=None, repr=False)
     model: Optional[nn.Module] = field(default=None, repr=False)
     optimizer: Optional[torch.optim.Optimizer] = field(default=None, repr=False)
@@ -317,7 +321,8 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
     A single product (90 ms for n=2048 on 2 cores) samples the machine at one moment; a sample as long as a model's
     averages the same speed changes a model step sees, so that per-round MFU compares like with like. Every library
     is timed first (interleaved, best of 5): the peak is the fastest one's, so that no model can beat the "peak" by
-    calling a faster library than the GEMM did. The others' speeds are kept for MFU against them.
+    calling a faster library than the GEMM did. Where there are several, each round also times one product of each,
+    for MFU against the slower ones.
     """
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
     g = torch.Generator(device='cpu').manual_seed(0)
@@ -339,9 +344,20 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
             product()
 
     entry = Entry(name=f'gemm {n}x{n}x{n} {precision} {fastest} x{repeats}', kind='gemm',
-                  flops_per_step=2. * n ** 3 * repeats, step=step)
-    entry.libraries = {name: 2. * n ** 3 / seconds for name, seconds in best.items()}
+                  flops_per_step=2. * n ** 3 * repeats, step=step, product_flops=2. * n ** 3, library=fastest)
+    entry.library_times_s = {name: [seconds] for name, seconds in best.items()}
+    if len(libraries) > 1:
+        entry.library_products = libraries
     return entry
+
+
+def _library_ratios(gemm: Entry) -> Dict[str, float]:
+    """Per library: seconds of its product over the peak library's, median over the samples taken side by side."""
+    times = gemm.library_times_s
+    if gemm.library not in times:
+        return {}
+    return {name: statistics.median(t / f for t, f in zip(samples, times[gemm.library]))
+            for name, samples in times.items()}
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -408,7 +424,11 @@ def _time_rounds(pairs: List[Tuple[Entry, Entry]], config: BenchConfig, device: 
     The GEMM just before and just after a model step sees the same machine as the step does, so MFU stays a
     like-for-like ratio on a machine whose speed drifts (shared or frequency-scaled cores).
     """
+    gemms = list({id(gemm): gemm for _, gemm in pairs}.values())
     for r in range(config.reps):
+        for gemm in gemms:  # one product of each library, side by side: their speed ratio at this moment
+            for name, product in gemm.library_products.items():
+                gemm.library_times_s[name].append(_seconds(product, device))
         shift = r % len(pairs)
         for entry, gemm in pairs[shift:] + pairs[:shift]:
             before = _seconds(gemm.step, device)
@@ -445,7 +465,9 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
     if entry.kind == 'gemm':
         flops = [entry.flops_per_step / t for t in entry.times_s]
         result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops),
-                      libraries_flops_per_s=entry.libraries)
+                      libraries_flops_per_s={name: entry.product_flops / statistics.median(times)
+                                             for name, times in entry.library_times_s.items()},
+                      library=entry.library, libraries_time_ratio=_library_ratios(entry))
         return result
     rates = [entry.images_per_step / t for t in entry.times_s]
     peak = [gemm.flops_per_step / t for t in entry.peak_times_s]  # the GEMM around each of this model's steps
@@ -455,9 +477,9 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         images_per_s=statistics.median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
         # per round, against the GEMM timed just before and after the step
         mfu=statistics.median(f / p for f, p in zip(model_flops, peak)),
-        # against each library's GEMM, scaled by its speed relative to the fastest (measured side by side)
-        mfu_by_library={name: statistics.median(f / p for f, p in zip(model_flops, peak)) * max(
-            gemm.libraries.values()) / rate for name, rate in gemm.libraries.items()} if gemm.libraries else {},
+        # against each library's GEMM: scaled by how much slower its product ran than the peak's, side by side
+        mfu_by_library={name: statistics.median(f / p for f, p in zip(model_flops, peak)) * ratio
+                        for name, ratio in _library_ratios(gemm).items()},
         resident_bytes=entry.resident_bytes, step_peak_bytes=entry.step_peak_bytes,
         peak_bytes=entry.resident_bytes + entry.step_peak_bytes,
     )
@@ -691,9 +713,7 @@ def _mib(n: Optional[int]) -> str:
 
 def _other_libraries(peak: Dict[str, Any]) -> List[str]:
     """GEMM libraries slower than the one the peak was timed with (their MFU is printed too)."""
-    rates = peak.get('libraries_flops_per_s') or {}
-    fastest = max(rates, key=rates.get) if rates else None
-    return [name for name in rates if name != fastest]
+    return [name for name in peak.get('libraries_time_ratio') or {} if name != peak.get('library')]
 
 
 def format_run(run: Dict[str, Any]) -> str:
@@ -707,7 +727,8 @@ def format_run(run: Dict[str, Any]) -> str:
     speeds = ', '.join(f'{name} {rate / 1e9:,.0f}' for name, rate in rates.items())
     lines = [f"{run['run']}  (GEMM peak {peak['flops_per_s'] / 1e9:,.0f} GFLOP/s, "
              f"{peak['flops_per_s_min'] / 1e9:,.0f}..{peak['flops_per_s_max'] / 1e9:,.0f} over the rounds"
-             + (f'; set-up, best of 5: {speeds}' if speeds else '') + f"; ref = {ref or 'none'})",
+             + (f' by {peak["library"]}; one product each round: {speeds}' if len(rates) > 1 else '')
+             + f"; ref = {ref or 'none'})",
              header, '-' * len(header)]
     for m in run['models']:
         ratio = m.get('x_fast')
