@@ -1,17 +1,19 @@
 """What the official code got wrong: input sizes, resolutions, channel counts; and fast paths that keep the numbers."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 import t2tvit
 from t2tvit.models import T2TViT, TokenPerformer, token_grid_size
 from t2tvit.models.layers import (
-    FAST_PATHS, fast_path_default, onednn_available, patch_major_order, set_fast_paths, soft_split)
+    FAST_PATHS, OneDNNLinear, fast_path_default, onednn_available, patch_major_order, set_fast_paths, soft_split)
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
 
@@ -333,12 +335,12 @@ def test_bf16_cpu_attn_takes_explicit_products_only_under_cpu_bf16_autocast(bloc
 @pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
                                      dict(tokens_type='performer', block_type='se'),
                                      dict(tokens_type='performer', block_type='ghost')])
-def test_onednn_linear_only_in_cpu_fp32_inference_and_same_numbers(variant, monkeypatch):
-    """Every product of a plain block and of the token layers goes through oneDNN in eval-mode no-grad fp32 and
-    bf16 autocast, and none under autograd, in train mode, under fp16 autocast or in a trace."""
+def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(variant, monkeypatch):
+    """Every Linear of the blocks and token layers runs on oneDNN: fused with GELU / residual in inference (fp32
+    and bf16 autocast), by the autograd function in fp32 training; none under fp16 autocast or in a trace."""
     from t2tvit.models import blocks, layers
-    calls = []
-    fused = layers.fused_linear
+    calls, trained = [], []
+    fused, function = layers.fused_linear, layers._OneDNNLinearFunction.apply
 
     def counted(*args, **kwargs):
         calls.append((kwargs.get('gelu', False), kwargs.get('add') is not None))
@@ -346,46 +348,74 @@ def test_onednn_linear_only_in_cpu_fp32_inference_and_same_numbers(variant, monk
 
     monkeypatch.setattr(layers, 'fused_linear', counted)
     monkeypatch.setattr(blocks, 'fused_linear', counted)
+    monkeypatch.setattr(layers._OneDNNLinearFunction, 'apply', lambda *a: trained.append(1) or function(*a))
     torch.manual_seed(0)
     model = T2TViT(**variant, **TINY).eval()
+    linears = [m for m in (*model.tokens_to_token.modules(), *model.blocks.modules()) if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
+    linears.remove(model.tokens_to_token.project)  # runs as a convolution (`conv_project`)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         fast = model(x)
-        set_fast_paths(model, onednn_linear=False)
         calls_on = list(calls)
+        set_fast_paths(model, onednn_linear=False)
         calls.clear()
         plain = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            plain_bf16 = model(x)
     assert not calls
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
-    token_layers = 2 * 4  # per token layer: kqv, proj + v, fc1 + GELU, fc2 + residual
-    mlp_layers = 2 * len(model.blocks) if variant.get('block_type') != 'ghost' else 0
-    attn_layers = 2 * len(model.blocks) if variant.get('block_type') is None else 0  # qkv, proj + residual
-    assert len(calls_on) == token_layers + mlp_layers + attn_layers
-    assert sum(gelu for gelu, _ in calls_on) == 2 + mlp_layers // 2
+    depth = len(model.blocks)
+    block_type = variant.get('block_type', 'vit')
+    assert len(calls_on) == len(linears)  # each product once, with what follows it inside where it can be
+    assert sum(gelu for gelu, _ in calls_on) == 2 + (depth if block_type != 'ghost' else 0)
+    assert sum(add for _, add in calls_on) == 2 * 2 + {'vit': 2, 'se': 1, 'ghost': 0}[block_type] * depth
+    set_fast_paths(model, onednn_linear=True)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        plain_bf16 = model(x)
-        set_fast_paths(model, onednn_linear=True)
         calls.clear()
         fast_bf16 = model(x)  # bf16 products as autocast's, the float32 residual stream kept
-    assert len(calls) == len(calls_on) and fast_bf16.dtype == plain_bf16.dtype
+    assert len(calls) == len(linears) and fast_bf16.dtype == plain_bf16.dtype
     torch.testing.assert_close(fast_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
     calls.clear()
-    model(x).sum().backward()  # autograd: the oneDNN op has no backward
+    model(x).sum().backward()  # autograd: the products by the autograd function, nothing fused
+    assert not calls and len(trained) == len(linears)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
         model(x)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
     with torch.no_grad():
         torch.jit.trace(model, x, check_trace=False)
-    assert not calls
-    seen = []  # a hook on a layer inside a block or token layer still runs: that block takes the plain path
+    assert not calls and len(trained) == len(linears)
+    seen = []  # a hook on a layer inside a block or token layer still runs
     for layer in (model.blocks[0].mlp.fc1, model.tokens_to_token.attention1.mlp[0] if variant.get('tokens_type') ==
                   'performer' else model.tokens_to_token.attention1.mlp.fc1):
         layer.register_forward_hook(lambda *_: seen.append(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-5)
-    token_lost = 4 if variant.get('tokens_type') == 'performer' else 2  # the token transformer's attention stays
-    block_lost = (2 if mlp_layers else 0) + (2 if attn_layers else 0)
-    assert len(seen) == 2 and len(calls) == len(calls_on) - token_lost - block_lost
+    assert len(seen) == 2 and len(calls) == len(linears)  # the hooked layers' own products, unfused
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad):
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 40, bias=bias)
+    fast = OneDNNLinear.from_linear(copy.deepcopy(plain))
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    x = torch.randn(3, 7, 24)
+    grad = torch.randn(3, 7, 40)
+    results = []
+    for layer in (plain, fast):
+        inp = x.clone().requires_grad_(input_grad)
+        out = layer(inp)
+        out.backward(grad)
+        results.append((out, inp.grad, [p.grad for p in layer.parameters()]))
+        layer.zero_grad()
+    (out0, gx0, gp0), (out1, gx1, gp1) = results
+    assert '_OneDNNLinearFunction' in type(out1.grad_fn.next_functions[0][0]).__name__  # (a view of its rows)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    if input_grad:
+        torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    else:
+        assert gx1 is None
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, use_fused_attn
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = [
@@ -19,7 +20,7 @@ __all__ = [
     'sinusoid_table',
     'FAST_PATHS', 'fast_path_default', 'set_fast_paths', 'attention', 'cpu_bf16_autocast', 'onednn_available',
     'onednn_inference',
-    'fused_linear', 'mlp_fusable', 'fused_mlp_residual',
+    'fused_linear', 'mlp_fusable', 'fused_mlp_residual', 'OneDNNLinear', 'use_onednn_linears',
     'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
 
@@ -39,9 +40,9 @@ FAST_PATHS: Dict[str, str] = {
                      'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
     'batch_chunks': 'T2T module on CPU in batch chunks of about 16k first-stage tokens, so that its 3136-token '
                     'intermediates stay in cache and on reused pages (eager only)',
-    'onednn_linear': 'CPU inference (fp32 or bf16 autocast): Linear layers as oneDNN products with the bias, the '
-                     'GELU or the fp32 residual add done inside the product (no pass of their own), rather than '
-                     'MKL, which is slower on AMD',
+    'onednn_linear': 'CPU Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in '
+                     'inference (fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done '
+                     'inside the product; in fp32 training the forward and input-gradient products',
 }
 
 
@@ -102,18 +103,22 @@ def onednn_available() -> bool:
     return _ONEDNN_LINEAR
 
 
+def _onednn_eager(x: torch.Tensor) -> bool:
+    """oneDNN can run `x`'s products here: on CPU, in eager mode (traces, compiled graphs, exports and dispatch modes
+    such as the FLOP counter see plain `linear`), with this PyTorch's oneDNN on."""
+    return (_ONEDNN_LINEAR and x.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and not is_in_torch_dispatch_mode())
+
+
 def onednn_inference(x: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
-    """Whether `fused_linear` may stand in for `module`'s layers on `x`: float32 on CPU (or under CPU bf16
-    autocast), no autograd (the oneDNN op has no backward), in eager mode (traces, compiled graphs, exports and
-    dispatch modes such as the FLOP counter see plain `linear`), and no hooks on the layers inside `module` (they
-    would not be called)."""
+    """Whether `fused_linear` may stand in for `module`'s layers on `x`: float32 (or under CPU bf16 autocast), no
+    autograd (the fused op has no backward), eager on CPU (`_onednn_eager`), and no hooks on the layers inside
+    `module` (they would not be called)."""
     if torch.is_autocast_enabled('cpu'):
         dtypes = (torch.float32, torch.bfloat16) if torch.get_autocast_dtype('cpu') == torch.bfloat16 else ()
     else:
         dtypes = (torch.float32,)
-    return (_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype in dtypes and not torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and torch.backends.mkldnn.enabled and not is_in_torch_dispatch_mode()
+    return (x.dtype in dtypes and not torch.is_grad_enabled() and _onednn_eager(x)
             and (module is None or not _has_hooks(module)))
 
 
@@ -141,6 +146,72 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if add is not None:
         return op.binary(x, add, weight, bias, 'add')
     return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear` with its forward and input-gradient products by oneDNN, both faster than MKL's on AMD CPUs; the
+    weight gradient (a product over the tokens of two transposed operands) stays with MKL, which is faster there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (rows, in_features)."""
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, 'none', [], '')  # grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same keys) whose CPU products go through oneDNN (fast path `onednn_linear`):
+    in inference as `fused_linear`, in float32 training forward and backward by `_OneDNNLinearFunction`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.onednn_linear = fast_path_default('onednn_linear')
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> 'OneDNNLinear':
+        """The same layer (the very same parameters) as a `OneDNNLinear`."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device='meta')
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.weight)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, self.bias)`, by oneDNN where it can: `weight` is this layer's, maybe permuted."""
+        if self.onednn_linear:
+            if onednn_inference(x):
+                return fused_linear(x, weight, self.bias)
+            if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
+                    and not torch.is_autocast_enabled('cpu') and _onednn_eager(x)):
+                # on rows: a 2-D product's output is its own tensor, so its 3-D view may be changed in place
+                rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, self.bias)
+                return rows.view(*x.shape[:-1], rows.shape[-1])
+        return F.linear(x, weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> nn.Module:
+    """Replace every plain `nn.Linear` inside `module` by a `OneDNNLinear` holding the same parameters."""
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, OneDNNLinear.from_linear(child))
+        else:
+            use_onednn_linears(child)
+    return module
 
 
 def cpu_bf16_autocast(x: torch.Tensor) -> bool:
@@ -241,6 +312,8 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
     """`linear` of input features permuted by `order`: its weight columns permuted alike."""
     if order is None:
         return linear(x)
+    if isinstance(linear, OneDNNLinear):
+        return linear.product(x, linear.weight[:, order])
     return F.linear(x, linear.weight[:, order], linear.bias)
 
 

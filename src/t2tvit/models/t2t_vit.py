@@ -24,7 +24,7 @@ from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAtt
 from .checkpoint import checkpoint_filter_fn
 from .layers import (
     SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
-    sinusoid_table, soft_split, token_grid_size)
+    sinusoid_table, soft_split, token_grid_size, use_onednn_linears)
 
 __all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
            'OFFICIAL_CLASSES']
@@ -360,6 +360,8 @@ class T2TViT(nn.Module):
             widths = [embed_dim] * depth
         self.block_type = block_type
         self.blocks = nn.Sequential(*blocks)
+        use_onednn_linears(self.tokens_to_token)  # same parameters; oneDNN products on CPU (fast path)
+        use_onednn_linears(self.blocks)
         if not fast_path_default('fused_attn'):
             set_fast_paths(self.blocks, fused_attn=False)  # the blocks' attention follows T2TVIT_SLOW_PATHS too
         self.num_features = self.head_hidden_size = widths[-1] if widths else embed_dim
