@@ -799,11 +799,13 @@ def plot_results(result: Dict[str, Any], out_png: Path) -> Path:
                         yerr=[[m['images_per_s'] - m['images_per_s_min']], [m['images_per_s_max'] - m['images_per_s']]])
             ax.annotate(m['label'], (m['macs_all'] / 1e9, m['images_per_s']), fontsize=7,
                         xytext=(4, 3), textcoords='offset points')
-        ax.set_xscale('log')
-        ax.set_yscale('log')
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter('%g'))
-            axis.set_minor_formatter(FuncFormatter(_minor_log_labels(axis)))
+        xs = [m['macs_all'] for m in run['models']]
+        ys = [v for m in run['models'] for v in (m['images_per_s_min'], m['images_per_s_max'])]
+        for axis, values, set_scale in ((ax.xaxis, xs, ax.set_xscale), (ax.yaxis, ys, ax.set_yscale)):
+            if values and min(values) > 0 and max(values) / min(values) > 2:  # log only where it spans something
+                set_scale('log')
+                axis.set_major_formatter(FormatStrFormatter('%g'))
+                axis.set_minor_formatter(FuncFormatter(_minor_log_labels(axis)))
         ax.set_xlabel('GMACs per image (paper convention)')
         ax.set_ylabel('images/s')
         ax.set_title(run['run'], fontsize=10)
