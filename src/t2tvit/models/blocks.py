@@ -19,12 +19,18 @@ from .layers import (attention, cpu_bf16_autocast, fast_path_default, fused_line
 __all__ = ['ViTBlock', 'ViTAttention', 'TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
 
 
-def _attend(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The forward of an attention layer with `qkv_heads` / `merge_heads`: heads, attention (fused unless CPU bf16
-    autocast makes explicit products faster), merged output, dropout."""
+def _heads_attention(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer.qkv_heads(x)` through attention, (B, heads, N, head_dim): fused unless CPU bf16 autocast makes
+    explicit products faster."""
     q, k, v = layer.qkv_heads(x)
     fused = layer.fused_attn and not (layer.bf16_cpu_attn and cpu_bf16_autocast(x))
-    return layer.proj_drop(layer.merge_heads(attention(q, k, v, layer.scale, layer.attn_drop, fused, layer.training)))
+    return attention(q, k, v, layer.scale, layer.attn_drop, fused, layer.training)
+
+
+def _attend(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of an attention layer with `qkv_heads` / `merge_heads`: heads, attention, merged output,
+    dropout."""
+    return layer.proj_drop(layer.merge_heads(_heads_attention(layer, x)))
 
 
 class ViTAttention(Attention):
@@ -41,10 +47,14 @@ class ViTAttention(Attention):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
+    def _merged(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) -> (B, N, dim), normed: what `proj` takes."""
+        B, _, N, _ = x.shape
+        return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, head_dim) attention output -> the layer output before its dropout."""
-        B, _, N, _ = x.shape
-        return self.proj(self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim)))
+        return self.proj(self._merged(x))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -53,14 +63,9 @@ class ViTAttention(Attention):
         return _attend(self, x)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """`residual + self(x)` in inference, with every product by oneDNN and the addition inside the last one."""
-        B, N, _ = x.shape
-        qkv = fused_linear(x, self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        fused = self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
-        x = attention(self.q_norm(q), self.k_norm(k), v, self.scale, self.attn_drop, fused, False)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return fused_linear(x, self.proj.weight, self.proj.bias, add=residual)
+        """`residual + self(x)` in inference, the addition inside `proj`'s oneDNN product."""
+        merged = self._merged(_heads_attention(self, x))
+        return fused_linear(merged, self.proj.weight, self.proj.bias, add=residual)
 
 
 class ViTBlock(Block):

@@ -317,10 +317,6 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
     return F.linear(x, linear.weight[:, order], linear.bias)
 
 
-def _weight(linear: nn.Linear, order: Optional[torch.Tensor]) -> torch.Tensor:
-    return linear.weight if order is None else linear.weight[:, order]
-
-
 def mlp_fusable(mlp: nn.Module) -> bool:
     """Whether `mlp` is Linear, exact GELU, (dropout, identity norm,) Linear: what `fused_mlp_residual` computes."""
     if isinstance(mlp, Mlp):
@@ -370,7 +366,7 @@ class TokenAttention(nn.Module):
         """`order`: x's features are permuted by it (see `soft_split(..., patch_major=True)`)."""
         B, N, _ = x.shape
         onednn = self.onednn_linear and not self.training and onednn_inference(x, self)
-        qkv = fused_linear(x, _weight(self.qkv, order), self.qkv.bias) if onednn else _linear(self.qkv, x, order)
+        qkv = _linear(self.qkv, x, order)  # a OneDNNLinear in T2TViT: oneDNN's product where it can
         q, k, v = qkv.reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
         x = attention(q, k, v, self.scale, self.attn_drop, self.fused_attn, self.training)  # (B, 1, N, out_dim)
         # official: the residual is v, because input and output widths differ
@@ -451,8 +447,7 @@ class TokenPerformer(nn.Module):
 
     def attention(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         onednn = self._onednn(x)
-        kqv = fused_linear(x, _weight(self.kqv, order), self.kqv.bias) if onednn else _linear(self.kqv, x, order)
-        k, q, v = kqv.split(self.out_dim, dim=-1)  # official order: k, q, v
+        k, q, v = _linear(self.kqv, x, order).split(self.out_dim, dim=-1)  # official order: k, q, v
         device_type = 'cpu' if x.device.type == 'meta' else x.device.type  # meta (shapes only) has no autocast
         with torch.autocast(device_type=device_type, enabled=False):
             kp = self.random_features(k.float())  # (B, T, m)

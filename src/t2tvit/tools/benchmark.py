@@ -354,8 +354,6 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
 def _library_ratios(gemm: Entry) -> Dict[str, float]:
     """Per library: seconds of its product over the peak library's, median over the samples taken side by side."""
     times = gemm.library_times_s
-    if gemm.library not in times:
-        return {}
     return {name: statistics.median(t / f for t, f in zip(samples, times[gemm.library]))
             for name, samples in times.items()}
 
@@ -472,14 +470,13 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
     rates = [entry.images_per_step / t for t in entry.times_s]
     peak = [gemm.flops_per_step / t for t in entry.peak_times_s]  # the GEMM around each of this model's steps
     model_flops = [entry.flops_per_step / t for t in entry.times_s]
+    mfu = statistics.median(f / p for f, p in zip(model_flops, peak))  # per round, against the GEMM around the step
     result.update(
         macs_all=entry.macs_all, macs_layers=entry.macs_layers, flops_per_step=entry.flops_per_step,
         images_per_s=statistics.median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
-        # per round, against the GEMM timed just before and after the step
-        mfu=statistics.median(f / p for f, p in zip(model_flops, peak)),
+        mfu=mfu,
         # against each library's GEMM: scaled by how much slower its product ran than the peak's, side by side
-        mfu_by_library={name: statistics.median(f / p for f, p in zip(model_flops, peak)) * ratio
-                        for name, ratio in _library_ratios(gemm).items()},
+        mfu_by_library={name: mfu * ratio for name, ratio in _library_ratios(gemm).items()},
         resident_bytes=entry.resident_bytes, step_peak_bytes=entry.step_peak_bytes,
         peak_bytes=entry.resident_bytes + entry.step_peak_bytes,
     )
