@@ -513,10 +513,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..engine.checkpointing import CheckpointSaveError
     from ..engine.config import ConfigError
     from ..models import CheckpointError
+    from ..models.layers import FastPathError
     from ..tools.export import ExportError
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FastPathError,
+            FileNotFoundError) as e:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error('stopped at once by a second Ctrl-C; rerun the same command to resume from last.pth',

@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 __all__ = [
     'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'soft_split', 'patch_major_order',
     'sinusoid_table',
-    'FAST_PATHS', 'fast_path_default', 'set_fast_paths', 'attention', 'cpu_bf16_autocast', 'onednn_available',
-    'onednn_inference',
+    'FAST_PATHS', 'FastPathError', 'fast_path_default', 'set_fast_paths', 'attention', 'cpu_bf16_autocast',
+    'onednn_available', 'onednn_inference',
     'fused_linear', 'mlp_fusable', 'fused_mlp_residual', 'OneDNNLinear', 'use_onednn_linears',
     'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
@@ -46,6 +46,10 @@ FAST_PATHS: Dict[str, str] = {
 }
 
 
+class FastPathError(ValueError):
+    """A fast-path name that does not exist (in `T2TVIT_SLOW_PATHS` or `set_fast_paths`)."""
+
+
 def _slow_paths_from_env() -> Tuple[str, ...]:
     text = os.environ.get('T2TVIT_SLOW_PATHS', '').strip()
     if text == 'all':
@@ -53,14 +57,14 @@ def _slow_paths_from_env() -> Tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(',') if n.strip())
     unknown = [n for n in names if n not in FAST_PATHS]
     if unknown:
-        raise ValueError(f'T2TVIT_SLOW_PATHS names {unknown}; known fast paths: {", ".join(FAST_PATHS)} (or all)')
+        raise FastPathError(f'T2TVIT_SLOW_PATHS names {unknown}; known fast paths: {", ".join(FAST_PATHS)} (or all)')
     return names
 
 
 def fast_path_default(name: str) -> bool:
     """Whether a newly built module takes fast path `name`: yes unless T2TVIT_SLOW_PATHS names it."""
     if name not in FAST_PATHS:
-        raise ValueError(f'unknown fast path {name!r}; known: {", ".join(FAST_PATHS)}')
+        raise FastPathError(f'unknown fast path {name!r}; known: {", ".join(FAST_PATHS)}')
     return name not in _slow_paths_from_env()
 
 
@@ -71,7 +75,7 @@ def set_fast_paths(model: nn.Module, **enabled: bool) -> nn.Module:
     """
     unknown = [n for n in enabled if n not in FAST_PATHS]
     if unknown:
-        raise ValueError(f'unknown fast paths {unknown}; known: {", ".join(FAST_PATHS)}')
+        raise FastPathError(f'unknown fast paths {unknown}; known: {", ".join(FAST_PATHS)}')
     for module in model.modules():
         for name, value in enabled.items():
             if hasattr(module, name):
