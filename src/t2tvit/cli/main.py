@@ -1,15 +1,33 @@
-"""`t2tvit` command line: each subcommand parses its flags and calls one library function."""
+"""`t2tvit` command line: each subcommand is a table of options and one function that calls the library.
+
+Every option is an `Option` entry (t2tvit.options): its flag, type, range, default and help come from the entry,
+and its value is checked against it while the command line is read, before anything is imported beyond the
+standard library and PyYAML. So `--help` and a bad value answer at once; torch and timm load when a command runs.
+Adding an option is one entry in its command's table (train/finetune take every recipe key of RECIPE_OPTIONS).
+
+Errors: a bad value, file or checkpoint is one line `error: ...` naming the problem and the fix, exit status 2; an
+unexpected failure is one line saying where its traceback was written (`--debug` prints it instead), exit 1.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import signal
 import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-EXIT_ERROR = 2  # bad input: config, data, checkpoint
+from ..options import DATASET_NAMES, RECIPE_OPTIONS, Option, OptionError
+from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
+
+EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
+EXIT_UNEXPECTED = 1
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _error(message: str, code: int = EXIT_ERROR) -> int:
@@ -17,16 +35,189 @@ def _error(message: str, code: int = EXIT_ERROR) -> int:
     return code
 
 
+class UsageError(Exception):
+    """The command line does not parse: an unknown flag, a missing argument or a value its option refuses."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing the usage and exiting, so `main` reports it in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        flags, sep, rest = message.partition(': ')
+        if flags.startswith('argument ') and sep and rest.startswith(tuple(flags[len('argument '):].split('/'))):
+            message = rest  # 'argument --lr: --lr 0: give ...' -> '--lr 0: give ...'
+        raise UsageError(f'{message} (`{self.prog} --help` lists the options)')
+
+
+# --- option tables ------------------------------------------------------------------------------------------------
+
+def _O(name: str, kind: str = 'str', default: Any = None, help: str = '', **more: Any) -> Option:  # noqa: N802
+    return Option(name, kind, default, help, **more)
+
+
+CHECKPOINT = _O('checkpoint', 'file', None, 't2tvit or official checkpoint, .pth/.pth.tar/.safetensors')
+MODEL = _O('model', 'str', None, 'model name (default: what the checkpoint says; `t2tvit info` lists them)')
+MODEL_KWARGS = _O('model_kwargs', 'mapping', None, 'builder arguments, e.g. "{embed_dim: 64, depth: 2}" '
+                  '(default: from the checkpoint)')
+IMG_SIZE = _O('img_size', 'int', None, 'input size, pixels (default: from the checkpoint)', low=1)
+IN_CHANS = _O('in_chans', 'int', None, 'input channels (default: from the checkpoint)', low=1)
+DEVICE = _O('device', 'choice', 'auto', 'where to run', choices=('auto', 'cpu', 'cuda'))
+FORCE = _O('force', 'flag', help='replace outputs that exist already (never an input)')
+MODEL_FLAGS = (MODEL, MODEL_KWARGS, IMG_SIZE, IN_CHANS)
+
+INFO = (
+    _O('fixtures', 'dir', None, 'folder with tiny_configs.json and official *.pth.tar/_io.pt files to check against',
+       metavar='DIR'),
+    _O('tolerance', 'float', 1e-5, 'largest allowed abs difference', low=0, open_low=True),
+    _O('no_tags', 'flag', help='list only the base names, not the .in1k_384 tags'),
+)
+
+TRAIN = (
+    _O('config', 'str', 'fashion_mnist', 'recipe name or YAML file', flags=('-c',), metavar='RECIPE'),
+    _O('resume', 'file', None, 'resume from this checkpoint (default: RUN_DIR/last.pth when it exists)'),
+    _O('no_resume', 'flag', help='start afresh; refuse an existing run folder'),
+)
+FINETUNE = (
+    _O('config', 'str', None, "recipe name or YAML file over the finetune recipe (default: none)", flags=('-c',),
+       metavar='RECIPE'),
+    _O('checkpoint', 'file', None, 'checkpoint to start from; its architecture is used unless --model or the '
+       'recipe names one', required=True),
+    TRAIN[1], TRAIN[2],
+)
+
+EVAL = (
+    _O('checkpoint', 'file', None, 't2tvit or official checkpoint', required=True),
+    _O('data', 'path', None, 'data set folder (default: from the checkpoint)', metavar='DIR'),
+    MODEL, MODEL_KWARGS,
+    _O('dataset', 'choice', None, 'data set kind (default: from the checkpoint, else imagefolder)',
+       choices=DATASET_NAMES),
+    _O('split', 'choice', 'val', 'which split', choices=('val', 'test', 'train')),
+    IMG_SIZE, IN_CHANS,
+    _O('crop_pct', 'float', None, 'centre crop fraction (default: from the checkpoint)', low=0, high=1,
+       open_low=True),
+    replace(RECIPE_OPTIONS['interpolation'], default=None, yaml=False,
+            help='resize interpolation (default: from the checkpoint)'),
+    _O('batch_size', 'int', 64, 'images per batch', low=1),
+    _O('workers', 'int', min(4, os.cpu_count() or 1), 'data loading processes', low=0, high=256),
+    _O('amp', 'choice', 'none', 'reduced precision', choices=('none', 'bf16', 'fp16')),
+    _O('agreement', 'flag', help='with --amp: also run each batch in fp32 and report how often the top-1 classes '
+       'agree'),
+    DEVICE,
+    _O('on_bad_image', 'choice', 'fail', 'an unreadable image: fail (naming it) or skip (and count it)',
+       choices=('fail', 'skip')),
+    _O('output', 'path', 'runs/eval', 'folder for eval.json and confusion_matrix.png', metavar='DIR'),
+    FORCE,
+)
+
+PREDICT = (
+    _O('images', 'path', help='image files and folders (searched recursively)', positional='+',
+       metavar='IMAGE_OR_DIR'),
+    _O('checkpoint', 'file', None, CHECKPOINT.help, required=True),
+    *MODEL_FLAGS,
+    _O('topk', 'int', 5, 'how many classes to list per image', low=1),
+    _O('labels', 'file', None, 'class names, one per line in index order (default: from the checkpoint, the data '
+       'set, or ImageNet-1k for 1000-class models)'),
+    _O('json', 'flag', help='print one JSON document instead of text'),
+    _O('batch_size', 'int', 32, 'images per batch', low=1),
+    DEVICE,
+)
+
+EXPORT = (
+    _O('format', 'choice', None, 'what to write', choices=('onnx', 'torchscript', 'exported-program', 'safetensors'),
+       required=True),
+    _O('checkpoint', 'file', None, CHECKPOINT.help + ' (default: random weights, with a warning)'),
+    *MODEL_FLAGS,
+    _O('output', 'path', None, 'file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)',
+       flags=('-o',), metavar='FILE'),
+    _O('static_hw', 'flag', help='ONNX: fix height/width at the model size (default: any size, batch always '
+       'dynamic)'),
+    _O('onnx_exporter', 'choice', 'dynamo', 'dynamo (dynamic height/width) or the legacy TorchScript-based one '
+       '(fixed height/width, faster to export)', choices=('dynamo', 'legacy')),
+    _O('opset', 'int', 18, 'ONNX opset', low=7, high=30),
+    _O('tolerance', 'float', 1e-4, 'largest allowed |exported - eager| in the check', low=0, open_low=True),
+    FORCE,
+)
+
+VISUALIZE = (
+    _O('images', 'file', help='image files (default: scikit-image\'s astronaut, chelsea and coffee photos)',
+       positional='*', metavar='IMAGE'),
+    _O('checkpoint', 'file', None, CHECKPOINT.help + ' (default: random weights, with a warning)'),
+    *MODEL_FLAGS,
+    _O('output', 'path', 'runs/visualize', 'folder for the PNG files', flags=('-o',), metavar='DIR'),
+    _O('blocks', 'ints', None, 'blocks to show, counted from 0 (default: first, middle, last)', low=0,
+       metavar='I,J,...'),
+    _O('channels', 'int', 16, 'channels per feature map', low=1, high=4096),
+    FORCE,
+)
+
+ABLATE = (
+    _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below)',
+       choices=tuple(ABLATION_VARIANTS), metavar='A,B,...'),
+    _O('dataset', 'choice', 'fashion_mnist', 'data set; image size, channels, normalisation and classes follow it',
+       choices=tuple(DATASET_DEFAULTS)),
+    _O('data', 'path', None, 'data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)',
+       metavar='DIR'),
+    _O('recipe', 'str', 'fashion_mnist', 'training recipe every variant shares', metavar='RECIPE'),
+    _O('epochs', 'int', DEFAULT_EPOCHS, 'epochs per variant', low=1),
+    _O('max_steps', 'int', None, 'optimizer steps per variant (a budget below --epochs)', low=1),
+    _O('batch_size', 'int', None, "global batch size (default: the recipe's: 64 for fashion_mnist)", low=1),
+    _O('seed', 'int', 0, 'seed of every run (data order, augmentation, dropout)', low=0, high=2 ** 63 - 1),
+    _O('scale', 'choice', 'small', 'small: every idea at the common small scale (28-32 px); paper: the registered '
+       'builders', choices=('small', 'paper')),
+    _O('img_size', 'int', None, "image size (default: the data set's)", low=1),
+    _O('name', 'str', None, 'results go to OUTPUT/ablate-NAME (default: the data set name)'),
+    _O('output', 'path', 'runs', 'folder holding the ablate-NAME folder', metavar='DIR'),
+    _O('device', 'choice', 'auto', 'training and measuring device', choices=('auto', 'cpu', 'cuda')),
+    _O('throughput_batch', 'int', 64, 'batch size of the images/s loop', low=1),
+    _O('throughput_seconds', 'float', 3.0, 'duration of the images/s loop, seconds', low=0, open_low=True,
+       high=3600),
+    _O('set', 'setting', None, 'any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
+       '(t2tvit train --help lists the keys)', metavar='KEY=VALUE'),
+)
+
+BENCHMARK = (
+    _O('preset', 'choice', 'cpu', 'starting values', choices=('cpu', 'gpu')),
+    _O('smoke', 'flag', help='toy sizes (batch 2, 64 px, 2 rounds): checks the code path, e.g. of --preset gpu on a '
+       'CPU'),
+    _O('complexity_only', 'flag', help='print the parameter and MAC table of every variant at 224 and 384 px, and '
+       'stop'),
+    _O('models', 'names', None, 'T2T-ViT variants, comma-separated, or none', metavar='LIST'),
+    _O('peers', 'names', None, 'timm models to time beside them, or none', metavar='LIST'),
+    _O('train_models', 'names', None, "which of the models and peers train runs time (default: the preset's)",
+       metavar='LIST'),
+    _O('runs', 'str', None, 'MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16, eager|compiled; e.g. '
+       'infer:fp32,infer:bf16,train:fp32', metavar='LIST'),
+    _O('batch_size', 'int', None, 'images per step', low=1),
+    _O('img_size', 'int', None, 'image size, pixels', low=1),
+    _O('device', 'choice', None, 'cpu or cuda (default: the preset\'s)', choices=('cpu', 'cuda')),
+    _O('threads', 'int', None, 'CPU threads (default: one per core)', low=1, high=4096),
+    _O('warmup', 'int', None, 'untimed steps per model before timing (the first compiles)', low=0),
+    _O('reps', 'int', None, 'timed rounds; each runs every model once', low=1),
+    _O('iters', 'int', None, 'steps per model per round', low=1),
+    _O('ab', 'str', None, 'also time a copy of each T2T-ViT with these fast paths off, side by side: '
+       'comma-separated names (an unknown one lists them), or all', metavar='PATHS'),
+    _O('agreement_images', 'int', None, 'images for the bf16-vs-fp32 top-1 agreement (0: skip)', low=0,
+       metavar='N'),
+    _O('checkpoint', 'named_file', None, 'weights for one model (repeatable), e.g. for a meaningful bf16 agreement',
+       metavar='NAME=FILE'),
+    _O('peak_size', 'int', None, 'side of the square GEMM that measures the peak', low=1, high=65536, metavar='N'),
+    _O('reference', 'str', None, 'model the others are divided by, round by round', metavar='NAME'),
+    _O('no_variants_table', 'flag', help='skip the table of every variant'),
+    _O('output', 'path', None, "folder for JSON and PNG (default: benchmarks; 'none': no files)", metavar='DIR'),
+    _O('name', 'str', None, 'file name without suffix (default: DEVICE-DATE)', metavar='STEM'),
+    _O('no_plot', 'flag', help='no PNG'),
+)
+
+
 # --- info ---------------------------------------------------------------------------------------------------------
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from ..tools.info import format_fixture_table, format_variant_table, variant_rows, verify_official_fixtures
+    if args.fixtures is not None and not (Path(args.fixtures) / 'tiny_configs.json').is_file():
+        return _error(f'{args.fixtures} holds no tiny_configs.json; point --fixtures at the official fixtures folder')
     print(format_variant_table(variant_rows(with_tags=not args.no_tags)))
     if args.fixtures is not None:
-        official = Path(args.fixtures)
-        if not (official / 'tiny_configs.json').is_file():
-            return _error(f'{official} holds no tiny_configs.json; point --fixtures at the official fixtures folder')
-        rows = verify_official_fixtures(official)
+        rows = verify_official_fixtures(Path(args.fixtures))
         print()
         print(format_fixture_table(rows, tolerance=args.tolerance))
         worst = max(max(r.pre_logits_max_abs_diff, r.logits_max_abs_diff) for r in rows)
@@ -37,20 +228,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # --- train / finetune ---------------------------------------------------------------------------------------------
 
-def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
-    """One flag per config key (`lr_base_size` -> `--lr-base-size`); values are read as YAML."""
-    from ..engine.config import DEFAULTS, HELP, parse_value
-    group = parser.add_argument_group('recipe keys (override the recipe; values are YAML: 1e-3, true, null, [1,2])')
-    for key in DEFAULTS:
-        if key in skip:
-            continue
-        group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=parse_value, default=None, metavar='V',
-                           help=f'{HELP[key]} (default: {DEFAULTS[key]!r})')
-
-
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    from ..engine.config import DEFAULTS
-    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    """Recipe keys given on the command line (their flags default to 'not given'), nulls included."""
+    return {k: getattr(args, k) for k in RECIPE_OPTIONS if hasattr(args, k)}
 
 
 def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
@@ -71,7 +251,7 @@ def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
               f"{result.seconds / 60:.1f} min")
     if result.status == 'interrupted':
         print('interrupted: run the same command again to resume from last.pth', file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     if result.status == 'budget':
         print(f'stopped at max_steps={config["max_steps"]}: raise --max-steps and rerun the same command to continue')
     return 0
@@ -79,15 +259,18 @@ def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..engine.config import resolve_config
-    config = resolve_config(args.config, _overrides(args))
+    config = resolve_config(args.config, _overrides(args), keep_null=True)
     return _run_training(config, _resume_arg(args))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..engine.config import load_recipe, resolve_config
+    from ..engine.restore import architecture_of
     overrides = _overrides(args)
     overrides['pretrained'] = args.checkpoint
-    config = resolve_config(args.config, overrides, base=load_recipe('finetune'))
+    # the checkpoint's own architecture, unless the command line or the recipe names a model
+    base = dict(load_recipe('finetune'), **architecture_of(args.checkpoint))
+    config = resolve_config(args.config, overrides, base=base, keep_null=True)
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
     return _run_training(config, _resume_arg(args))
@@ -95,6 +278,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _resume_arg(args: argparse.Namespace) -> Optional[str]:
     if args.no_resume:
+        if args.resume:
+            raise OptionError('--resume and --no-resume contradict each other; give one')
         return None
     return args.resume or 'auto'
 
@@ -103,11 +288,17 @@ def _resume_arg(args: argparse.Namespace) -> Optional[str]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_checkpoint
+    from ..engine.preflight import check_outputs
+    if args.agreement and args.amp == 'none':
+        raise OptionError('--agreement compares a reduced precision with fp32: give --amp bf16 or fp16 as well')
+    output = Path(args.output)
+    check_outputs([output / 'eval.json', output / 'confusion_matrix.png'], [args.checkpoint, args.data],
+                  force=args.force)
     result = evaluate_checkpoint(
-        args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset, split=args.split, img_size=args.img_size,
-        in_chans=args.in_chans, crop_pct=args.crop_pct, interpolation=args.interpolation,
-        batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device, output=args.output,
-        on_bad_image=args.on_bad_image, agreement=args.agreement)
+        args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
+        split=args.split, img_size=args.img_size, in_chans=args.in_chans, crop_pct=args.crop_pct,
+        interpolation=args.interpolation, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+        device=args.device, output=args.output, on_bad_image=args.on_bad_image, agreement=args.agreement)
     t = result['transform']
     print(f"{result['model']} on {result['samples']} images ({result['data'] or result['dataset']}, split {args.split}; "
           f"resize {int(t['img_size'] / t['crop_pct'])} {t['interpolation']}, centre crop {t['img_size']})")
@@ -126,44 +317,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of whole numbers, e.g. 0,6,13') \
-            from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
-    return value
-
-
-def _yaml_mapping(text: str) -> Dict[str, Any]:
-    from ..engine.config import parse_value
-    value = parse_value(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a YAML mapping such as "{{depth: 2}}"')
-    return value
-
-
 # --- predict / export / visualize ----------------------------------------------------------------------------
-
-def _add_model_flags(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
-    parser.add_argument('--checkpoint', required=checkpoint_required, metavar='FILE',
-                        help='t2tvit or official checkpoint, .pth/.pth.tar/.safetensors'
-                             + ('' if checkpoint_required else ' (default: random weights, with a warning)'))
-    parser.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
-    parser.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
-                        help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
-    parser.add_argument('--img-size', type=int, default=None, help='input size (default: from the checkpoint)')
-    parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: from the checkpoint)')
-
 
 def _restore(args: argparse.Namespace, labels: Optional[str] = None):
     from ..engine.restore import restore_model
@@ -185,9 +339,9 @@ def _device(name: str) -> str:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
     from ..tools.predict import predict_images
+    device = _device(args.device)
     restored = _restore(args, labels=args.labels)
-    result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size,
-                            device=_device(args.device))
+    result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size, device=device)
     if args.json:
         print(json.dumps({'model': restored.name, 'checkpoint': restored.checkpoint,
                           'predictions': [p.as_dict() for p in result.predictions],
@@ -208,9 +362,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..tools.export import export_model
+    if args.checkpoint is None and args.model is None:
+        raise OptionError('give --checkpoint FILE, or --model NAME to export a randomly initialised model')
+    if args.static_hw and args.format != 'onnx':
+        raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     restored = _restore(args)
     result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
-                          onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance)
+                          onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance,
+                          force=args.force)
     size_mb = result.path.stat().st_size / 2 ** 20
     print(f'wrote {result.path} ({size_mb:.1f} MB) and {result.sidecar}')
     if result.format != 'safetensors':
@@ -225,10 +384,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from ..engine.config import ConfigError
-    from ..tools.visualize import visualize
+    from ..engine.preflight import check_outputs
+    from ..tools.visualize import SKIMAGE_PHOTOS, visualize
     if args.checkpoint is None and args.model is None:
-        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+        raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+    stems = [Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS)
+    out = Path(args.output)
+    check_outputs([out / f'{stem}_{kind}.png' for stem in stems
+                   for kind in ('feature_maps', 'attention', 'rollout', 't2t_attention')],
+                  [*args.images, args.checkpoint], force=args.force)
     restored = _restore(args)
     files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
     for e in explanations:
@@ -239,19 +403,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     print(f'attention recomputed in the hooks rebuilds every hooked layer output to within {worst:.1e}')
     return 0
 
+
 # --- ablate -------------------------------------------------------------------------------------------------------
-
-def _comma_list(text: str) -> List[str]:
-    return [v.strip() for v in text.split(',') if v.strip()]
-
-
-def _key_value(text: str):
-    from ..engine.config import parse_value
-    key, sep, value = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. lr=1e-3')
-    return key.strip().replace('-', '_'), parse_value(value)
-
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from ..tools.ablate import run_ablation
@@ -269,23 +422,11 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if result.interrupted:
         print('interrupted: run the same command again to resume (finished variants are not trained again)',
               file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     return 0
 
 
-class _DefaultsAndLayoutHelp(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's line breaks and shows each flag's default (flags without one explain theirs)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ''
-        if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
-                and '%(default)' not in text:
-            text += ' (default: %(default)s)'
-        return text
-
-
 def _ablate_help() -> Tuple[str, str]:
-    from ..tools.ablate import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_VARIANTS
     description = (
         "Train a set of variants with one recipe on one data set (same seed, same budget), then measure each:\n"
         "parameters (frozen tensors included, as the paper counts), MACs of one image (FLOPs / 2 from\n"
@@ -302,228 +443,171 @@ def _ablate_help() -> Tuple[str, str]:
         f"{name} ({d['img_size']} px, {d['in_chans']} ch)" for name, d in DATASET_DEFAULTS.items()))
     return description, '\n'.join(lines)
 
+
 # --- benchmark ----------------------------------------------------------------------------------------------------
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from ..tools.benchmark import BenchmarkError, config_from_options, parse_checkpoints, run_benchmark
+    from ..tools.benchmark import config_from_options, run_benchmark
     from ..tools.complexity import complexity_rows, format_complexity_table
     if args.complexity_only:
         print(format_complexity_table(complexity_rows()))
         return 0
-    try:
-        config = config_from_options(
-            args.preset, args.smoke, models=args.models, peers=args.peers, train_models=args.train_models,
-            runs=args.runs, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
-            threads=args.threads, warmup=args.warmup, reps=args.reps, iters=args.iters, ab=args.ab,
-            agreement_images=args.agreement_images, peak_size=args.peak_size, reference=args.reference,
-            checkpoints=parse_checkpoints(args.checkpoint) if args.checkpoint else None,
-            variants_table=False if args.no_variants_table else None, output=args.output, stem=args.name,
-            plot=False if args.no_plot else None)
-        run_benchmark(config)
-    except BenchmarkError as e:
-        return _error(str(e))
+    config = config_from_options(
+        args.preset, args.smoke, models=args.models, peers=args.peers, train_models=args.train_models,
+        runs=args.runs, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
+        threads=args.threads, warmup=args.warmup, reps=args.reps, iters=args.iters, ab=args.ab,
+        agreement_images=args.agreement_images, peak_size=args.peak_size, reference=args.reference,
+        checkpoints=dict(args.checkpoint) if args.checkpoint else None,
+        variants_table=False if args.no_variants_table else None, output=args.output, stem=args.name,
+        plot=False if args.no_plot else None)
+    run_benchmark(config)
     return 0
-
-
-def _name_list(text: str) -> List[str]:
-    return [] if text.strip().lower() == 'none' else [t.strip() for t in text.split(',') if t.strip()]
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
 
+class _DefaultsAndLayoutHelp(argparse.HelpFormatter):
+    """Keeps the line breaks of a text laid out by hand, wraps the others; each option's help names its default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if '\n' in text:
+            return ''.join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    options: Sequence[Option]
+    run: Callable[[argparse.Namespace], int]
+    epilog: Optional[str] = None
+    recipe_keys: Tuple[str, ...] = ()  # recipe keys that are also flags (train, finetune)
+
+
+def _recipe_description(name: str, help_text: str) -> str:
+    return (help_text + '. Recipes: imagenet, cifar10, cifar100, fashion_mnist'
+            + (', finetune (the base of every finetune run)' if name == 'finetune' else '') + ', or a YAML path. '
+            'Recipe keys given as flags override the recipe; their values are YAML (1e-3, true, null, [0.5]).')
+
+
+_TRAIN_HELP = 'train a model from a recipe (resumes an interrupted run)'
+_FINETUNE_HELP = 'fine-tune a checkpoint to new classes, resolution or channels'
+_ABLATE_DESCRIPTION, _ABLATE_EPILOG = _ablate_help()
+
+COMMANDS: Dict[str, Command] = {c.name: c for c in (
+    Command('info', 'list every variant with its parameter counts; optionally check fixtures',
+            'Print every registered variant with parameter counts beside the paper, and optionally compare outputs '
+            'with official reference checkpoints.', INFO, _cmd_info),
+    Command('train', _TRAIN_HELP, _recipe_description('train', _TRAIN_HELP), TRAIN, _cmd_train,
+            recipe_keys=tuple(RECIPE_OPTIONS)),
+    Command('finetune', _FINETUNE_HELP, _recipe_description('finetune', _FINETUNE_HELP), FINETUNE, _cmd_finetune,
+            recipe_keys=tuple(k for k in RECIPE_OPTIONS if k != 'pretrained')),
+    Command('eval', 'evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion',
+            "Evaluate a checkpoint with the model's own evaluation transform (ImageNet models: resize 248 bicubic, "
+            'centre crop 224). Writes OUTPUT/eval.json and OUTPUT/confusion_matrix.png; existing ones are kept '
+            'unless --force.', EVAL, _cmd_eval),
+    Command('predict', 'top-k labels for images or folders of images',
+            "Top-k labels with probabilities for image files and folders (searched recursively), through the "
+            "model's own evaluation transform. Exit status 1 when some files could not be read (they are named and "
+            'skipped, as are FIFOs, devices and sockets, which are never opened).', PREDICT, _cmd_predict),
+    Command('export', 'export to ONNX, TorchScript, a torch.export program or safetensors',
+            'Export a model, check the written file against the eager model (two batch sizes, and a second image '
+            'size where height/width are dynamic), and write it atomically with FILE.json: preprocessing, class '
+            'names, input/output names. An existing FILE is kept unless --force; the checkpoint is never '
+            'overwritten.', EXPORT, _cmd_export),
+    Command('visualize', 'feature maps (paper Fig. 2), attention per head, rollout, T2T attention',
+            'Write, per image, NAME_feature_maps.png (T2T stages at strides 4 and 8 and chosen blocks, channels as '
+            'a grid), NAME_attention.png (class-token attention per head), NAME_rollout.png (attention rollout over '
+            'all blocks) and NAME_t2t_attention.png (T2T attention of a few query tokens; implied by the kernel for '
+            "Performer models). Without IMAGE: scikit-image's astronaut, chelsea and coffee photos.",
+            VISUALIZE, _cmd_visualize),
+    Command('ablate', "the paper's design study on a small data set: train variants, compare them",
+            _ABLATE_DESCRIPTION, ABLATE, _cmd_ablate, epilog=_ABLATE_EPILOG),
+    Command('benchmark', 'complexity table; throughput, memory and MFU beside timm peers (CPU or GPU)',
+            'Print parameters and MACs of every variant, then time inference and training steps of T2T-ViT and '
+            'timm peers interleaved in one process, with the matmul peak of the same machine; write JSON and a PNG. '
+            'Presets: cpu (make bench, a few minutes on 2 cores), gpu (make bench-gpu). Options given override the '
+            'preset.', BENCHMARK, _cmd_benchmark),
+)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='t2tvit', description='Tokens-to-Token ViT: train, evaluate and fine-tune; model facts and checks.')
-    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-
-    info = sub.add_parser('info', help='list every variant with its parameter counts; optionally check fixtures',
-                          description='Print every registered variant with parameter counts beside the paper, '
-                                      'and optionally compare outputs with official reference checkpoints.')
-    info.add_argument('--fixtures', metavar='DIR', default=None,
-                      help='folder with tiny_configs.json and official *.pth.tar/_io.pt files to check against')
-    info.add_argument('--tolerance', type=float, default=1e-5, help='largest allowed abs difference (default 1e-5)')
-    info.add_argument('--no-tags', action='store_true', help='list only the base names, not the .in1k_384 tags')
-    info.set_defaults(func=_cmd_info)
-
-    for name, help_text in (('train', 'train a model from a recipe (resumes an interrupted run)'),
-                            ('finetune', 'fine-tune a checkpoint to new classes, resolution or channels')):
-        p = sub.add_parser(
-            name, help=help_text, description=help_text + '. Recipes: imagenet, cifar10, cifar100, fashion_mnist'
-            + (', finetune (the default base for finetune)' if name == 'finetune' else '') + ', or a YAML path.',
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument('--config', '-c', metavar='RECIPE', default='fashion_mnist' if name == 'train' else None,
-                       help='recipe name or YAML file')
-        if name == 'finetune':
-            p.add_argument('--checkpoint', required=True, metavar='FILE', help='checkpoint to start from')
-        p.add_argument('--resume', metavar='FILE', default=None,
-                       help='resume from this checkpoint (default: RUN_DIR/last.pth when it exists)')
-        p.add_argument('--no-resume', action='store_true', help='start afresh; refuse an existing run folder')
-        _add_config_flags(p, skip=('pretrained',) if name == 'finetune' else ())
-        p.set_defaults(func=_cmd_train if name == 'train' else _cmd_finetune)
-
-    ev = sub.add_parser('eval', help='evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion',
-                        description='Evaluate a checkpoint with the model\'s own evaluation transform '
-                                    '(ImageNet models: resize 248 bicubic, centre crop 224).')
-    ev.add_argument('--checkpoint', required=True, metavar='FILE')
-    ev.add_argument('--data', metavar='DIR', default=None, help='data set folder')
-    ev.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
-    ev.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
-                    help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
-    ev.add_argument('--dataset', default=None,
-                    help='imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake (default: from the '
-                         'checkpoint, else imagefolder)')
-    ev.add_argument('--split', default='val', choices=('val', 'test', 'train'))
-    ev.add_argument('--img-size', type=int, default=None)
-    ev.add_argument('--in-chans', type=int, default=None)
-    ev.add_argument('--crop-pct', type=float, default=None)
-    ev.add_argument('--interpolation', default=None)
-    ev.add_argument('--batch-size', type=int, default=64)
-    ev.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
-    ev.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
-    ev.add_argument('--agreement', action='store_true',
-                    help='with --amp: also run each batch in fp32 and report how often the top-1 classes agree')
-    ev.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
-    ev.add_argument('--on-bad-image', default='fail', choices=('fail', 'skip'))
-    ev.add_argument('--output', default='runs/eval', metavar='DIR', help='where eval.json and the PNG go')
-    ev.set_defaults(func=_cmd_eval)
-
-    pr = sub.add_parser('predict', help='top-k labels for images or folders of images',
-                        description='Top-k labels with probabilities for image files and folders (searched '
-                                    'recursively), through the model\'s own evaluation transform. Exit status 1 '
-                                    'when some files could not be read (they are named and skipped).')
-    pr.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR')
-    _add_model_flags(pr, checkpoint_required=True)
-    pr.add_argument('--topk', type=_positive_int, default=5, help='how many classes to list per image (default 5)')
-    pr.add_argument('--labels', metavar='FILE', default=None,
-                    help='class names, one per line in index order (default: from the checkpoint, the data set, '
-                         'or ImageNet-1k for 1000-class models)')
-    pr.add_argument('--json', action='store_true', help='print one JSON document instead of text')
-    pr.add_argument('--batch-size', type=_positive_int, default=32)
-    pr.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
-    pr.set_defaults(func=_cmd_predict)
-
-    exp = sub.add_parser('export', help='export to ONNX, TorchScript, a torch.export program or safetensors',
-                         description='Export a model, check the written file against the eager model (two batch '
-                                     'sizes, and a second image size where height/width are dynamic), and write it '
-                                     'atomically with FILE.json: preprocessing, class names, input/output names.')
-    exp.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program', 'safetensors'))
-    _add_model_flags(exp, checkpoint_required=False)
-    exp.add_argument('--output', '-o', metavar='FILE', default=None,
-                     help='file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)')
-    exp.add_argument('--static-hw', action='store_true',
-                     help='ONNX: fix height/width at the model size (default: any size, batch always dynamic)')
-    exp.add_argument('--onnx-exporter', default='dynamo', choices=('dynamo', 'legacy'),
-                     help='dynamo (default: dynamic height/width) or the legacy TorchScript-based one '
-                          '(fixed height/width, faster to export)')
-    exp.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
-    exp.add_argument('--tolerance', type=float, default=1e-4,
-                     help='largest allowed |exported - eager| in the check (default 1e-4)')
-    exp.set_defaults(func=_cmd_export)
-
-    vz = sub.add_parser('visualize', help="feature maps (paper Fig. 2), attention per head, rollout, T2T attention",
-                        description='Write, per image, NAME_feature_maps.png (T2T stages at strides 4 and 8 and chosen '
-                                    'blocks, channels as a grid), NAME_attention.png (class-token attention per head), '
-                                    'NAME_rollout.png (attention rollout over all blocks) and NAME_t2t_attention.png '
-                                    '(T2T attention of a few query tokens; implied by the kernel for Performer '
-                                    'models). Without IMAGE: scikit-image\'s astronaut, chelsea and coffee photos.')
-    vz.add_argument('images', nargs='*', metavar='IMAGE')
-    _add_model_flags(vz, checkpoint_required=False)
-    vz.add_argument('--output', '-o', default='runs/visualize', metavar='DIR', help='default: runs/visualize')
-    vz.add_argument('--blocks', type=_int_list, default=None, metavar='I,J,...',
-                    help='blocks to show, counted from 0 (default: first, middle, last)')
-    vz.add_argument('--channels', type=_positive_int, default=16, help='channels per feature map (default 16)')
-    vz.set_defaults(func=_cmd_visualize)
-
-    from ..tools.ablate import DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
-    description, epilog = _ablate_help()
-    ab = sub.add_parser('ablate', help="the paper's design study on a small data set: train variants, compare them",
-                        description=description, epilog=epilog, formatter_class=_DefaultsAndLayoutHelp)
-    ab.add_argument('--variants', type=_comma_list, default=','.join(DEFAULT_VARIANTS), metavar='A,B,...',
-                    help='comma-separated variant names (listed below)')
-    ab.add_argument('--dataset', default='fashion_mnist', choices=list(DATASET_DEFAULTS),
-                    help='data set; image size, channels, normalisation and classes follow it')
-    ab.add_argument('--data', metavar='DIR', default=None,
-                    help='data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)')
-    ab.add_argument('--recipe', metavar='RECIPE', default='fashion_mnist', help='training recipe every variant shares')
-    ab.add_argument('--epochs', type=int, default=DEFAULT_EPOCHS, help='epochs per variant')
-    ab.add_argument('--max-steps', type=int, default=None, help='optimizer steps per variant (a budget below --epochs)')
-    ab.add_argument('--batch-size', type=int, default=None, help="global batch size (default: the recipe's: 64 for "
-                    "fashion_mnist)")
-    ab.add_argument('--seed', type=int, default=0, help='seed of every run (data order, augmentation, dropout)')
-    ab.add_argument('--scale', default='small', choices=('small', 'paper'),
-                    help='small: every idea at the common small scale (28-32 px); paper: the registered builders')
-    ab.add_argument('--img-size', type=int, default=None, help="image size (default: the data set's)")
-    ab.add_argument('--name', default=None, help='results go to OUTPUT/ablate-NAME (default: the data set name)')
-    ab.add_argument('--output', metavar='DIR', default='runs', help='folder holding the ablate-NAME folder')
-    ab.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
-                    help='training and measuring device')
-    ab.add_argument('--throughput-batch', type=int, default=64, help='batch size of the images/s loop')
-    ab.add_argument('--throughput-seconds', type=float, default=3.0, help='duration of the images/s loop')
-    ab.add_argument('--set', type=_key_value, action='append', metavar='KEY=VALUE',
-                    help='any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
-                         '(t2tvit train --help lists the keys)')
-    ab.set_defaults(func=_cmd_ablate)
-
-    bench = sub.add_parser(
-        'benchmark', help='complexity table; throughput, memory and MFU beside timm peers (CPU or GPU)',
-        description='Print parameters and MACs of every variant, then time inference and training steps of T2T-ViT '
-                    'and timm peers interleaved in one process, with the matmul peak of the same machine; write JSON '
-                    'and a PNG. Presets: cpu (make bench, a few minutes on 2 cores), gpu (make bench-gpu). '
-                    'Options given override the preset.')
-    bench.add_argument('--preset', default='cpu', choices=('cpu', 'gpu'), help='starting values (default: cpu)')
-    bench.add_argument('--smoke', action='store_true',
-                       help='toy sizes (batch 2, 64 px, 2 rounds): checks the code path, e.g. of --preset gpu on a CPU')
-    bench.add_argument('--complexity-only', action='store_true',
-                       help='print the parameter and MAC table of every variant at 224 and 384 px, and stop')
-    bench.add_argument('--models', type=_name_list, metavar='LIST', help='T2T-ViT variants, comma-separated, or none')
-    bench.add_argument('--peers', type=_name_list, metavar='LIST', help='timm models to time beside them, or none')
-    bench.add_argument('--train-models', type=_name_list, metavar='LIST',
-                       help='which of the models and peers train runs time (default: the preset\'s)')
-    bench.add_argument('--runs', metavar='LIST',
-                       help='MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16, eager|compiled; '
-                            'e.g. infer:fp32,infer:bf16,train:fp32')
-    bench.add_argument('--batch-size', type=int)
-    bench.add_argument('--img-size', type=int)
-    bench.add_argument('--device', choices=('cpu', 'cuda'))
-    bench.add_argument('--threads', type=int, help='CPU threads (default: one per core)')
-    bench.add_argument('--warmup', type=int, help='untimed steps per model before timing (the first compiles)')
-    bench.add_argument('--reps', type=int, help='timed rounds; each runs every model once')
-    bench.add_argument('--iters', type=int, help='steps per model per round')
-    bench.add_argument('--ab', metavar='PATHS',
-                       help='also time a copy of each T2T-ViT with these fast paths off, side by side: '
-                            'comma-separated names (an unknown one lists them), or all')
-    bench.add_argument('--agreement-images', type=int, metavar='N',
-                       help='images for the bf16-vs-fp32 top-1 agreement (0: skip)')
-    bench.add_argument('--checkpoint', action='append', metavar='NAME=FILE',
-                       help='weights for one model (repeatable), e.g. for a meaningful bf16 agreement')
-    bench.add_argument('--peak-size', type=int, metavar='N', help='side of the square GEMM that measures the peak')
-    bench.add_argument('--reference', metavar='NAME', help='model the others are divided by, round by round')
-    bench.add_argument('--no-variants-table', action='store_true', help='skip the table of every variant')
-    bench.add_argument('--output', metavar='DIR',
-                       help="folder for JSON and PNG (default: benchmarks; 'none': no files)")
-    bench.add_argument('--name', metavar='STEM', help='file name without suffix (default: DEVICE-DATE)')
-    bench.add_argument('--no-plot', action='store_true', help='no PNG')
-    bench.set_defaults(func=_cmd_benchmark)
+    parser = _Parser(prog='t2tvit', description='Tokens-to-Token ViT: train, evaluate and fine-tune; model facts '
+                     'and checks.')
+    parser.add_argument('--debug', action='store_true', help='on an unexpected error, print the full traceback')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=_Parser)
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog,
+                           formatter_class=_DefaultsAndLayoutHelp)
+        for option in command.options:
+            option.add_to(p)
+        if command.recipe_keys:
+            group = p.add_argument_group('recipe keys (override the recipe; values are YAML: 1e-3, true, null, '
+                                         '[1,2])')
+            for key in command.recipe_keys:
+                RECIPE_OPTIONS[key].add_to(group, default=argparse.SUPPRESS)
+        p.set_defaults(func=command.run)
     return parser
 
 
+# --- the error boundary -------------------------------------------------------------------------------------------
+
+def _expected_errors() -> Tuple[type, ...]:
+    """Errors that mean bad input: a value, a file, a checkpoint, a data set. Imported only once a command ran."""
+    kinds: List[type] = [ValueError, OSError, UsageError, MemoryError]
+    for module, name in (('t2tvit.models', 'CheckpointError'), ('t2tvit.engine.checkpointing', 'CheckpointSaveError'),
+                         ('t2tvit.tools.benchmark', 'BenchmarkError')):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            kinds.append(cls)
+    return tuple(kinds)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError'
+
+
+def _write_traceback(e: BaseException) -> Path:
+    folder = Path(tempfile.gettempdir())
+    path = folder / f't2tvit-error-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}.txt'
+    path.write_text(f"t2tvit {' '.join(sys.argv[1:])}\n\n" + ''.join(traceback.format_exception(e)))
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line; the type is named where the message alone would not explain it."""
+    text = ' '.join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    if isinstance(e, KeyError) or not text:
+        return f'{type(e).__name__}: {e!r}'
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..data import DataError
-    from ..engine.checkpointing import CheckpointSaveError
-    from ..engine.config import ConfigError
-    from ..models import CheckpointError
-    from ..models.layers import FastPathError
-    from ..tools.export import ExportError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = '--debug' in argv[:1] or os.environ.get('T2TVIT_DEBUG') == '1'
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FastPathError,
-            FileNotFoundError) as e:
+    except UsageError as e:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error('stopped at once by a second Ctrl-C; rerun the same command to resume from last.pth',
-                      128 + signal.SIGINT)
-
+                      EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001  (the boundary: every failure becomes one line)
+        if _out_of_memory(e):
+            return _error(f'out of memory ({_one_line(e)}); lower --batch-size or --img-size')
+        if isinstance(e, _expected_errors()):
+            return _error(_one_line(e))
+        if debug:
+            traceback.print_exception(e)
+            return EXIT_UNEXPECTED
+        try:
+            where = f'the full traceback is in {_write_traceback(e)}'
+        except OSError:
+            where = 'rerun with --debug to see the full traceback'
+        return _error(f'unexpected {type(e).__name__}: {_one_line(e)} ({where})', EXIT_UNEXPECTED)
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..options import not_regular_file
 from .datasets import _UNREADABLE_IMAGE_ERRORS, DataError
 
 __all__ = ['load_image', 'find_images', 'IMAGE_SUFFIXES', 'UNREADABLE_IMAGE_ERRORS']
@@ -41,18 +42,40 @@ def load_image(path: PathLike, mode: str = 'RGB') -> Image.Image:
     return image.convert(mode)
 
 
-def find_images(inputs: Sequence[PathLike]) -> List[Path]:
-    """Files as given, and the image files under each folder (recursively, sorted); missing paths are refused."""
+def find_images(inputs: Sequence[PathLike], skipped: Optional[List[Tuple[str, str]]] = None) -> List[Path]:
+    """Files as given, and the image files under each folder (recursively, sorted); missing paths are refused.
+
+    What is not a regular file (a FIFO, a device, a socket) is never opened: it goes to `skipped` as (path, what it
+    is) when a list is given, else it is refused.
+    """
     found: List[Path] = []
+
+    def skip(path: Path, why: str) -> None:
+        if skipped is None:
+            raise DataError(f'{path} {why}; give image files or folders of images')
+        skipped.append((str(path), f'{why}; not opened'))
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
+            files = []
+            for p in sorted(path.rglob('*')):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or p.is_dir():
+                    continue
+                why = not_regular_file(str(p))
+                if why is None:
+                    files.append(p)
+                elif p.exists():  # not a dangling link
+                    skip(p, why)
+            if not files and not (skipped and any(s[0].startswith(str(path)) for s in skipped)):
                 raise DataError(f'folder {path} holds no images (looked for {", ".join(IMAGE_SUFFIXES)})')
             found.extend(files)
         elif path.exists():
-            found.append(path)  # named explicitly: reading it decides whether it is an image
+            why = not_regular_file(str(path))
+            if why is None:
+                found.append(path)  # named explicitly: reading it decides whether it is an image
+            else:
+                skip(path, why)
         else:
             raise DataError(f'{path} does not exist; give image files or folders of images')
     return found

@@ -8,6 +8,7 @@ from ..data import build_dataset
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion, write_eval_json
+from .preflight import check_memory
 from .restore import restore_model
 from .train import _eval_loader, evaluate, fake_split_size
 
@@ -41,6 +42,7 @@ def evaluate_checkpoint(
     try:
         restored = restore_model(checkpoint, model, model_kwargs, img_size, in_chans, crop_pct, interpolation)
         net, config, facts, model_name = restored.model, restored.preprocess, restored.facts, restored.name
+        check_memory(config['img_size'], net.in_chans, batch_size, info.device.type)
         dataset_name = dataset or facts.get('dataset') or 'imagefolder'
         eval_set = build_dataset(
             dataset_name, data or facts.get('data'), split, transform=None, in_chans=net.in_chans,

@@ -17,9 +17,10 @@ from torchvision import transforms as T
 from ..data.labels import class_names_for
 from ..models import CheckpointError, extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
+from .preflight import check_memory, check_model_kwargs
 from .train import eval_transform_for
 
-__all__ = ['RestoredModel', 'restore_model', 'checkpoint_facts', 'SAFETENSORS_METADATA_KEY']
+__all__ = ['RestoredModel', 'restore_model', 'checkpoint_facts', 'architecture_of', 'SAFETENSORS_METADATA_KEY']
 
 # safetensors files we write keep the training config and class names under this metadata key, as JSON
 SAFETENSORS_METADATA_KEY = 't2tvit'
@@ -60,6 +61,24 @@ def checkpoint_facts(raw: Any, saved: Optional[Mapping[str, Any]] = None) -> Dic
     if head is not None:
         facts['num_classes'] = head.shape[0]
     return facts
+
+
+def read_facts(checkpoint: str) -> Any:
+    """(raw checkpoint, facts) of a checkpoint file."""
+    checkpoint = os.fspath(checkpoint)
+    raw = read_checkpoint(checkpoint)
+    saved = _safetensors_metadata(checkpoint) if checkpoint.endswith('.safetensors') else {}
+    return raw, checkpoint_facts(raw, saved)
+
+
+def architecture_of(checkpoint: str) -> Dict[str, Any]:
+    """The model name and builder arguments a checkpoint was trained with, as recipe keys (empty when it does not
+    say): what `t2tvit finetune` builds unless told otherwise."""
+    _, facts = read_facts(checkpoint)
+    if not facts.get('model'):
+        return {}
+    kwargs = {k: v for k, v in dict(facts.get('model_kwargs') or {}).items() if k != 'drop_path_rate'}
+    return {'model': facts['model'], 'model_kwargs': kwargs}
 
 
 def _find_transform(transform: Callable, kind: type) -> Any:
@@ -118,28 +137,33 @@ def restore_model(
     files written by `t2tvit export` store it as metadata), then from the model's pretrained_cfg.
     """
     raw: Any = None
-    saved: Dict[str, Any] = {}
+    facts: Dict[str, Any] = {}
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
-        raw = read_checkpoint(checkpoint)
-        if checkpoint.endswith('.safetensors'):
-            saved = _safetensors_metadata(checkpoint)
-    facts = checkpoint_facts(raw, saved)
+        raw, facts = read_facts(checkpoint)
     name = model or facts.get('model')
     if not name:
         where = f'{checkpoint} does not say which model it holds' if checkpoint else 'no checkpoint given'
         raise ConfigError(f'{where}; pass --model NAME (`t2tvit info` lists them)')
+    check_model_kwargs(name, dict(model_kwargs or {}))
     kwargs = dict(facts.get('model_kwargs', {}))
     kwargs.update(model_kwargs or {})
     kwargs.pop('drop_path_rate', None)
-    size = img_size or facts.get('img_size')
-    chans = in_chans or facts.get('in_chans')
+    for key, value in (('img_size', img_size), ('in_chans', in_chans)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f'{key} {value!r}: give a whole number >= 1, or None to take the checkpoint\'s')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ConfigError(f'crop_pct {crop_pct!r}: give a number in (0, 1], or None to take the checkpoint\'s')
+    size = img_size if img_size is not None else facts.get('img_size')
+    chans = in_chans if in_chans is not None else facts.get('in_chans')
     if size:
         kwargs['img_size'] = size
     if chans:
         kwargs['in_chans'] = chans
     if 'num_classes' in facts:
         kwargs['num_classes'] = facts['num_classes']
+    if kwargs.get('img_size'):
+        check_memory(kwargs['img_size'], kwargs.get('in_chans', 3), 1)
     try:
         net = timm.create_model(name, **kwargs)
     except RuntimeError as e:
@@ -150,6 +174,9 @@ def restore_model(
         raise ConfigError(f'{name} does not take these arguments {kwargs}: {e}') from e
     except ValueError as e:  # the model refuses a value: its message names it and the allowed ones
         raise ConfigError(f'cannot build {name}: {e}') from e
+    if not hasattr(net, 'img_size') or not hasattr(net, 'in_chans'):
+        raise ConfigError(f'{name} is a {type(net).__name__}, not a T2T-ViT model; t2tvit commands take T2T-ViT '
+                          f'checkpoints (`t2tvit info` lists the models)')
     if raw is not None:
         try:
             load_checkpoint(net, raw)
@@ -161,7 +188,7 @@ def restore_model(
     preprocess = {
         'img_size': built_size, 'in_chans': net.in_chans,
         'mean': facts.get('mean'), 'std': facts.get('std'),
-        'crop_pct': crop_pct or facts.get('crop_pct') or cfg.get('crop_pct', 0.9),
+        'crop_pct': crop_pct if crop_pct is not None else facts.get('crop_pct') or cfg.get('crop_pct', 0.9),
         'interpolation': interpolation or facts.get('interpolation') or cfg.get('interpolation', 'bicubic'),
     }
     kwargs.update(img_size=built_size, in_chans=net.in_chans, num_classes=net.num_classes)

@@ -36,10 +36,12 @@ from ..data import build_dataset, build_transform
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
+from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 
-__all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for']
+__all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for', 'preflight',
+           'NonFiniteOutputError']
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,6 +130,26 @@ def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
         if 'Unknown model' in str(e):
             raise ConfigError(f"unknown model {config['model']!r}; `t2tvit info` lists the registered ones") from e
         raise
+    except (TypeError, ValueError) as e:  # the builder refuses an argument: its message names it
+        raise ConfigError(f"cannot build {config['model']} with model_kwargs {config['model_kwargs']}: {e}") from e
+
+
+def preflight(config: Dict[str, Any], micro_batch: int, device: torch.device) -> None:
+    """What can be checked before any folder is made or any data read: builder arguments, the optimizer name,
+    the memory one micro-batch needs, that the model builds (on the meta device: no memory), the data folder."""
+    check_model_kwargs(config['model'], config['model_kwargs'])
+    check_optimizer(config['opt'])
+    check_memory(config['img_size'], config['in_chans'], micro_batch, 'cuda' if device.type == 'cuda' else 'cpu')
+    with torch.device('meta'):
+        build_model(config, config['num_classes'] or 2)
+    if config['dataset'] != 'fake':
+        data = config['data']
+        if data is None or not Path(data).is_dir():
+            raise ConfigError(f"dataset {config['dataset']} reads a folder: --data {data} "
+                              f"{'is not given' if data is None else 'is not an existing folder'}; "
+                              f"give the data set's folder")
+    if config['pretrained'] is not None and not Path(config['pretrained']).is_file():
+        raise ConfigError(f"pretrained {config['pretrained']} is not an existing file")
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> List[str]:
@@ -211,12 +233,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     # top-1 agreements, fp32 top-1 hits, sum of |logit difference|, its max (a max: reduced separately)
     agree = torch.zeros(3, dtype=torch.float64, device=device)
     max_diff = torch.zeros(1, dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images whose logits hold NaN or infinity
     k = min(5, num_classes)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast_for(amp, device):
             logits = model(images)
         logits = logits.float()
+        nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
         top1 = logits.argmax(dim=1)
         if agreement:
             reference = model(images).float()
@@ -233,6 +257,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
     all_reduce_sum(confusion, info)
     all_reduce_sum(sums, info)
+    all_reduce_sum(nonfinite, info)
+    if nonfinite.item():
+        raise NonFiniteOutputError(
+            f'the model gave NaN or infinite logits for {nonfinite.item()} of {int(sums[2].item())} images; its '
+            f'weights are broken (a diverged run or EMA?), so no accuracy is reported. Use another checkpoint')
     n = max(sums[2].item(), 1)
     confusion = confusion.cpu()
     per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp_min(1)).tolist()
@@ -331,6 +360,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
                           f"{config['accum_steps']} x {world} processes")
     micro_global = config['batch_size'] // config['accum_steps']
     micro_local = micro_global // world
+    preflight(config, micro_local, device)
 
     run_dir = run_dir_for(config)
     last_path, best_path = run_dir / 'last.pth', run_dir / 'best.pth'

@@ -28,74 +28,14 @@ from ..data import build_dataset
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
 from ..models import count_parameters
-from ..models.t2t_vit import SMALL_IMAGE_SOFT_SPLITS
 from . import complexity
+from .ablate_variants import (  # noqa: F401  (part of this module's interface)
+    ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS, SMALL_BASE, AblationVariant)
 from .paper import DESIGN_STUDY, PaperResult
 
 __all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DATASET_DEFAULTS', 'VariantResult',
            'AblationResult', 'run_ablation', 'count_macs', 'images_per_second', 'write_tables']
 
-# The T2T-ViT-14 baseline at the common small scale: the shape of t2t_vit_mini (MLP ratio 2, as the paper's own
-# small models T2T-ViT-7/10/12 use).
-SMALL_BASE: Dict[str, Any] = dict(
-    soft_splits=SMALL_IMAGE_SOFT_SPLITS, token_dim=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.)
-_BACKBONE = {k: SMALL_BASE[k] for k in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio')}
-
-
-@dataclass(frozen=True)
-class AblationVariant:
-    idea: str
-    small_kwargs: Dict[str, Any]  # builder kwargs at the common small scale
-    note: str  # how the small build keeps the idea
-
-
-ABLATION_VARIANTS: Dict[str, AblationVariant] = {
-    't2t_vit_14': AblationVariant(
-        'deep-narrow baseline (T2T, Performer tokens)', dict(SMALL_BASE), '128 wide, 4 blocks, 4 heads'),
-    't2t_vit_14_wide': AblationVariant(
-        'shallow-wide', dict(SMALL_BASE, embed_dim=256, depth=1, num_heads=8),
-        'twice as wide, a quarter of the depth (paper: 768 x 4 vs 384 x 14), about the same block parameters'),
-    't2t_vit_dense': AblationVariant(
-        'dense connections',
-        dict(soft_splits=SMALL_IMAGE_SOFT_SPLITS, token_dim=32, embed_dim=64, growth_rate=32, block_config=(3, 3),
-             num_heads=4, mlp_ratio=2.),
-        'two stages of 3 dense blocks (widths 64 -> 160, transition to 80, -> 176), about the baseline\'s '
-        'parameters (paper: 19 blocks, 128 -> 584)'),
-    't2t_vit_14_se': AblationVariant('SE channel attention', dict(SMALL_BASE), 'SE after each attention'),
-    't2t_vit_14_resnext': AblationVariant(
-        'more, thinner heads (ResNeXt)', dict(SMALL_BASE, num_heads=16),
-        '16 heads of 8 channels instead of 4 of 32 (paper: 32 heads of 12)'),
-    't2t_vit_16_ghost': AblationVariant(
-        'Ghost cheap operations', dict(SMALL_BASE),
-        'half of q/k/v and of the MLP hidden layer from cheap ops (paper: two thirds, at MLP ratio 3); same depth'),
-    't2t_vit_p_14': AblationVariant(
-        'patch tokenizer (no T2T)', dict(_BACKBONE, patch_size=7),
-        '7x7 patches: the same 4x4 grid at 28 px as the soft splits'),
-    't2t_vit_c_14': AblationVariant(
-        'convolution tokenizer', dict(SMALL_BASE), 'three convolutions with the small soft splits'),
-    't2t_vit_t_14': AblationVariant(
-        'T2T with transformer tokens', dict(SMALL_BASE), 'token transformer instead of Performer'),
-}
-
-# Every idea the paper's design study compares (t2t_vit_t_14 is available but not run by default).
-DEFAULT_VARIANTS: Tuple[str, ...] = (
-    't2t_vit_14', 't2t_vit_14_wide', 't2t_vit_dense', 't2t_vit_14_se', 't2t_vit_14_resnext', 't2t_vit_16_ghost',
-    't2t_vit_p_14', 't2t_vit_c_14')
-DEFAULT_EPOCHS = 1
-
-_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-# Per data set: image size, channels, normalisation, classes (None: the data set's count), default folder.
-DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    'fashion_mnist': dict(img_size=28, in_chans=1, mean=(0.2860,), std=(0.3530,), num_classes=10,
-                          data='data/fashion-mnist'),
-    'mnist': dict(img_size=28, in_chans=1, mean=(0.1307,), std=(0.3081,), num_classes=10, data=None),
-    'cifar10': dict(img_size=32, in_chans=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                    num_classes=10, data=None),
-    'cifar100': dict(img_size=32, in_chans=3, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                     num_classes=100, data=None),
-    'imagefolder': dict(img_size=32, in_chans=3, num_classes=None, data=None, **_IMAGENET),
-    'fake': dict(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), num_classes=10, data=None),
-}
 _SET_BY_ABLATE = ('model', 'model_kwargs', 'run_name', 'output', 'pretrained')
 
 MACS_CONVENTION = ('MACs = FLOPs / 2 from torch.utils.flop_counter over one forward pass of one image: matrix '

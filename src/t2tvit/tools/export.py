@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..engine.checkpointing import atomic_write
+from ..engine.preflight import check_finite, check_outputs
 from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
 from ..models import load_checkpoint, token_grid_size
 from ..models.layers import set_fast_paths
@@ -210,6 +211,7 @@ def export_model(
         opset: int = 18,
         tolerance: float = 1e-4,
         seed: int = 0,
+        force: bool = False,
 ) -> ExportResult:
     """Export `restored.model` as `fmt`, check the written bytes against the eager model, write FILE and FILE.json.
 
@@ -220,6 +222,7 @@ def export_model(
             the dynamo exporter, the only format whose graph keeps them symbolic; asking it of another raises.
         onnx_exporter: 'dynamo' (default) or 'legacy' (TorchScript-based, fixed height/width).
         tolerance: Largest allowed |exported - eager| over the checks; a larger one raises and writes nothing.
+        force: Replace FILE and FILE.json when they exist (the checkpoint read is never replaced).
     """
     if fmt not in FORMATS:
         raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
@@ -231,6 +234,7 @@ def export_model(
                           f'use --format onnx (dynamo exporter) for a graph that takes any image size')
     dynamic_hw = hw_capable if dynamic_hw is None else dynamic_hw
     path = _suffix_path(output, restored.name, fmt)
+    check_outputs([path, path.with_name(path.name + '.json')], [restored.checkpoint], force=force)
     model = copy.deepcopy(restored.model).cpu().eval()
     model.dynamic_img_size = model.dynamic_img_size or dynamic_hw  # resize the position table per call
     soft_splits = model.soft_splits
@@ -247,6 +251,8 @@ def export_model(
         checks_inputs.append(torch.randn(2, chans, height + 16, max(width - 8, min_side), generator=generator))
         checks_inputs.append(torch.randn(1, chans, min_side, min_side + 3, generator=generator))
 
+    with torch.no_grad():
+        check_finite(model(example), 'random inputs of the export size')
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')  # tracer and exporter chatter about constant shapes it was told about
         try:

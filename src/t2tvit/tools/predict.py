@@ -10,6 +10,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from ..data.images import UNREADABLE_IMAGE_ERRORS, find_images, load_image
+from ..engine.preflight import check_finite
 from ..engine.restore import RestoredModel
 
 __all__ = ['Prediction', 'PredictResult', 'predict_images']
@@ -60,12 +61,12 @@ def predict_images(
         raise ValueError(f'topk={topk}; ask for at least 1 class')
     if batch_size < 1:
         raise ValueError(f'batch_size={batch_size}; use at least 1')
-    paths = [str(p) for p in find_images(inputs)]
+    result = PredictResult()
+    paths = [str(p) for p in find_images(inputs, skipped=result.failed)]
     model = restored.model.to(device).eval()
     transform = restored.transform()
     mode = 'L' if restored.preprocess['in_chans'] == 1 else 'RGB'
     k = min(topk, len(restored.classes))
-    result = PredictResult()
     bar = tqdm(total=len(paths), unit='img', desc='predict', disable=None if progress is None else not progress)
     with bar:
         for start in range(0, len(paths), batch_size):
@@ -78,7 +79,9 @@ def predict_images(
                 else:
                     result.failed.append((path, error))
             if batch:
-                probs = model(torch.stack(batch).to(device)).float().softmax(dim=-1)  # (B, num_classes)
+                logits = model(torch.stack(batch).to(device)).float()  # (B, num_classes)
+                check_finite(logits, ', '.join(names[:3]) + (' ...' if len(names) > 3 else ''))
+                probs = logits.softmax(dim=-1)
                 values, indices = probs.topk(k, dim=-1)
                 for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
                     result.predictions.append(Prediction(

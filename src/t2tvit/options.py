@@ -1,0 +1,473 @@
+"""Option specifications: one entry per option gives its flag, type, range, default and help.
+
+The command line builds its flags from these entries, checks every value against them before any work starts, and
+prints their help; recipes (YAML files) are checked against the same entries. This module imports neither torch nor
+timm, so `t2tvit --help` and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+__all__ = ['Option', 'OptionError', 'RECIPE_OPTIONS', 'parse_yaml', 'KINDS', 'DATASET_NAMES', 'SCHEDULERS',
+           'not_regular_file', 'table']
+
+# What each kind accepts; `Option.takes` words the whole requirement.
+KINDS = ('int', 'float', 'bool', 'str', 'choice', 'floats', 'ints', 'names', 'mapping', 'file', 'dir', 'path', 'flag',
+         'setting', 'named_file')
+
+# Data sets `build_dataset` reads (t2tvit.data.DATASETS; a test keeps the two equal).
+DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake')
+# timm schedulers the training loop can drive: stepped per update, no validation metric needed (a test checks that
+# timm's create_scheduler_v2 builds each one)
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant')
+
+
+class OptionError(ValueError):
+    """A value an option does not take; the message names the option, the value and what it takes."""
+
+
+def parse_yaml(text: str) -> Any:
+    """A value written as YAML (`1e-3`, `true`, `null`, `[0.5, 0.5]`, `{depth: 2}`), read strictly.
+
+    Text that is not valid YAML is an error rather than a string, and a mapping key holding a colon (`{depth:1}`,
+    which YAML reads as the key 'depth:1' with no value) is an error naming the fix.
+    """
+    import yaml
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OptionError(f'{text!r} is not valid YAML ({first})') from None
+    value = _numbers(value)
+    _check_mapping_keys(value, text)
+    return value
+
+
+def _check_mapping_keys(value: Any, text: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and ':' in key and item is None:
+                name, _, rest = key.partition(':')
+                raise OptionError(f'{text!r}: YAML reads {key!r} as one key without a value; write '
+                                  f'"{{{name}: {rest}}}" with a space after the colon')
+            _check_mapping_keys(item, text)
+    elif isinstance(value, list):
+        for item in value:
+            _check_mapping_keys(item, text)
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads `5e-4` (no dot) as a string; people mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in '.eE') else int(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def not_regular_file(path: str) -> Optional[str]:
+    """None for a regular file (or a link to one); else what the path is, in words, without opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return 'does not exist'
+    except OSError as e:
+        return f'cannot be examined ({e.strerror or e})'
+    if stat.S_ISREG(mode):
+        return None
+    for test, words in ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+                        (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+                        (stat.S_ISBLK, 'a block device')):
+        if test(mode):
+            return f'is {words}, not a regular file'
+    return 'is not a regular file'
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: `name` is the recipe key and the flag's dest (`img_size` -> `--img-size`).
+
+    kind: int | float | bool | str | choice | floats (a list of numbers) | ints (comma-separated whole numbers) |
+        names (comma-separated names, each one of `choices` when given; 'none': no names) | mapping | file (an
+        existing regular file) | dir (an existing folder) | path (any path: an output) | flag (present or not) |
+        setting (KEY=VALUE of a recipe key, repeatable) | named_file (NAME=FILE, repeatable).
+    low/high: the range of an int, a float or each number of floats; `open_low`/`open_high` exclude the bound.
+    null: what null (`--x null`) means; None: null is not allowed.
+    yaml: the value is written as YAML (recipe keys); else as plain text.
+    """
+    name: str
+    kind: str = 'str'
+    default: Any = None
+    help: str = ''
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: Tuple[str, ...] = ()
+    null: Optional[str] = None
+    lengths: Tuple[int, ...] = ()  # floats: the list lengths allowed (empty: any but zero)
+    yaml: bool = False
+    flags: Tuple[str, ...] = ()  # short aliases, e.g. ('-o',)
+    required: bool = False
+    metavar: Optional[str] = None
+    positional: Optional[str] = None  # nargs of a positional argument ('+', '*'); the name is the metavar
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f'option {self.name}: kind {self.kind!r} is not one of {KINDS}')
+
+    @property
+    def flag(self) -> str:
+        return self.name if self.positional else '--' + self.name.replace('_', '-')
+
+    def takes(self) -> str:
+        """What the option takes, in words: 'a whole number >= 1', 'a number in (0, 1]', 'one of a, b'."""
+        if self.kind in ('int', 'float', 'floats'):
+            what = {'int': 'a whole number', 'float': 'a number', 'floats': 'a list of numbers'}[self.kind]
+            if self.kind == 'floats' and self.lengths:
+                what = f"a list of {' or '.join(map(str, self.lengths))} numbers"
+            lo, hi = self.low, self.high
+            if lo is not None and hi is not None:
+                what += f" in {'(' if self.open_low else '['}{_fmt(lo)}, {_fmt(hi)}{')' if self.open_high else ']'}"
+            elif lo is not None:
+                what += f" {'>' if self.open_low else '>='} {_fmt(lo)}"
+            elif hi is not None:
+                what += f" {'<' if self.open_high else '<='} {_fmt(hi)}"
+        elif self.kind == 'choice':
+            what = 'one of ' + ', '.join(self.choices)
+        elif self.kind == 'ints':
+            what = 'comma-separated whole numbers' + (f' >= {_fmt(self.low)}' if self.low is not None else '')
+        elif self.kind == 'names':
+            what = 'comma-separated names' + (f" from {', '.join(self.choices)}" if self.choices else '')
+        elif self.kind == 'setting':
+            what = 'KEY=VALUE with a recipe key (t2tvit train --help lists them)'
+        elif self.kind == 'named_file':
+            what = 'NAME=FILE with an existing file'
+        else:
+            what = {'bool': 'true or false', 'str': 'a non-empty text', 'mapping': 'a YAML mapping such as '
+                    '"{depth: 2}"', 'file': 'an existing file', 'dir': 'an existing folder',
+                    'path': 'a path', 'flag': 'no value'}[self.kind]
+        if self.null is not None:
+            what += f', or null ({self.null})'
+        return what
+
+    def fail(self, value: Any, why: str = '') -> OptionError:
+        shown = repr(value) if isinstance(value, str) and (not value.strip() or ' ' in value) else str(value)
+        return OptionError(f'{self.flag} {shown}: {why or "give " + self.takes()}')
+
+    def parse(self, text: str) -> Any:
+        """A command-line value: read (as YAML for recipe keys), then checked."""
+        if self.yaml and self.kind in ('int', 'float', 'bool', 'floats', 'mapping') or self.kind == 'mapping':
+            try:
+                value = parse_yaml(text)
+            except OptionError as e:
+                raise OptionError(f'{self.flag} {e}') from None
+        elif self.null is not None and text.strip() in ('null', '~', 'none', 'None'):
+            value = None
+        else:
+            value = text
+        return self.check(value)
+
+    def check(self, value: Any) -> Any:
+        """The value if this option takes it (numbers from text converted), else an OptionError saying why."""
+        if value is None:
+            if self.null is None:
+                raise self.fail('null')
+            return None
+        kind = self.kind
+        if kind == 'int':
+            number = _to_number(value, whole=True)
+            if number is None:
+                raise self.fail(value)
+            return int(self._in_range(number, value))
+        if kind == 'float':
+            number = _to_number(value, whole=False)
+            if number is None:
+                raise self.fail(value)
+            return float(self._in_range(number, value))
+        if kind == 'floats':
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                value = [value]  # `--mean 0.5` for one channel
+            if not isinstance(value, (list, tuple)) or not value or \
+                    (self.lengths and len(value) not in self.lengths):
+                raise self.fail(value)
+            numbers = [_to_number(v, whole=False) for v in value]
+            if any(n is None for n in numbers):
+                raise self.fail(value)
+            return [float(self._in_range(n, value)) for n in numbers]
+        if kind in ('bool', 'flag'):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no', 'on', 'off'):
+                return value.lower() in ('true', 'yes', 'on')
+            raise self.fail(value)
+        if kind == 'choice':
+            if isinstance(value, bool) and 'on' in self.choices:  # YAML 1.1 reads on/off as booleans
+                value = 'on' if value else 'off'
+            if not isinstance(value, str) or value not in self.choices:
+                raise self.fail(value)
+            return value
+        if kind == 'ints':
+            items = value.split(',') if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not [i for i in items if str(i).strip()]:
+                raise self.fail(value)
+            numbers = [_to_number(str(i).strip(), whole=True) for i in items if str(i).strip()]
+            if any(n is None for n in numbers):
+                raise self.fail(value)
+            return [int(self._in_range(n, value)) for n in numbers]
+        if kind == 'names':
+            if not isinstance(value, str):
+                raise self.fail(value)
+            if value.strip().lower() == 'none':
+                return []
+            items = [v.strip() for v in value.split(',') if v.strip()]
+            unknown = [v for v in items if self.choices and v not in self.choices]
+            if not items or unknown:
+                raise self.fail(value, (f"unknown name(s) {', '.join(unknown)}; " if unknown else '')
+                                + f'give {self.takes()}')
+            return items
+        if kind in ('setting', 'named_file'):
+            key, sep, text = value.partition('=') if isinstance(value, str) else ('', '', '')
+            key = key.strip().replace('-', '_') if kind == 'setting' else key.strip()
+            if not sep or not key or not text.strip():
+                raise self.fail(value)
+            if kind == 'named_file':
+                why = not_regular_file(text)
+                if why:
+                    raise self.fail(value, f'{text} {why}; give NAME=FILE with an existing file')
+                return key, text
+            if key not in RECIPE_OPTIONS:
+                raise self.fail(value, f"unknown recipe key {key!r}; known keys: {', '.join(RECIPE_OPTIONS)}")
+            try:
+                return key, RECIPE_OPTIONS[key].parse(text)
+            except OptionError as e:
+                raise self.fail(value, str(e)) from None
+        if kind == 'mapping':
+            if isinstance(value, str):
+                value = parse_yaml(value)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise self.fail(value)
+            return value
+        # str, file, dir, path
+        if not isinstance(value, str) or not value.strip() or '\0' in value:
+            raise self.fail(value)
+        if kind == 'file':
+            why = not_regular_file(value)
+            if why:
+                raise self.fail(value, f'{why}; give an existing file')
+        elif kind == 'dir' and not os.path.isdir(value):
+            raise self.fail(value, 'is not an existing folder')
+        return value
+
+    def _in_range(self, number: float, value: Any) -> float:
+        lo, hi = self.low, self.high
+        if not math.isfinite(number) or (lo is not None and (number < lo or (self.open_low and number == lo))) or \
+                (hi is not None and (number > hi or (self.open_high and number == hi))):
+            raise self.fail(value)
+        return number
+
+    def help_text(self) -> str:
+        text = self.help
+        if self.kind not in ('flag', 'str', 'file', 'dir', 'path', 'setting', 'named_file', 'names') \
+                and not self.positional:
+            text += f' [{self.takes()}]'
+        elif self.null is not None:
+            text += f' [null: {self.null}]'
+        if self.default is not None and self.kind != 'flag':
+            text += f' (default: {_show(self.default)})'
+        return text.replace('%', '%%')
+
+    def argparse_type(self) -> Any:
+        """`parse` for argparse: its refusal becomes the ArgumentTypeError argparse reports word for word."""
+        import argparse
+
+        def convert(text: str) -> Any:
+            try:
+                return self.parse(text)
+            except OptionError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        convert.__name__ = self.name
+        return convert
+
+    def add_to(self, parser: Any, default: Any = None) -> None:
+        """Add this option to an argparse parser or group; `default` replaces the entry's own (e.g. SUPPRESS)."""
+        if self.positional:
+            parser.add_argument(self.name, nargs=self.positional, metavar=self.metavar or self.name.upper(),
+                                type=self.argparse_type(), help=self.help_text())
+            return
+        if self.kind == 'flag':
+            parser.add_argument(self.flag, *self.flags, dest=self.name, action='store_true', help=self.help_text())
+            return
+        parser.add_argument(self.flag, *self.flags, dest=self.name, type=self.argparse_type(), required=self.required,
+                            default=self.default if default is None else default, help=self.help_text(),
+                            metavar=self.metavar or _metavar(self),
+                            action='append' if self.kind in ('setting', 'named_file') else 'store')
+
+
+def _metavar(option: Option) -> str:
+    return {'int': 'N', 'float': 'X', 'floats': 'LIST', 'bool': 'BOOL', 'mapping': 'YAML', 'file': 'FILE',
+            'dir': 'DIR', 'path': 'PATH', 'choice': '{' + ','.join(option.choices) + '}'}.get(option.kind, 'TEXT')
+
+
+def _to_number(value: Any, whole: bool) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value) if whole else float(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if whole and not (math.isfinite(value) and value.is_integer()):
+            return None
+        return int(value) if whole else value
+    return None
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() and abs(number) < 1e15 else f'{number:g}'
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return '[' + ', '.join(_show(v) for v in value) + ']'
+    if isinstance(value, dict):
+        return '{' + ', '.join(f'{k}: {_show(v)}' for k, v in value.items()) + '}'
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def table(*options: Option) -> Dict[str, Option]:
+    """Options by name, refusing a name given twice."""
+    out: Dict[str, Option] = {}
+    for option in options:
+        if option.name in out:
+            raise ValueError(f'option {option.name} is given twice')
+        out[option.name] = option
+    return out
+
+
+def check_all(values: Dict[str, Any], options: Dict[str, Option], where: str = '') -> Dict[str, Any]:
+    """Check every value that has an option; an unknown key is an error naming the known ones."""
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise OptionError(f'{where + ": " if where else ""}unknown key(s) {", ".join(unknown)}; known keys: '
+                          f'{", ".join(options)}')
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = options[key].check(value)
+        except OptionError as e:
+            raise OptionError(f'{where}: {e}' if where else str(e)) from None
+    return out
+
+
+def names(options: Sequence[Option]) -> Tuple[str, ...]:
+    return tuple(o.name for o in options)
+
+
+# --- recipe keys: `t2tvit train` / `finetune` flags and the keys of a YAML recipe ----------------------------
+
+_INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos')
+
+
+def _key(name: str, kind: str, default: Any, help: str, **limits: Any) -> Option:
+    return Option(name, kind, default, help, yaml=True, **limits)
+
+
+# One entry per recipe key: type, range, default and meaning (the unit after the comma). Each is also a flag.
+RECIPE_OPTIONS: Dict[str, Option] = table(
+    # model
+    _key('model', 'str', 't2t_vit_14', 'registered model name (t2tvit info lists them)'),
+    _key('model_kwargs', 'mapping', {}, 'extra keyword arguments for the model builder, as a YAML mapping'),
+    _key('img_size', 'int', 224, 'training and evaluation image size, pixels', low=1),
+    _key('in_chans', 'int', 3, 'input channels', low=1),
+    _key('num_classes', 'int', None, 'classifier outputs', low=1, null="the data set's class count"),
+    _key('drop_path', 'float', 0.1, 'stochastic depth rate of the last block', low=0, high=1, open_high=True),
+    _key('pretrained', 'file', None, 'checkpoint to start from (official .pth.tar, t2tvit checkpoint or '
+         '.safetensors)', null='random initialisation'),
+    _key('freeze_backbone', 'bool', False, 'train only the classifier head'),
+    # data
+    _key('dataset', 'choice', 'imagefolder', 'data set kind', choices=DATASET_NAMES),
+    _key('data', 'path', None, 'data set folder', null='none (fake data)'),
+    _key('on_bad_image', 'choice', 'fail', 'an unreadable image in an ImageFolder: fail (naming it) or skip '
+         '(and count it)', choices=('fail', 'skip')),
+    _key('fake_num_samples', 'int', 256, 'fake data set: training samples (validation gets a quarter)', low=1),
+    _key('mean', 'floats', None, 'normalisation mean per channel', null="the model's pretrained_cfg"),
+    _key('std', 'floats', None, 'normalisation std per channel', low=0, open_low=True,
+         null="the model's pretrained_cfg"),
+    _key('interpolation', 'choice', 'bicubic', 'resize interpolation', choices=_INTERPOLATIONS),
+    _key('crop_pct', 'float', 0.9, 'evaluation centre crop: resize to img_size / crop_pct, then crop img_size',
+         low=0, high=1, open_low=True),
+    _key('scale', 'floats', [0.08, 1.0], 'random-resized-crop area range', low=0, high=1, open_low=True,
+         lengths=(2,)),
+    _key('ratio', 'floats', [0.75, 1.3333333], 'random-resized-crop aspect range', low=0, open_low=True,
+         lengths=(2,)),
+    _key('hflip', 'float', 0.5, 'horizontal flip probability', low=0, high=1),
+    _key('color_jitter', 'float', 0.4, 'colour jitter strength', low=0, null='none'),
+    _key('aa', 'str', None, 'timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1', null='none'),
+    _key('reprob', 'float', 0.0, 'random erasing probability', low=0, high=1),
+    _key('remode', 'choice', 'pixel', 'random erasing mode', choices=('pixel', 'rand', 'const')),
+    _key('recount', 'int', 1, 'random erasing count', low=1),
+    _key('mixup', 'float', 0.0, 'Mixup alpha; 0 disables', low=0),
+    _key('cutmix', 'float', 0.0, 'CutMix alpha; 0 disables', low=0),
+    _key('mixup_prob', 'float', 1.0, 'probability of applying Mixup or CutMix to a batch', low=0, high=1),
+    _key('mixup_switch_prob', 'float', 0.5, 'probability of CutMix instead of Mixup when both are on', low=0,
+         high=1),
+    _key('mixup_mode', 'choice', 'batch', 'how Mixup/CutMix pairs images', choices=('batch', 'pair', 'elem')),
+    _key('smoothing', 'float', 0.1, 'label smoothing', low=0, high=1, open_high=True),
+    _key('workers', 'int', 4, 'data loading processes per training process', low=0, high=256),
+    # optimisation
+    _key('epochs', 'int', 310, 'training epochs', low=1),
+    _key('batch_size', 'int', 512, 'global batch size: all processes and accumulation steps together', low=1),
+    _key('accum_steps', 'int', 1, 'gradient accumulation steps per optimizer step', low=1),
+    _key('opt', 'str', 'adamw', "timm optimizer name (checked against timm's registry when the run starts)"),
+    _key('momentum', 'float', 0.9, 'SGD momentum', low=0, high=1, open_high=True),
+    _key('lr', 'float', 5e-4, 'learning rate for lr_base_size images, scaled linearly with batch_size', low=0,
+         open_low=True),
+    _key('lr_base_size', 'int', 512, 'batch size that lr is given for', low=1),
+    _key('weight_decay', 'float', 0.05, 'decoupled weight decay (not on norms, biases, cls_token, pos_embed)',
+         low=0),
+    _key('layer_decay', 'float', None, 'layer-wise LR decay factor for fine-tuning, e.g. 0.75', low=0, high=1,
+         open_low=True, null='none'),
+    _key('clip_grad', 'float', None, 'clip the gradient norm to this', low=0, open_low=True, null='no clipping'),
+    _key('sched', 'choice', 'cosine', 'timm scheduler name', choices=SCHEDULERS),
+    _key('warmup_epochs', 'float', 5, 'linear warm-up epochs', low=0),
+    _key('warmup_lr', 'float', 1e-6, 'learning rate at the start of the warm-up', low=0),
+    _key('min_lr', 'float', 1e-5, 'learning rate at the end of the schedule', low=0),
+    _key('model_ema', 'bool', False, 'keep an exponential moving average of the weights'),
+    _key('model_ema_decay', 'float', 0.99996, 'EMA decay per optimizer step', low=0, high=1, open_high=True),
+    # execution
+    _key('amp', 'choice', 'none', 'mixed precision (fp16 needs a GPU; it uses a gradient scaler)',
+         choices=('none', 'bf16', 'fp16')),
+    _key('compile', 'bool', False, 'torch.compile the model'),
+    _key('device', 'choice', 'auto', 'where to train', choices=('auto', 'cpu', 'cuda')),
+    _key('seed', 'int', 0, 'seed of every random choice: data order, augmentation, dropout', low=0,
+         high=2 ** 63 - 1),
+    _key('max_steps', 'int', None, 'stop after this many optimizer steps in total (a budget)', low=1, null='none'),
+    # output
+    _key('output', 'path', 'runs', 'folder holding run folders'),
+    _key('run_name', 'str', None, 'run folder name', null='RECIPE-MODEL'),
+    _key('ckpt_interval', 'int', 200, 'also save last.pth every this many optimizer steps (for resuming '
+         'mid-epoch)', low=1),
+    _key('log_interval', 'int', 50, 'log training metrics every this many optimizer steps', low=1),
+    _key('eval_interval', 'int', 1, 'evaluate every this many epochs (and always after the last)', low=1),
+    _key('tensorboard', 'bool', False, 'also write TensorBoard event files'),
+    _key('progress', 'choice', 'auto', 'progress bars: auto (when a terminal), on, off',
+         choices=('auto', 'on', 'off')),
+)
