@@ -118,14 +118,14 @@ def test_cli_help_documents_the_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['ablate', '--help'])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    text = ' '.join(capsys.readouterr().out.split())
     assert '(default: fashion_mnist)' in text and '(default: 1)' in text and 'data/fashion-mnist' in text
     assert all(name in text for name in DEFAULT_VARIANTS) and 't2t_vit_t_14' in text
 
 
 def test_cli_names_an_unknown_variant(capsys, tmp_path):
     assert main(['ablate', '--variants', 't2t_vit_14,nope', '--dataset', 'fake', '--output', str(tmp_path)]) == 2
-    assert 'unknown variant(s) nope' in capsys.readouterr().err
+    assert 'unknown name(s) nope' in capsys.readouterr().err
 
 
 def test_cli_runs_a_tiny_ablation(capsys, tmp_path):

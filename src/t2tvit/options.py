@@ -277,13 +277,14 @@ class Option:
 
     def help_text(self) -> str:
         text = self.help
-        if self.kind not in ('flag', 'str', 'file', 'dir', 'path', 'setting', 'named_file', 'names') \
+        if self.kind not in ('flag', 'str', 'file', 'dir', 'path', 'setting', 'named_file', 'names', 'choice') \
                 and not self.positional:
             text += f' [{self.takes()}]'
         elif self.null is not None:
             text += f' [null: {self.null}]'
         if self.default is not None and self.kind != 'flag':
-            text += f' (default: {_show(self.default)})'
+            shown = ','.join(self.default) if self.kind == 'names' else _show(self.default)
+            text += f' (default: {shown})'
         return text.replace('%', '%%')
 
     def argparse_type(self) -> Any:
