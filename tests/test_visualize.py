@@ -111,7 +111,7 @@ def test_visualize_command(tiny_run, tmp_path, capsys):
         'shirt_attention.png', 'shirt_feature_maps.png', 'shirt_rollout.png', 'shirt_t2t_attention.png']
 
     assert cli(['visualize', str(tmp_path / 'shirt.png'), '--model', 't2t_vit_7', '--model-kwargs',
-                '{embed_dim: 32, depth: 1, num_heads: 2, token_dim: 8, img_size: 32}', '-o', str(out)]) == 0
+                '{embed_dim: 32, depth: 1, num_heads: 2, token_dim: 8, img_size: 32}', '-o', str(out), '--force']) == 0
     assert 'random weights' in capsys.readouterr().err
 
     assert cli(['visualize', str(tmp_path / 'nope.png'), '--checkpoint', str(tiny_run), '-o', str(out)]) == 2

@@ -26,6 +26,9 @@ DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist',
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant')
 
 
+MESSAGE_MARK = '\x00'  # starts a refusal that names its option itself (argparse's 'argument X: ' prefix goes)
+
+
 class OptionError(ValueError):
     """A value an option does not take; the message names the option, the value and what it takes."""
 
@@ -162,19 +165,29 @@ class Option:
 
     def fail(self, value: Any, why: str = '') -> OptionError:
         shown = repr(value) if isinstance(value, str) and (not value.strip() or ' ' in value) else str(value)
+        if self.positional:
+            return OptionError(f'{shown} {why or ": give " + self.takes()}')
         return OptionError(f'{self.flag} {shown}: {why or "give " + self.takes()}')
 
     def parse(self, text: str) -> Any:
-        """A command-line value: read (as YAML for recipe keys), then checked."""
-        if self.yaml and self.kind in ('int', 'float', 'bool', 'floats', 'mapping') or self.kind == 'mapping':
+        """A command-line value: read (as YAML for recipe keys), then checked.
+
+        A recipe key of a text kind (str, choice, path, file) takes YAML's string (`"fake"` is fake), YAML's null
+        where null is allowed, and otherwise the text as written (`--run-name 2024` is the name 2024).
+        """
+        value: Any = text
+        if self.yaml or self.kind == 'mapping':
             try:
-                value = parse_yaml(text)
+                parsed = parse_yaml(text)
             except OptionError as e:
-                raise OptionError(f'{self.flag} {e}') from None
+                if self.kind in ('int', 'float', 'bool', 'floats', 'mapping'):
+                    raise OptionError(f'{self.flag} {e}') from None
+                parsed = text
+            if self.kind in ('int', 'float', 'bool', 'floats', 'mapping') or isinstance(parsed, str) or \
+                    (parsed is None and text.strip()):
+                value = parsed
         elif self.null is not None and text.strip() in ('null', '~', 'none', 'None'):
             value = None
-        else:
-            value = text
         return self.check(value)
 
     def check(self, value: Any) -> Any:
@@ -295,7 +308,7 @@ class Option:
             try:
                 return self.parse(text)
             except OptionError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
+                raise argparse.ArgumentTypeError(MESSAGE_MARK + str(e)) from None
         convert.__name__ = self.name
         return convert
 
@@ -405,7 +418,7 @@ RECIPE_OPTIONS: Dict[str, Option] = table(
     _key('freeze_backbone', 'bool', False, 'train only the classifier head'),
     # data
     _key('dataset', 'choice', 'imagefolder', 'data set kind', choices=DATASET_NAMES),
-    _key('data', 'path', None, 'data set folder', null='none (fake data)'),
+    _key('data', 'path', None, 'data set folder', null='no folder: fake data'),
     _key('on_bad_image', 'choice', 'fail', 'an unreadable image in an ImageFolder: fail (naming it) or skip '
          '(and count it)', choices=('fail', 'skip')),
     _key('fake_num_samples', 'int', 256, 'fake data set: training samples (validation gets a quarter)', low=1),

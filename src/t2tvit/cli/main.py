@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..options import DATASET_NAMES, RECIPE_OPTIONS, Option, OptionError
+from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
@@ -43,9 +43,8 @@ class _Parser(argparse.ArgumentParser):
     """Raises UsageError instead of printing the usage and exiting, so `main` reports it in one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        flags, sep, rest = message.partition(': ')
-        if flags.startswith('argument ') and sep and rest.startswith(tuple(flags[len('argument '):].split('/'))):
-            message = rest  # 'argument --lr: --lr 0: give ...' -> '--lr 0: give ...'
+        if MESSAGE_MARK in message:  # 'argument --lr: --lr 0: give ...' -> '--lr 0: give ...'
+            message = message.split(MESSAGE_MARK, 1)[1]
         raise UsageError(f'{message} (`{self.prog} --help` lists the options)')
 
 

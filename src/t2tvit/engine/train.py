@@ -134,6 +134,17 @@ def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
         raise ConfigError(f"cannot build {config['model']} with model_kwargs {config['model_kwargs']}: {e}") from e
 
 
+# what each data set's folder holds, for the message when it is missing
+_DATA_LAYOUT = {
+    'imagefolder': 'train/ and val/ folders of class folders',
+    'cifar10': 'cifar-10-batches-py (the python version)',
+    'cifar100': 'cifar-100-python (the python version)',
+    'mnist': 'train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), ...',
+    'fashion_mnist': 'train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), '
+                     '... (python -m t2tvit.data.fetch DIR fetches them)',
+}
+
+
 def preflight(config: Dict[str, Any], micro_batch: int, device: torch.device) -> None:
     """What can be checked before any folder is made or any data read: builder arguments, the optimizer name,
     the memory one micro-batch needs, that the model builds (on the meta device: no memory), the data folder."""
@@ -146,8 +157,8 @@ def preflight(config: Dict[str, Any], micro_batch: int, device: torch.device) ->
         data = config['data']
         if data is None or not Path(data).is_dir():
             raise ConfigError(f"dataset {config['dataset']} reads a folder: --data {data} "
-                              f"{'is not given' if data is None else 'is not an existing folder'}; "
-                              f"give the data set's folder")
+                              f"{'is not given' if data is None else 'is not an existing folder'}; give a folder "
+                              f"holding {_DATA_LAYOUT.get(config['dataset'], 'the data set')}")
     if config['pretrained'] is not None and not Path(config['pretrained']).is_file():
         raise ConfigError(f"pretrained {config['pretrained']} is not an existing file")
 
