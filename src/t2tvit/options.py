@@ -132,6 +132,9 @@ class Option:
     def flag(self) -> str:
         return self.name if self.positional else '--' + self.name.replace('_', '-')
 
+    def _prefix(self) -> str:
+        return '' if self.positional else self.flag + ' '
+
     def takes(self) -> str:
         """What the option takes, in words: 'a whole number >= 1', 'a number in (0, 1]', 'one of a, b'."""
         if self.kind in ('int', 'float', 'floats'):
@@ -164,7 +167,8 @@ class Option:
         return what
 
     def fail(self, value: Any, why: str = '') -> OptionError:
-        shown = repr(value) if isinstance(value, str) and (not value.strip() or ' ' in value) else str(value)
+        plain = not isinstance(value, str) or (value.strip() and ' ' not in value and value.isprintable())
+        shown = str(value) if plain else repr(value)
         if self.positional:
             return OptionError(f'{shown} {why or ": give " + self.takes()}')
         return OptionError(f'{self.flag} {shown}: {why or "give " + self.takes()}')
@@ -276,9 +280,9 @@ class Option:
         if kind == 'file':
             why = not_regular_file(value)
             if why:
-                raise self.fail(value, f'{why}; give an existing file')
+                raise OptionError(f'{self._prefix()}{value} {why}; give an existing file')
         elif kind == 'dir' and not os.path.isdir(value):
-            raise self.fail(value, 'is not an existing folder')
+            raise OptionError(f'{self._prefix()}{value} is not an existing folder; give one')
         return value
 
     def _in_range(self, number: float, value: Any) -> float:

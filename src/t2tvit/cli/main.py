@@ -446,6 +446,7 @@ def _ablate_help() -> Tuple[str, str]:
 # --- benchmark ----------------------------------------------------------------------------------------------------
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..engine.preflight import check_bytes, check_memory
     from ..tools.benchmark import config_from_options, run_benchmark
     from ..tools.complexity import complexity_rows, format_complexity_table
     if args.complexity_only:
@@ -459,6 +460,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         checkpoints=dict(args.checkpoint) if args.checkpoint else None,
         variants_table=False if args.no_variants_table else None, output=args.output, stem=args.name,
         plot=False if args.no_plot else None)
+    check_memory(config.img_size, 3, config.batch_size, config.device)
+    check_bytes(3 * 4 * config.peak_size ** 2, f'--peak-size {config.peak_size} (three float32 matrices)',
+                'lower --peak-size', config.device)
     run_benchmark(config)
     return 0
 
@@ -565,7 +569,9 @@ def _expected_errors() -> Tuple[type, ...]:
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError'
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError' or (
+        isinstance(e, RuntimeError) and ('Cannot allocate memory' in text or 'out of memory' in text))
 
 
 def _write_traceback(e: BaseException) -> Path:

@@ -13,7 +13,8 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from .config import ConfigError
 
-__all__ = ['OutputError', 'NonFiniteOutputError', 'available_memory', 'input_memory_bytes', 'check_memory',
+__all__ = ['OutputError', 'NonFiniteOutputError', 'available_memory', 'input_memory_bytes', 'check_bytes',
+           'check_memory',
            'check_model_kwargs', 'check_optimizer', 'check_outputs', 'check_finite']
 
 PathLike = Union[str, 'os.PathLike[str]']
@@ -59,16 +60,20 @@ def input_memory_bytes(img_size: Union[int, Sequence[int]], in_chans: int, batch
     return int(4 * batch_size * in_chans * h * w * (1 + 49 / 16))
 
 
-def check_memory(img_size: Union[int, Sequence[int]], in_chans: int, batch_size: int, device: str = 'cpu') -> None:
-    """Refuse an image size and batch whose activations cannot fit in the memory `device` has free."""
-    need = input_memory_bytes(img_size, in_chans, batch_size)
+def check_bytes(need: int, what: str, fix: str, device: str = 'cpu') -> None:
+    """Refuse work that needs more than the memory `device` has free."""
     free = available_memory(device)
     if free is not None and need > free:
-        size = img_size if isinstance(img_size, int) else 'x'.join(map(str, img_size))
-        raise ConfigError(
-            f'img_size {size} with {in_chans} channel(s) and batch {batch_size} needs at least {need / 2 ** 30:.1f} '
-            f'GiB for activations, more than the {free / 2 ** 30:.1f} GiB free on {device}; lower --img-size or '
-            f'--batch-size')
+        raise ConfigError(f'{what} needs at least {need / 2 ** 30:.1f} GiB, more than the {free / 2 ** 30:.1f} GiB '
+                          f'free on {device}; {fix}')
+
+
+def check_memory(img_size: Union[int, Sequence[int]], in_chans: int, batch_size: int, device: str = 'cpu') -> None:
+    """Refuse an image size and batch whose activations cannot fit in the memory `device` has free."""
+    size = img_size if isinstance(img_size, int) else 'x'.join(map(str, img_size))
+    check_bytes(input_memory_bytes(img_size, in_chans, batch_size),
+                f'img_size {size} with {in_chans} channel(s) and batch {batch_size}',
+                'lower --img-size or --batch-size', device)
 
 
 # --- model arguments ----------------------------------------------------------------------------------------------
