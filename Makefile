@@ -21,7 +21,7 @@ install: $(STAMP)
 # Re-running it resumes (or, when finished, just reports) the same run.
 demo: $(STAMP) data
 	$(VENV)/bin/t2tvit train --config fashion_mnist --data $(DATA) --run-name $(RUN)
-	$(VENV)/bin/t2tvit eval --checkpoint runs/$(RUN)/best.pth --data $(DATA) --split test --output runs/$(RUN)/test-eval
+	$(VENV)/bin/t2tvit eval --checkpoint runs/$(RUN)/best.pth --data $(DATA) --split test --output runs/$(RUN)/test-eval --force
 	@echo "run folder: runs/$(RUN) (metrics.jsonl, curves.png, confusion_matrix.png, best.pth, test-eval/)"
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (apt-get download + dpkg -x; no root needed)

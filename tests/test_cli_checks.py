@@ -238,6 +238,19 @@ def test_a_fifo_is_skipped_and_named_never_opened(tiny_run, photo, tmp_path, cap
     assert 'is a FIFO (named pipe), not a regular file' in _one_error_line(capsys.readouterr().err)
 
 
+def test_a_fifo_in_an_image_folder_fails_naming_it_or_is_skipped(tmp_path):
+    from PIL import Image
+    from t2tvit.data import ImageFolderDataset
+    folder = tmp_path / 'train' / 'cat'
+    folder.mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(folder / 'a.png')
+    os.mkfifo(folder / 'b.png')
+    with pytest.raises(ValueError, match='b.png is a FIFO'):  # DataError, naming the file
+        ImageFolderDataset(tmp_path / 'train')[1]
+    skipping = ImageFolderDataset(tmp_path / 'train', on_bad_image='skip')
+    assert skipping[1][0].size == (8, 8) and skipping.bad_files == [str(folder / 'b.png')]
+
+
 # --- outputs are checked ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

@@ -121,7 +121,7 @@ def test_visualize_command(tiny_run, tmp_path, capsys):
                 str(tmp_path / 'unused')]) == 2
     assert 'cannot read image' in capsys.readouterr().err and not (tmp_path / 'unused').exists()
     assert cli(['visualize', str(tmp_path / 'shirt.png'), '--checkpoint', str(tiny_run), '--blocks', '0,7',
-                '-o', str(out)]) == 2
+                '-o', str(out), '--force']) == 2
     assert 'blocks [7] do not exist' in capsys.readouterr().err
     assert cli(['visualize', str(tmp_path / 'shirt.png')]) == 2
     assert 'give --checkpoint FILE, or --model NAME' in capsys.readouterr().err

@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..options import not_regular_file
+
 __all__ = [
     'DataError', 'DATASETS', 'build_dataset', 'ImageFolderDataset', 'CifarDataset', 'IdxDataset', 'FakeDataset',
     'read_idx', 'MNIST_FILES', 'FASHION_MNIST_CLASSES', 'MNIST_CLASSES',
@@ -97,6 +99,9 @@ def _class_folders(folder: Path) -> List[str]:
 
 
 def _open_image(path: str, mode: str) -> Image.Image:
+    why = not_regular_file(path)  # a FIFO named like an image would block open() for ever
+    if why:
+        raise OSError(f'{path} {why}; not opened')
     with open(path, 'rb') as f:
         return Image.open(f).convert(mode)  # convert() reads the whole file, so a corrupt one fails here
 

@@ -29,6 +29,9 @@ def load_image(path: PathLike, mode: str = 'RGB') -> Image.Image:
     Dropping alpha instead (PIL's convert) would show whatever colour transparent pixels happen to store, often
     black. 16-bit greyscale is scaled to 8 bits rather than clipped.
     """
+    why = not_regular_file(os.fspath(path))  # a FIFO would block open() for ever
+    if why:
+        raise OSError(f'{path} {why}; not opened')
     with open(path, 'rb') as f:
         image = Image.open(f)
         image.load()  # reads the whole file, so a truncated or corrupt one fails here
