@@ -273,6 +273,13 @@ def test_non_finite_logits_fail_the_command(command, broken_checkpoint, photo, t
     assert not (tmp_path / 'm.safetensors').exists() and not (tmp_path / 'eval' / 'eval.json').exists()
 
 
+def test_a_checkpoint_of_another_model_family_is_named(tmp_path, photo, capsys):
+    import timm
+    torch.save(timm.create_model('resnet10t', num_classes=4).state_dict(), tmp_path / 'resnet.pth')
+    assert main(['predict', str(photo), '--checkpoint', str(tmp_path / 'resnet.pth'), '--model', 'resnet10t']) == 2
+    assert 'resnet10t is a ResNet, not a T2T-ViT model' in _one_error_line(capsys.readouterr().err)
+
+
 # --- one error boundary -------------------------------------------------------------------------------------------
 
 def test_an_unexpected_error_is_one_line_and_a_traceback_file(monkeypatch, capsys):
