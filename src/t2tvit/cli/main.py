@@ -536,22 +536,26 @@ COMMANDS: Dict[str, Command] = {c.name: c for c in (
 )}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `command`, only that one gets its options (the others keep their names
+    and help lines), which is all one command line needs."""
     parser = _Parser(prog='t2tvit', description='Tokens-to-Token ViT: train, evaluate and fine-tune; model facts '
                      'and checks.')
     parser.add_argument('--debug', action='store_true', help='on an unexpected error, print the full traceback')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=_Parser)
-    for command in COMMANDS.values():
-        p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog,
+    for spec in COMMANDS.values():
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.description, epilog=spec.epilog,
                            formatter_class=_DefaultsAndLayoutHelp)
-        for option in command.options:
+        p.set_defaults(func=spec.run)
+        if command is not None and spec.name != command:
+            continue
+        for option in spec.options:
             option.add_to(p)
-        if command.recipe_keys:
+        if spec.recipe_keys:
             group = p.add_argument_group('recipe keys (override the recipe; values are YAML: 1e-3, true, null, '
                                          '[1,2])')
-            for key in command.recipe_keys:
+            for key in spec.recipe_keys:
                 RECIPE_OPTIONS[key].add_to(group, default=argparse.SUPPRESS)
-        p.set_defaults(func=command.run)
     return parser
 
 
@@ -593,7 +597,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv[:1] or os.environ.get('T2TVIT_DEBUG') == '1'
     try:
-        args = build_parser().parse_args(argv)
+        command = next((a for a in argv if not a.startswith('-')), None)
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         return args.func(args)
     except UsageError as e:
         return _error(str(e))
