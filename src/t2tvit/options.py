@@ -10,7 +10,7 @@ import math
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = ['Option', 'OptionError', 'RECIPE_OPTIONS', 'parse_yaml', 'KINDS', 'DATASET_NAMES', 'SCHEDULERS',
            'not_regular_file', 'table']
@@ -378,25 +378,6 @@ def table(*options: Option) -> Dict[str, Option]:
             raise ValueError(f'option {option.name} is given twice')
         out[option.name] = option
     return out
-
-
-def check_all(values: Dict[str, Any], options: Dict[str, Option], where: str = '') -> Dict[str, Any]:
-    """Check every value that has an option; an unknown key is an error naming the known ones."""
-    unknown = sorted(set(values) - set(options))
-    if unknown:
-        raise OptionError(f'{where + ": " if where else ""}unknown key(s) {", ".join(unknown)}; known keys: '
-                          f'{", ".join(options)}')
-    out = {}
-    for key, value in values.items():
-        try:
-            out[key] = options[key].check(value)
-        except OptionError as e:
-            raise OptionError(f'{where}: {e}' if where else str(e)) from None
-    return out
-
-
-def names(options: Sequence[Option]) -> Tuple[str, ...]:
-    return tuple(o.name for o in options)
 
 
 # --- recipe keys: `t2tvit train` / `finetune` flags and the keys of a YAML recipe ----------------------------

@@ -126,8 +126,8 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
                           f"{', '.join(accepted)}")
     for key, value in kwargs.items():
         if key in hints and not _matches(value, hints[key]):
-            raise ConfigError(f'model_kwargs: {key}={value!r} is not of type {_describe(hints[key])}; give a value of that '
-                              f'type (default: {_default_of(key)!r})')
+            raise ConfigError(f'model_kwargs: {key}={value!r} is not of type {_describe(hints[key])}; give a value '
+                              f'of that type (default: {_default_of(key)!r})')
 
 
 def _default_of(key: str) -> Any:
