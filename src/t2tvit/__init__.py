@@ -6,6 +6,7 @@ from typing import Any, Optional
 import timm
 import torch.nn as nn
 
+from .cpu_kernels import use_cpu_kernels
 from .models import (  # noqa: F401  (registers the models with timm)
     CheckpointError,
     T2TViT,
@@ -37,5 +38,5 @@ def create_model(
 
 __all__ = [
     'CheckpointError', 'T2TViT', 'checkpoint_filter_fn', 'count_parameters', 'create_model', 'list_variants',
-    'load_checkpoint', '__version__',
+    'load_checkpoint', 'use_cpu_kernels', '__version__',
 ]

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--reps', type=int, help='timed rounds; each runs every model once')
     bench.add_argument('--iters', type=int, help='steps per model per round')
     bench.add_argument('--ab', metavar='PATHS',
-                       help='also time a copy of each T2T-ViT with these fast paths off, side by side: '
+                       help='also time a copy of each T2T-ViT without these CPU kernels, side by side: '
                             'comma-separated names (an unknown one lists them), or all')
     bench.add_argument('--agreement-images', type=int, metavar='N',
                        help='images for the bf16-vs-fp32 top-1 agreement (0: skip)')
@@ -513,11 +513,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..engine.checkpointing import CheckpointSaveError
     from ..engine.config import ConfigError
     from ..models import CheckpointError
-    from ..models.layers import FastPathError
+    from ..cpu_kernels import CPUKernelError
     from ..tools.export import ExportError
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, FastPathError,
+    except (ConfigError, DataError, CheckpointError, CheckpointSaveError, ExportError, CPUKernelError,
             FileNotFoundError) as e:
         return _error(str(e))
     except KeyboardInterrupt:

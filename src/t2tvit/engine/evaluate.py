@@ -8,6 +8,7 @@ from ..data import build_dataset
 from .config import ConfigError
 from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion, write_eval_json
+from ..cpu_kernels import for_device
 from .restore import restore_model
 from .train import _eval_loader, evaluate, fake_split_size
 
@@ -52,7 +53,7 @@ def evaluate_checkpoint(
         if eval_set.num_classes > net.num_classes:
             raise ConfigError(f'{data} has {eval_set.num_classes} classes but the checkpoint predicts '
                               f'{net.num_classes}; evaluate it on the data set it was trained for')
-        net.to(info.device)
+        for_device(net.to(info.device), info.device)  # CPU kernels on CPU
         loader = _eval_loader(eval_set, restored.transform(), batch_size, workers, info)
         result = evaluate(net, loader, info.device, net.num_classes, amp, info, agreement=agreement)
         result['model'] = model_name

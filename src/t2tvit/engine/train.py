@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import build_dataset, build_transform
+from ..cpu_kernels import for_device
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
@@ -361,7 +362,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     if config['freeze_backbone']:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith('head.')
-    model.to(device)
+    for_device(model.to(device), device)  # CPU kernels on CPU
     train_transform, eval_transform = train_transform_for(config, model), eval_transform_for(config, model)
 
     lr = config['lr'] * config['batch_size'] / config['lr_base_size']

@@ -13,18 +13,17 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers.trace_utils import _assert
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models.vision_transformer import Attention, Block
 
-from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, ViTAttention, ViTBlock
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from .checkpoint import checkpoint_filter_fn
-from .layers import (
-    SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
-    sinusoid_table, soft_split, token_grid_size, use_onednn_linears)
+from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
 __all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
            'OFFICIAL_CLASSES']
@@ -40,17 +39,15 @@ def _check_soft_splits(soft_splits: SoftSplits) -> SoftSplits:
 
 
 class T2TModule(nn.Module):
-    """Soft split -> re-structurize -> soft split -> re-structurize -> soft split -> project.
+    """Soft split -> re-structurize -> soft split -> re-structurize -> soft split -> project (paper Eq. 1-3).
 
-    Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up
-    in the same token; each re-structurization is a token transformer or Performer of width `token_dim`.
+    Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up in the
+    same token; each re-structurization is a token transformer or Performer of width `token_dim` whose output
+    tokens are reshaped back into an image. The last soft split and the projection are both linear, so together
+    they run as one convolution whose kernel is the projection's weight.
     """
 
     stage_modules = ('attention1', 'attention2')  # where the two intermediate maps come from
-    # first-stage tokens per batch chunk on CPU (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4
-    # images, whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and
-    # so on reused pages rather than fresh ones
-    chunk_tokens: int = 16384
 
     def __init__(
             self,
@@ -78,80 +75,44 @@ class T2TModule(nn.Module):
             self.attention1 = TokenTransformer(dim=in_chans * k0 * k0, out_dim=token_dim, mlp_ratio=1.0)
             self.attention2 = TokenTransformer(dim=token_dim * k1 * k1, out_dim=token_dim, mlp_ratio=1.0)
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
-        self.grad_checkpointing = False
-        self.strided_unfold = fast_path_default('strided_unfold')
-        self.conv_project = fast_path_default('conv_project')
-        self.patch_major = fast_path_default('patch_major')
-        self.batch_chunks = fast_path_default('batch_chunks')
         self.token_dim = token_dim
-
-    def _soft_split(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, h*w, C*k*k) tokens: the official unfold, or the same numbers by `soft_split`."""
-        if self.strided_unfold:
-            return soft_split(x, *self.soft_splits[index])
-        unfold = (self.soft_split0, self.soft_split1, self.soft_split2)[index]
-        return unfold(x).transpose(1, 2)  # (B, C*k*k, L) -> (B, L, C*k*k)
-
-    def _split_and_project(self, x: torch.Tensor) -> torch.Tensor:
-        """Last soft split then `project`: (B, token_dim, h2, w2) -> (B, h3*w3, embed_dim).
-
-        Both are linear, so together they are one convolution whose kernel is the projection's weight.
-        """
-        if self.conv_project:
-            kernel, stride, padding = self.soft_splits[2]
-            weight = self.project.weight.unflatten(1, (-1, kernel, kernel))  # (E, C*k*k) -> (E, C, k, k)
-            x = F.conv2d(x, weight, self.project.bias, stride=stride, padding=padding)  # (B, E, h3, w3)
-            return x.flatten(2).transpose(1, 2)  # (B, h3*w3, E)
-        return self.project(self._soft_split(2, x))
-
-    def _restructure(self, layer: nn.Module, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, order)
-        return layer(x, order)
-
-    def _num_chunks(self, x: torch.Tensor) -> int:
-        """How many batch chunks `batch_chunks` cuts `x` into: 1 off CPU, when tracing or compiling, or when small.
-
-        Every op of the module is per image, so chunks change no number beyond GEMM rounding; they only keep the
-        large first-stage tensors small enough to be cache- and allocator-friendly on CPU.
-        """
-        if (not self.batch_chunks or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.jit.is_scripting()
-                or torch.compiler.is_compiling()):
-            return 1
-        h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
-        return max(1, min(x.shape[0], math.ceil(x.shape[0] * h1 * w1 / self.chunk_tokens)))
+        self.min_size = k0 - 2 * p0  # the smallest input side that leaves a token
+        self.grad_checkpointing = False
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
-        chunks = self._num_chunks(x)
-        if chunks == 1:
-            return self._forward_stages(x)
-        parts = [self._forward_stages(part) for part in x.chunk(chunks)]
-        maps = [torch.cat(stage) for stage in zip(*(part_maps for _, part_maps in parts))]
-        return torch.cat([tokens for tokens, _ in parts]), maps
-
-    def _forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(B, C, H, W) image -> (B, embed_dim, h3, w3) token map for the backbone, plus the two re-structurized
+        maps (B, token_dim, h1, w1) and (B, token_dim, h2, w2) (strides 4 and 8 with the paper's splits)."""
         B, _, H, W = x.shape
-        h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
-        h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
-        x = self._soft_split(0, x)  # (B, h1*w1, C*7*7)
-        x = self._restructure(self.attention1, x)  # (B, h1*w1, token_dim)
-        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1), channels-last view
-        if self.strided_unfold and self.patch_major:  # features (row, column, channel): whole channel vectors copied
-            x = soft_split(map1, *self.soft_splits[1], patch_major=True)  # (B, h2*w2, 3*3*token_dim)
-            order = patch_major_order(self.token_dim, self.soft_splits[1][0], device=x.device)
-            x = self._restructure(self.attention2, x, order)  # (B, h2*w2, token_dim)
-        else:
-            x = self._soft_split(1, map1)  # (B, h2*w2, token_dim*3*3)
-            x = self._restructure(self.attention2, x)  # (B, h2*w2, token_dim)
-        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
-        return self._split_and_project(map2), [map1, map2]  # (B, h3*w3, embed_dim)
+        _assert(H >= self.min_size, f'input height {H} leaves no tokens; use at least {self.min_size} pixels')
+        _assert(W >= self.min_size, f'input width {W} leaves no tokens; use at least {self.min_size} pixels')
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
+        h1, w1 = (H + 2 * p0 - k0) // s0 + 1, (W + 2 * p0 - k0) // s0 + 1
+        h2, w2 = (h1 + 2 * p1 - k1) // s1 + 1, (w1 + 2 * p1 - k1) // s1 + 1
+
+        x = self.soft_split0(x).transpose(1, 2)  # soft split: (B, C*k*k, L) -> (B, h1*w1, C*7*7) tokens
+        x = self._restructure1(x)  # (B, h1*w1, token_dim)
+        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image: (B, token_dim, h1, w1)
+        x = self.soft_split1(map1).transpose(1, 2)  # (B, h2*w2, token_dim*3*3)
+        x = self._restructure2(x)  # (B, h2*w2, token_dim)
+        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)  # (B, token_dim, h2, w2)
+        # last soft split + project as one convolution: (E, C*k*k) weight -> (E, C, k, k) kernel
+        weight = self.project.weight.reshape(self.project.out_features, -1, k2, k2)
+        x = torch.nn.functional.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2)  # (B, E, h3, w3)
+        return x, [map1, map2]
+
+    def _restructure1(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.attention1, x)
+        return self.attention1(x)
+
+    def _restructure2(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.attention2, x)
+        return self.attention2(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = self._num_chunks(x)
-        if chunks == 1:
-            return self._forward_stages(x)[0]
-        return torch.cat([self._forward_stages(part)[0] for part in x.chunk(chunks)])  # no maps to concatenate
+        """(B, C, H, W) -> (B, embed_dim, h3, w3)."""
+        return self.forward_stages(x)[0]
 
 
 class ConvTokenizer(nn.Module):
@@ -177,10 +138,10 @@ class ConvTokenizer(nn.Module):
         self.grad_checkpointing = False  # three convolutions: nothing worth recomputing
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Tokens for the backbone plus the two intermediate maps, as `T2TModule.forward_stages`."""
+        """Token map for the backbone plus the two intermediate maps, as `T2TModule.forward_stages`."""
         map1 = self.act(self.soft_split0(x))  # (B, token_dim, h1, w1)
         map2 = self.act(self.soft_split1(map1))  # (B, token_dim, h2, w2)
-        return self.project(map2).flatten(2).transpose(1, 2), [map1, map2]  # (B, h3*w3, embed_dim)
+        return self.project(map2), [map1, map2]  # (B, embed_dim, h3, w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]
@@ -203,19 +164,19 @@ class PatchTokenizer(nn.Module):
         self.grad_checkpointing = False
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        return self.proj(x).flatten(2).transpose(1, 2), []  # (B, h*w, embed_dim)
+        return self.proj(x), []  # (B, embed_dim, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(x)[0]
+        return self.proj(x)
 
 
 def _vit_blocks(block_type: str, dim: int, depth: int, dpr: Sequence[float], **block_kwargs) -> List[nn.Module]:
     attn_layer, mlp_layer = {
-        'vit': (ViTAttention, Mlp),
+        'vit': (Attention, Mlp),
         'se': (SEAttention, Mlp),
         'ghost': (GhostAttention, GhostMlp),
     }[block_type]
-    return [ViTBlock(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
+    return [Block(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
             for i in range(depth)]
 
 
@@ -360,10 +321,6 @@ class T2TViT(nn.Module):
             widths = [embed_dim] * depth
         self.block_type = block_type
         self.blocks = nn.Sequential(*blocks)
-        use_onednn_linears(self.tokens_to_token)  # same parameters; oneDNN products on CPU (fast path)
-        use_onednn_linears(self.blocks)
-        if not fast_path_default('fused_attn'):
-            set_fast_paths(self.blocks, fused_attn=False)  # the blocks' attention follows T2TVIT_SLOW_PATHS too
         self.num_features = self.head_hidden_size = widths[-1] if widths else embed_dim
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -424,41 +381,41 @@ class T2TViT(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            return
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
-                f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "C"} to take this input')
+        _assert(x.ndim == 4, f'expected a (B, C, H, W) image batch, got {x.ndim} dimensions')
+        _assert(x.shape[1] == self.in_chans,
+                f'expected {self.in_chans} input channels, got {x.shape[1]}; build the model with in_chans='
+                f'{x.shape[1]} to take this input')
 
-    def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Prepend the class token and add the position table, resized to `grid` when allowed."""
-        pos_embed = self.pos_embed
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) token map -> (B, 1 + h*w, C): class token prepended, position table added.
+
+        With `dynamic_img_size` the table is resized to each input's grid; otherwise the grid must be the one the
+        table was built for (`img_size`).
+        """
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
         if self.dynamic_img_size:
             pos_embed = resample_abs_pos_embed(
-                pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1)
-        elif not torch.jit.is_tracing() and grid != self.grid_size:
-            raise ValueError(
-                f'input gives a {grid[0]}x{grid[1]} token grid but the position table is for '
-                f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '
-                f'build the model with dynamic_img_size=True to resize it per call, or with the new img_size '
-                f'to resize it once when loading weights')
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)  # (B, 1 + N, C)
+                self.pos_embed, new_size=(H, W), old_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens)
+        else:
+            message = (f'input gives a {H}x{W} token grid but the position table is for '
+                       f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '
+                       f'build the model with dynamic_img_size=True to resize it per call, or with the new img_size '
+                       f'to resize it once when loading weights')
+            _assert(H == self.grid_size[0], message)
+            _assert(W == self.grid_size[1], message)
+            pos_embed = self.pos_embed
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, C)
         return self.pos_drop(x + pos_embed.to(x.dtype))
-
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (B, 1 + N, embed_dim); the class token comes first."""
         self._check_input(x)
-        grid = token_grid_size((x.shape[-2], x.shape[-1]), len(self.soft_splits), self.soft_splits)
-        x = self.tokens_to_token(x)  # (B, N, C)
-        x = self._pos_embed(x, grid)
-        x = self._run_blocks(x)
+        x = self._pos_embed(self.tokens_to_token(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -507,17 +464,17 @@ class T2TViT(nn.Module):
         self._check_input(x)
         num_stem = self.num_stem_features
         take_indices, max_index = feature_take_indices(num_stem + len(self.blocks), indices)
-        B, _, H, W = x.shape
-        grid = token_grid_size((H, W), len(self.soft_splits), self.soft_splits)
+        B = x.shape[0]
 
         intermediates: List[Any] = []
         x, maps = self.tokens_to_token.forward_stages(x)
+        grid = x.shape[-2:]
         for i, fmap in enumerate(maps):
             if i in take_indices:
                 feat = fmap if output_fmt == 'NCHW' else fmap.flatten(2).transpose(1, 2)
                 intermediates.append((feat, fmap.new_zeros(B, 0, fmap.shape[1])) if return_prefix_tokens else feat)
 
-        x = self._pos_embed(x, grid)
+        x = self._pos_embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max(0, max_index - num_stem + 1)]
         for i, blk in enumerate(blocks):
             x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)

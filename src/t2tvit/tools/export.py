@@ -25,7 +25,6 @@ from .. import __version__
 from ..engine.checkpointing import atomic_write
 from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
 from ..models import load_checkpoint, token_grid_size
-from ..models.layers import set_fast_paths
 
 __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY']
 
@@ -115,8 +114,6 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_hw: bool, min_s
             output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
         proto = program.model_proto
     else:
-        # the TorchScript tracer cannot read the sizes of the strided-view soft split; Unfold gives the same numbers
-        model = set_fast_paths(copy.deepcopy(model), strided_unfold=False)
         buffer = io.BytesIO()
         torch.onnx.export(
             model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -137,12 +134,10 @@ def _onnx_runner(data: bytes) -> Optional[Callable[[torch.Tensor], Any]]:
     return lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0]
 
 
-def _torchscript_bytes(model: nn.Module, example: torch.Tensor, meta: str) -> bytes:
-    # traced, not scripted: the token-grid arithmetic is plain Python that TorchScript cannot compile; tracing keeps
-    # the batch size symbolic and records height/width as constants
-    traced = torch.jit.trace(model, example, check_trace=False)
+def _torchscript_bytes(model: nn.Module, meta: str) -> bytes:
+    scripted = torch.jit.script(model)  # the whole forward, token-grid arithmetic included: any batch size
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={f'{METADATA_KEY}.json': meta})
+    torch.jit.save(scripted, buffer, _extra_files={f'{METADATA_KEY}.json': meta})
     return buffer.getvalue()
 
 
@@ -254,7 +249,7 @@ def export_model(
                 data = _onnx_bytes(model, example, dynamic_hw, min_side, onnx_exporter, opset, meta)
                 run = _onnx_runner(data)
             elif fmt == 'torchscript':
-                data = _torchscript_bytes(model, example, meta)
+                data = _torchscript_bytes(model, meta)
                 run = _torchscript_runner(data)
             elif fmt == 'exported-program':
                 data = _exported_program_bytes(model, example, meta)
