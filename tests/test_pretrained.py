@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 
-import t2tvit
+import t2tvit  # noqa: F401  (registers the models)
 from t2tvit.cli.main import main as cli
 from t2tvit.data.labels import imagenet_classes
 from t2tvit.engine.restore import restore_model
@@ -312,8 +312,8 @@ def test_a_broken_download_fails_clearly_and_leaves_nothing_in_the_cache(
         timm.create_model(builder, pretrained=True, pretrained_cfg_overlay=dict(overlay, url=url), **kwargs)
     assert not cache.exists() or not any(cache.iterdir())
     if broken == 'cut':  # the next try downloads afresh
-        model = timm.create_model(builder, pretrained=True, pretrained_cfg_overlay=dict(overlay, url=base + 'release.pth.tar'),
-                                  **kwargs)
+        overlay['url'] = base + 'release.pth.tar'
+        model = timm.create_model(builder, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         io = _io(fixtures_dir, name)
         torch.testing.assert_close(_logits(model, io['input']), io['logits'], rtol=0, atol=1e-5)
 
@@ -321,8 +321,8 @@ def test_a_broken_download_fails_clearly_and_leaves_nothing_in_the_cache(
 def test_an_unreachable_url_names_the_url_and_the_file_fallback(cache, tiny_configs):
     builder, kwargs, overlay = _tiny(tiny_configs, 'tiny_performer')
     with pytest.raises(CheckpointError, match="could not download http://127.0.0.1:9/x.pth.*dict\\(file="):
-        timm.create_model(builder, pretrained=True, pretrained_cfg_overlay=dict(overlay, url='http://127.0.0.1:9/x.pth'),
-                          **kwargs)
+        overlay['url'] = 'http://127.0.0.1:9/x.pth'  # the discard port: nothing listens
+        timm.create_model(builder, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 # --- hub model folders --------------------------------------------------------------------------------------------

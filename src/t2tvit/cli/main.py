@@ -265,8 +265,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.config import ConfigError
     from ..tools.visualize import visualize
     if args.checkpoint is None and args.model is None:
-        raise ConfigError('give --checkpoint FILE, --model TAG --pretrained, or --model NAME to look at a randomly '
-                          'initialised model')
+        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
+                          '(--model TAG --pretrained: its released weights)')
     restored = _restore(args)
     files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
     for e in explanations:
@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description='Export a model, check the written file against the eager model (two batch '
                                      'sizes, and a second image size where height/width are dynamic), and write it '
                                      'atomically with FILE.json: preprocessing, class names, input/output names.')
-    exp.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf'),
+    exp.add_argument('--format', required=True,
+                     choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf'),
                      help='hf: a Hugging Face hub model folder (config.json, model.safetensors, README.md) that '
                           "timm.create_model('local-dir:DIR', pretrained=True) loads")
     _add_model_flags(exp, checkpoint_required=False)

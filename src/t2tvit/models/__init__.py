@@ -4,7 +4,8 @@ from .checkpoint import (
     mismatch_report, read_checkpoint, read_weights)
 from .layers import TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, TokenSE
-from .t2t_vit import BLOCK_TYPES, OFFICIAL_CLASSES, RELEASES, TOKENS_TYPES, ConvTokenizer, PatchTokenizer, T2TModule, T2TViT
+from .t2t_vit import (
+    BLOCK_TYPES, OFFICIAL_CLASSES, RELEASES, TOKENS_TYPES, ConvTokenizer, PatchTokenizer, T2TModule, T2TViT)
 from .utils import count_parameters, list_variants
 
 __all__ = [

@@ -23,7 +23,8 @@ from timm.models import adapt_input_conv
 from .layers import SOFT_SPLITS
 
 __all__ = [
-    'CheckpointError', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn',
+    'CheckpointError', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
+    'checkpoint_filter_fn',
     'load_checkpoint', 'mismatch_report', 'from_mmpretrain',
     'SAFE_GLOBALS', 'STATE_DICT_KEYS',
 ]

@@ -601,7 +601,8 @@ def _read_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     sources (safetensors) are left to timm.
     """
     cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     if cfg.source in ('hf-hub', 'local-dir') or cfg.state_dict is not None or cfg.hf_hub_id:
         return kwargs
     if cfg.file:
@@ -652,7 +653,8 @@ def _cfg_untrained(first_conv: str, **kwargs) -> Dict[str, Any]:
 OFFICIAL_RELEASES = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
 MMPRETRAIN_RELEASES = 'https://download.openmmlab.com/mmclassification/v0/t2t-vit/'
 _OFFICIAL = dict(license='bsd-3-clause-clear', origin_url='https://github.com/yitu-opensource/T2T-ViT')  # Clear BSD
-_MMPRETRAIN = dict(license='apache-2.0', origin_url='https://github.com/open-mmlab/mmpretrain/tree/main/configs/t2t_vit')
+_MMPRETRAIN = dict(
+    license='apache-2.0', origin_url='https://github.com/open-mmlab/mmpretrain/tree/main/configs/t2t_vit')
 # official transfer_learning.py: Resize(224) of the 32-px image (bilinear, no crop) and these statistics
 _CIFAR = dict(crop_pct=1.0, interpolation='bilinear', mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
 
