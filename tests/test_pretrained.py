@@ -347,6 +347,29 @@ def test_hub_folder_round_trip_gives_identical_outputs(fixtures_dir, tiny_config
     assert 'license: other' in card and 'Yuan_2021_ICCV' in card and f'{name}.pth.tar' in card
 
 
+@pytest.mark.parametrize('name, kwargs', [
+    ('t2t_vit_c_14', dict(img_size=64, num_classes=7)),  # convolution tokenizer
+    ('t2t_vit_p_14', dict(img_size=64, in_chans=1, num_classes=3)),  # patch tokenizer, 1 channel
+    ('t2t_vit_mini.fmnist', dict(token_dim=8)),  # small-image soft splits, 1 x 28 x 28
+])
+def test_hub_folder_round_trip_of_the_other_tokenizers(tmp_path, name, kwargs):
+    restored = restore_model(None, name, dict(kwargs, embed_dim=32, depth=1, num_heads=2))
+    result = export_hf(restored, tmp_path / 'hub')
+    assert result.max_abs_diff == 0.0
+    loaded = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True)
+    assert (loaded.in_chans, loaded.num_classes, loaded.img_size) == \
+        (restored.model.in_chans, restored.model.num_classes, restored.model.img_size)
+    x = torch.randn(2, loaded.in_chans, *loaded.img_size)
+    assert torch.equal(_logits(loaded, x), _logits(restored.model, x))
+
+
+def test_hub_export_refuses_a_file_as_the_folder(tmp_path):
+    (tmp_path / 'taken').write_text('x')
+    restored = restore_model(None, 't2t_vit_mini', dict(embed_dim=32, depth=1, num_heads=2, token_dim=8))
+    with pytest.raises(ValueError, match='is a file; --format hf writes a folder'):
+        export_hf(restored, tmp_path / 'taken')
+
+
 # --- the command line: tags, --pretrained, checkpoint args --------------------------------------------------------
 
 @pytest.fixture
@@ -418,3 +441,14 @@ def test_checkpoint_args_set_model_size_and_preprocessing(tmp_path, capsys):
     flagged = restore_model(str(path), img_size=96, crop_pct=1.0)  # flags win
     assert flagged.model.img_size == (96, 96) and flagged.sources['img_size'] == 'flag'
     assert flagged.preprocess['crop_pct'] == 1.0
+
+
+def test_pretrained_flags_need_a_tag_and_exclude_a_checkpoint(tmp_path, capsys):
+    assert cli(['finetune', '--pretrained', '--dataset', 'fake']) == 2
+    assert '--pretrained needs --model TAG' in capsys.readouterr().err
+    assert cli(['finetune', '--dataset', 'fake']) == 2
+    assert 'give --checkpoint FILE to start from, or --model TAG --pretrained' in capsys.readouterr().err
+    assert cli(['predict', str(tmp_path), '--checkpoint', 'x.pth', '--model', 't2t_vit_7.in1k', '--pretrained']) == 2
+    assert 'not both' in capsys.readouterr().err
+    assert cli(['eval', '--dataset', 'fake']) == 2
+    assert 'give --checkpoint FILE, or --model TAG --pretrained' in capsys.readouterr().err

@@ -226,8 +226,9 @@ def _adaptable(weight: torch.Tensor, target: torch.Tensor, model: nn.Module) -> 
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Fit a checkpoint to `model`: pick the weights, strip wrappers, resize `pos_embed`, adapt in_chans (the first
-    Linear of the T2T module, or the first convolution of the convolution and patch tokenizers).
+    """Fit a checkpoint to `model`: pick the weights, strip wrappers (and rename an mmpretrain layout), drop a Token
+    Labeling `aux_head` (with a warning), resize `pos_embed`, adapt in_chans (the first Linear of the T2T module, or
+    the first convolution of the convolution and patch tokenizers).
 
     Pure and idempotent: its output passed through it again comes back unchanged. Used by timm's
     `pretrained=True` loader and by `load_checkpoint`.
