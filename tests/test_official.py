@@ -129,9 +129,14 @@ def test_timm_pretrained_file_overlay(fixtures_dir, tiny_configs, builder, name,
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
 
 
-def test_pretrained_without_a_file_says_how_to_pass_one():
-    with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file='):
-        timm.create_model('t2t_vit_7', pretrained=True)
+@pytest.mark.parametrize('name, released', [
+    ('t2t_vit_24.in1k_384', 'released weights: t2t_vit_24.in1k, t2t_vit_24.tl_in1k'),
+    ('t2t_vit_14_se', 'no weights of t2t_vit_14_se were released'),
+])
+def test_pretrained_without_a_release_names_the_released_tags_and_how_to_pass_a_file(name, released):
+    with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file=') as info:
+        timm.create_model(name, pretrained=True)
+    assert released in str(info.value)
 
 
 def test_released_qk_scale_is_head_dim():

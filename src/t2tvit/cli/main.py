@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..engine.config import load_recipe, resolve_config
     overrides = _overrides(args)
-    overrides['pretrained'] = args.checkpoint
+    overrides['pretrained'] = _weights_source(args, overrides.get('model'))
     config = resolve_config(args.config, overrides, base=load_recipe('finetune'))
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
@@ -99,15 +99,39 @@ def _resume_arg(args: argparse.Namespace) -> Optional[str]:
     return args.resume or 'auto'
 
 
+def _weights_source(args: argparse.Namespace, model: Optional[str]) -> str:
+    """finetune: --checkpoint FILE, or --pretrained with --model TAG (its released weights)."""
+    from ..engine.config import ConfigError
+    if args.pretrained and args.checkpoint:
+        raise ConfigError('give either --checkpoint FILE or --pretrained (the released weights of --model), not both')
+    if args.pretrained:
+        if not model:
+            raise ConfigError("--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained('t2t*'))")
+        return model
+    if not args.checkpoint:
+        raise ConfigError('give --checkpoint FILE to start from, or --model TAG --pretrained')
+    return args.checkpoint
+
+
+def _add_pretrained_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--pretrained', action='store_true',
+                        help="use the released weights of --model, a pretrained tag such as t2t_vit_14.in1k "
+                             "(downloaded once into timm's cache; timm.list_pretrained('t2t*') lists them)")
+
+
 # --- eval ---------------------------------------------------------------------------------------------------------
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..engine.config import ConfigError
     from ..engine.evaluate import evaluate_checkpoint
+    if args.checkpoint is None and not args.pretrained:
+        raise ConfigError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
     result = evaluate_checkpoint(
         args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset, split=args.split, img_size=args.img_size,
         in_chans=args.in_chans, crop_pct=args.crop_pct, interpolation=args.interpolation,
         batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device, output=args.output,
-        on_bad_image=args.on_bad_image, agreement=args.agreement)
+        on_bad_image=args.on_bad_image, agreement=args.agreement, pretrained=args.pretrained)
+    print(f"settings: {result['sources']}", file=sys.stderr)
     t = result['transform']
     print(f"{result['model']} on {result['samples']} images ({result['data'] or result['dataset']}, split {args.split}; "
           f"resize {int(t['img_size'] / t['crop_pct'])} {t['interpolation']}, centre crop {t['img_size']})")
@@ -158,7 +182,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, checkpoint_required: bool)
     parser.add_argument('--checkpoint', required=checkpoint_required, metavar='FILE',
                         help='t2tvit or official checkpoint, .pth/.pth.tar/.safetensors'
                              + ('' if checkpoint_required else ' (default: random weights, with a warning)'))
-    parser.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
+    parser.add_argument('--model', default=None,
+                        help='model name or pretrained tag (default: what the checkpoint says)')
+    _add_pretrained_flag(parser)
     parser.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
                         help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
     parser.add_argument('--img-size', type=int, default=None, help='input size (default: from the checkpoint)')
@@ -167,10 +193,12 @@ def _add_model_flags(parser: argparse.ArgumentParser, checkpoint_required: bool)
 
 def _restore(args: argparse.Namespace, labels: Optional[str] = None):
     from ..engine.restore import restore_model
-    if args.checkpoint is None:
+    if args.checkpoint is None and not args.pretrained:
         print(f'warning: no --checkpoint given: {args.model or "the model"} has random weights', file=sys.stderr)
-    return restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
-                         labels=labels)
+    restored = restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
+                             labels=labels, pretrained=args.pretrained)
+    print(f'settings: {restored.describe_sources()}', file=sys.stderr)
+    return restored
 
 
 def _device(name: str) -> str:
@@ -184,7 +212,10 @@ def _device(name: str) -> str:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
+    from ..engine.config import ConfigError
     from ..tools.predict import predict_images
+    if args.checkpoint is None and not args.pretrained:
+        raise ConfigError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
     restored = _restore(args, labels=args.labels)
     result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size,
                             device=_device(args.device))
@@ -207,8 +238,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..tools.export import export_model
+    from ..tools.export import export_hf, export_model
     restored = _restore(args)
+    if args.format == 'hf':
+        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance)
+        print(f'wrote {hub.folder}: ' + ', '.join(p.name for p in hub.files))
+        for shape, diff in hub.checks:
+            print(f"  input {tuple(shape)}: max |create_model('local-dir:...') - source| = {diff:.2e}")
+        return 0
     result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
                           onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance)
     size_mb = result.path.stat().st_size / 2 ** 20
@@ -228,7 +265,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.config import ConfigError
     from ..tools.visualize import visualize
     if args.checkpoint is None and args.model is None:
-        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+        raise ConfigError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
+                          '(--model TAG --pretrained: its released weights)')
     restored = _restore(args)
     files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
     for e in explanations:
@@ -354,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--config', '-c', metavar='RECIPE', default='fashion_mnist' if name == 'train' else None,
                        help='recipe name or YAML file')
         if name == 'finetune':
-            p.add_argument('--checkpoint', required=True, metavar='FILE', help='checkpoint to start from')
+            p.add_argument('--checkpoint', metavar='FILE', help='checkpoint to start from')
+            _add_pretrained_flag(p)
         p.add_argument('--resume', metavar='FILE', default=None,
                        help='resume from this checkpoint (default: RUN_DIR/last.pth when it exists)')
         p.add_argument('--no-resume', action='store_true', help='start afresh; refuse an existing run folder')
@@ -364,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser('eval', help='evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion',
                         description='Evaluate a checkpoint with the model\'s own evaluation transform '
                                     '(ImageNet models: resize 248 bicubic, centre crop 224).')
-    ev.add_argument('--checkpoint', required=True, metavar='FILE')
+    ev.add_argument('--checkpoint', metavar='FILE', help='checkpoint to evaluate (or --model TAG --pretrained)')
     ev.add_argument('--data', metavar='DIR', default=None, help='data set folder')
-    ev.add_argument('--model', default=None, help='model name (default: what the checkpoint says)')
+    ev.add_argument('--model', default=None, help='model name or pretrained tag (default: what the checkpoint says)')
+    _add_pretrained_flag(ev)
     ev.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
                     help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
     ev.add_argument('--dataset', default=None,
@@ -392,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     'recursively), through the model\'s own evaluation transform. Exit status 1 '
                                     'when some files could not be read (they are named and skipped).')
     pr.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR')
-    _add_model_flags(pr, checkpoint_required=True)
+    _add_model_flags(pr, checkpoint_required=False)
     pr.add_argument('--topk', type=_positive_int, default=5, help='how many classes to list per image (default 5)')
     pr.add_argument('--labels', metavar='FILE', default=None,
                     help='class names, one per line in index order (default: from the checkpoint, the data set, '
@@ -406,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description='Export a model, check the written file against the eager model (two batch '
                                      'sizes, and a second image size where height/width are dynamic), and write it '
                                      'atomically with FILE.json: preprocessing, class names, input/output names.')
-    exp.add_argument('--format', required=True, choices=('onnx', 'torchscript', 'exported-program', 'safetensors'))
+    exp.add_argument('--format', required=True,
+                     choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf'),
+                     help='hf: a Hugging Face hub model folder (config.json, model.safetensors, README.md) that '
+                          "timm.create_model('local-dir:DIR', pretrained=True) loads")
     _add_model_flags(exp, checkpoint_required=False)
     exp.add_argument('--output', '-o', metavar='FILE', default=None,
                      help='file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)')

@@ -14,7 +14,7 @@ from .train import _eval_loader, evaluate, fake_split_size
 
 
 def evaluate_checkpoint(
-        checkpoint: str,
+        checkpoint: Optional[str],
         data: Optional[str],
         model: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
@@ -31,16 +31,20 @@ def evaluate_checkpoint(
         output: Optional[str] = None,
         on_bad_image: str = 'fail',
         agreement: bool = False,
+        pretrained: bool = False,
 ) -> Dict[str, Any]:
     """Top-1/top-5, loss, per-class accuracy; writes eval.json and confusion_matrix.png into `output`.
 
-    `agreement` (with `amp`): also compare every batch with fp32 (see `evaluate`).
-    Options left as None come from the checkpoint (t2tvit checkpoints store their config), then from the model's
-    pretrained_cfg: for the ImageNet models that is resize to 248 bicubic, centre crop 224.
+    `agreement` (with `amp`): also compare every batch with fp32 (see `evaluate`). `pretrained` (no checkpoint):
+    the released weights of `model`, a pretrained tag such as 't2t_vit_14.in1k'.
+    Options left as None come from the checkpoint (t2tvit checkpoints store their config, official and timm ones
+    their `args`), then from the model's pretrained_cfg: for the ImageNet models that is resize to 248 bicubic,
+    centre crop 224. `result['sources']` says which setting came from where.
     """
     info = init_distributed(device)
     try:
-        restored = restore_model(checkpoint, model, model_kwargs, img_size, in_chans, crop_pct, interpolation)
+        restored = restore_model(checkpoint, model, model_kwargs, img_size, in_chans, crop_pct, interpolation,
+                                 pretrained=pretrained)
         net, config, facts, model_name = restored.model, restored.preprocess, restored.facts, restored.name
         dataset_name = dataset or facts.get('dataset') or 'imagefolder'
         eval_set = build_dataset(
@@ -58,7 +62,8 @@ def evaluate_checkpoint(
         result = evaluate(net, loader, info.device, net.num_classes, amp, info, agreement=agreement)
         result['model'] = model_name
         result['dataset'], result['data'] = dataset_name, data or facts.get('data')
-        result['checkpoint'] = str(checkpoint)
+        result['checkpoint'] = str(restored.checkpoint)
+        result['sources'] = restored.describe_sources()
         result['classes'] = classes
         result['transform'] = {k: config[k] for k in ('img_size', 'crop_pct', 'interpolation')}
         if output and info.is_main:

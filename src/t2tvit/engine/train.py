@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import build_dataset, build_transform
 from ..cpu_kernels import for_device
-from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
+from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint, read_weights
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
@@ -132,12 +132,14 @@ def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> List[str]:
-    """Start from a checkpoint of any supported kind at another class count, resolution or channel count.
+    """Start from a checkpoint of any supported kind, or a pretrained tag's released weights (downloaded once), at
+    another class count, resolution or channel count.
 
     Everything but the classifier must fit (after resizing `pos_embed` and adapting the first layer); a classifier
     of another shape is left freshly initialised. Returns the keys left at their initial values.
     """
-    state_dict = checkpoint_filter_fn(read_checkpoint(path), model)
+    path, raw = read_weights(path)
+    state_dict = checkpoint_filter_fn(raw, model)
     model_sd = model.state_dict()
     head_keys = [k for k in ('head.weight', 'head.bias') if k in model_sd]
     reset = [k for k in head_keys if k in state_dict and state_dict[k].shape != model_sd[k].shape]

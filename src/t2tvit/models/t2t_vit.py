@@ -16,17 +16,18 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.layers.trace_utils import _assert
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, list_pretrained, register_model
+from timm.models import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Attention, Block
 
 from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
-from .checkpoint import checkpoint_filter_fn
+from .checkpoint import CheckpointError, checkpoint_filter_fn, download_checkpoint, extract_state_dict, read_checkpoint
 from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
 __all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
-           'OFFICIAL_CLASSES']
+           'OFFICIAL_CLASSES', 'RELEASES']
 
 TOKENS_TYPES = ('performer', 'transformer', 'convolution', 'patch')
 BLOCK_TYPES = ('vit', 'se', 'ghost', 'dense')
@@ -520,8 +521,10 @@ class T2TViT(nn.Module):
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
     # features_only default: the tokenizer's two maps and the last block (strides 4, 8, 16 with the paper's splits)
     out_indices = kwargs.pop('out_indices', (0, 1, -1))
+    if pretrained:
+        kwargs = _read_pretrained(variant, kwargs)
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             T2TViT,
             variant,
             pretrained,
@@ -531,11 +534,46 @@ def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
         )
     except RuntimeError as e:
         if 'No pretrained weights exist' in str(e):
+            tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg')).tag
+            tags = list_pretrained(f'{variant}.*')
+            released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {variant} were released'
             raise RuntimeError(
-                f'{variant}: no weights are downloaded by this package. Pass a local file: '
+                f'{variant}.{tag} has no weights to download ({released}). Or pass a local file: '
                 f"create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH.pth.tar'))"
             ) from e
         raise
+    for m in (model, getattr(model, 'model', None)):  # the weights are loaded: keep the cfg small (features_only)
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model
+
+
+def _read_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Fetch a url or file weight source ourselves: download into timm's cache, read weights-only.
+
+    timm's own url path reads with torch.hub's weights-only loader, which refuses the `argparse.Namespace` that
+    every official release carries in `args`; its file path gives no message of ours. The weights go on to timm's
+    loader as a state dict, so the filter, the classifier swap and the strict load stay timm's. Hub and local-dir
+    sources (safetensors) are left to timm.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.source in ('hf-hub', 'local-dir') or cfg.state_dict is not None or cfg.hf_hub_id:
+        return kwargs
+    if cfg.file:
+        where, raw = cfg.file, read_checkpoint(cfg.file)
+    elif cfg.url:
+        where, raw = download_checkpoint(cfg.url, cache_dir=kwargs.get('cache_dir'))
+    else:
+        return kwargs  # timm raises 'No pretrained weights exist', reworded above
+    try:
+        state_dict = extract_state_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f'{where}: {e}') from e
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict)
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -569,23 +607,84 @@ def _cfg_untrained(first_conv: str, **kwargs) -> Dict[str, Any]:
     return _cfg(first_conv=first_conv, license='mit', **kwargs)
 
 
+OFFICIAL_RELEASES = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
+MMPRETRAIN_RELEASES = 'https://download.openmmlab.com/mmclassification/v0/t2t-vit/'
+_OFFICIAL = dict(license='bsd-3-clause-clear', origin_url='https://github.com/yitu-opensource/T2T-ViT')  # Clear BSD
+_MMPRETRAIN = dict(
+    license='apache-2.0', origin_url='https://github.com/open-mmlab/mmpretrain/tree/main/configs/t2t_vit')
+# official transfer_learning.py: Resize(224) of the 32-px image (bilinear, no crop) and these statistics
+_CIFAR = dict(crop_pct=1.0, interpolation='bilinear', mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+
+# Model card data of every released weight file, by tag: what it is, where it came from, what its publisher measured.
+RELEASES: Dict[str, Dict[str, Any]] = {}
+
+
+def _release(tag: str, cfg: Dict[str, Any], file: str, top1: float, dataset: str = 'ImageNet-1k',
+             trained: str = 'trained from scratch on ImageNet-1k by the paper\'s authors (official main.py)',
+             measured: str = 'official README and paper') -> Dict[str, Any]:
+    RELEASES[tag] = dict(url=cfg['url'], file=file, top1=top1, dataset=dataset, trained=trained, measured=measured,
+                         license=cfg['license'], origin_url=cfg['origin_url'])
+    return dict(cfg, notes=(f'{dataset} top-1 {top1}% ({measured})', trained))
+
+
+def _official(tag: str, file: str, top1: float, cfg=_cfg, **kwargs) -> Dict[str, Any]:
+    return _release(tag, cfg(url=OFFICIAL_RELEASES + file, **dict(_OFFICIAL, **kwargs.pop('cfg_kwargs', {}))),
+                    file, top1, **kwargs)
+
+
+def _cifar(tag: str, file: str, top1: float, num_classes: int) -> Dict[str, Any]:
+    base = tag.split('.')[0].replace('t2t_vit_', 'T2T-ViT-')
+    return _official(
+        tag, file, top1, cfg_kwargs=dict(num_classes=num_classes, **_CIFAR), dataset=f'CIFAR-{num_classes}',
+        trained=f'{base} ImageNet-1k weights fine-tuned on CIFAR-{num_classes} resized to 224 px by the paper\'s '
+                f'authors (official transfer_learning.py)')
+
+
+def _mmpretrain(tag: str, file: str, top1: float) -> Dict[str, Any]:
+    return _release(tag, _cfg_t(url=MMPRETRAIN_RELEASES + file, **_MMPRETRAIN), file, top1,
+                    trained='retrained from scratch on ImageNet-1k by OpenMMLab (mmcls, 8 GPUs x 64, 310 epochs, '
+                            'EMA), one to one key mapping to this model',
+                    measured='mmpretrain metafile')
+
+
 _384 = dict(input_size=(3, 384, 384), crop_pct=1.0)
+_RELEASED = {
+    't2t_vit_7.in1k': ('71.7_T2T_ViT_7.pth.tar', 71.7),
+    't2t_vit_10.in1k': ('75.2_T2T_ViT_10.pth.tar', 75.2),
+    't2t_vit_12.in1k': ('76.5_T2T_ViT_12.pth.tar', 76.5),
+    't2t_vit_14.in1k': ('81.5_T2T_ViT_14.pth.tar', 81.5),
+    't2t_vit_19.in1k': ('81.9_T2T_ViT_19.pth.tar', 81.9),
+    't2t_vit_24.in1k': ('82.3_T2T_ViT_24.pth.tar', 82.3),
+}
 
 default_cfgs = generate_default_cfgs({
-    't2t_vit_7.in1k': _cfg(),
-    't2t_vit_10.in1k': _cfg(),
-    't2t_vit_12.in1k': _cfg(),
-    't2t_vit_14.in1k': _cfg(),
-    't2t_vit_14.in1k_384': _cfg(**_384),
-    't2t_vit_19.in1k': _cfg(),
+    **{tag: _official(tag, file, top1) for tag, (file, top1) in _RELEASED.items()},
+    # official eval of this file: main.py --img-size 384 keeps the model cfg's crop_pct 0.9 (resize 426, crop 384)
+    't2t_vit_14.in1k_384': _official('t2t_vit_14.in1k_384', '83.3_T2T_ViT_14.pth.tar', 83.3,
+                                     cfg_kwargs=dict(input_size=(3, 384, 384)),
+                                     trained='trained from scratch on ImageNet-1k at 384 px by the paper\'s authors'),
+    't2t_vit_14.in1k_ft_cifar10': _cifar('t2t_vit_14.in1k_ft_cifar10', 'cifar10_t2t-vit_14_98.3.pth', 98.3, 10),
+    't2t_vit_14.in1k_ft_cifar100': _cifar('t2t_vit_14.in1k_ft_cifar100', 'cirfar100_t2t-vit-14_88.4.pth', 88.4, 100),
     't2t_vit_19.in1k_384': _cfg(**_384),
-    't2t_vit_24.in1k': _cfg(),
+    't2t_vit_19.in1k_ft_cifar10': _cifar('t2t_vit_19.in1k_ft_cifar10', 'cifar10_t2t-vit_19_98.4.pth', 98.4, 10),
+    't2t_vit_19.in1k_ft_cifar100': _cifar('t2t_vit_19.in1k_ft_cifar100', 'cifar100_t2t-vit-19_89.0.pth', 89.0, 100),
+    't2t_vit_24.tl_in1k': _official(
+        't2t_vit_24.tl_in1k', '84.2_T2T_ViT_24.pth.tar', 84.2,
+        trained='trained on ImageNet-1k with Token Labeling (github.com/zihangJiang/TokenLabeling) by the paper\'s '
+                'authors; its auxiliary per-token head (aux_head) is dropped on load'),
     't2t_vit_24.in1k_384': _cfg(**_384),
-    't2t_vit_t_14.in1k': _cfg_t(),
+    't2t_vit_t_14.in1k': _official('t2t_vit_t_14.in1k', '81.7_T2T_ViTt_14.pth.tar', 81.7, cfg=_cfg_t),
+    't2t_vit_t_14.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_14.mmpretrain_in1k', 't2t-vit-t-14_8xb64_in1k_20211220-f7378dd5.pth', 81.83),
     't2t_vit_t_14.in1k_384': _cfg_t(**_384),
-    't2t_vit_t_19.in1k': _cfg_t(),
-    't2t_vit_t_24.in1k': _cfg_t(),
+    't2t_vit_t_19.in1k': _official('t2t_vit_t_19.in1k', '82.4_T2T_ViTt_19.pth.tar', 82.4, cfg=_cfg_t),
+    't2t_vit_t_19.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_19.mmpretrain_in1k', 't2t-vit-t-19_8xb64_in1k_20211214-7f5e3aaf.pth', 82.63),
+    't2t_vit_t_24.in1k': _official('t2t_vit_t_24.in1k', '82.6_T2T_ViTt_24.pth.tar', 82.6, cfg=_cfg_t),
+    't2t_vit_t_24.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_24.mmpretrain_in1k', 't2t-vit-t-24_8xb64_in1k_20211214-b2a68ae3.pth', 82.71),
     't2t_vit_t_24.in1k_384': _cfg_t(**_384),
+    # the design study: no weights were released
     't2t_vit_14_resnext.in1k': _cfg(),
     't2t_vit_14_wide.in1k': _cfg(),
     't2t_vit_14_se.in1k': _cfg(),
