@@ -5,7 +5,6 @@ transformer tokens, the paper's convolution stand-in, or a plain ViT patch embed
 (`block_type`: ViT, SE, Ghost or dense). Each registered builder names its widths and depths. The state dict has
 the official key names and shapes, so official checkpoints load strictly (see `checkpoint.py`).
 """
-from __future__ import annotations
 
 import math
 from functools import partial
