@@ -9,7 +9,7 @@ from .config import ConfigError
 from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion, write_eval_json
 from .restore import restore_model
-from .train import _eval_loader, evaluate, fake_split_size
+from .train import _check_bad_samples, _eval_loader, evaluate, fake_split_size
 
 
 def evaluate_checkpoint(
@@ -55,6 +55,7 @@ def evaluate_checkpoint(
         net.to(info.device)
         loader = _eval_loader(eval_set, restored.transform(), batch_size, workers, info)
         result = evaluate(net, loader, info.device, net.num_classes, amp, info, agreement=agreement)
+        _check_bad_samples(eval_set, on_bad_image)
         result['model'] = model_name
         result['dataset'], result['data'] = dataset_name, data or facts.get('data')
         result['checkpoint'] = str(checkpoint)
