@@ -1,4 +1,4 @@
-"""Sharded data: convert-data to WebDataset and Hugging Face datasets, reading both, 2-process split, resume, bad input."""
+"""Sharded data: convert-data to wds and hfds, reading both, the split over 2 processes, resume, bad input."""
 from __future__ import annotations
 
 import collections

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -215,7 +214,7 @@ def build_wds(root: Path, split: str, in_chans: int, on_bad_image: str) -> WdsDa
 
 
 def _looks_local(data: str) -> bool:
-    return Path(data).expanduser().exists() or data.startswith(('/', '.', '~')) or os.sep * 2 in data
+    return Path(data).expanduser().exists() or data.startswith(('/', '.', '~'))
 
 
 class HfdsDataset(_ClassesMixin, Dataset):
@@ -243,7 +242,7 @@ class HfdsDataset(_ClassesMixin, Dataset):
         try:
             available = list(datasets.get_dataset_split_names(path))
         except Exception as e:  # noqa: datasets raises many kinds (not found, offline, no data files)
-            where = f'folder {data}' if local else f'hub data set {data!r}'
+            where = f'folder {data}' if local else f'hub data set {data!r} (no folder of that name here either)'
             raise DataError(f'datasets.load_dataset cannot read the {where} ({type(e).__name__}: '
                             f'{str(e).splitlines()[0] if str(e) else ""}); give a folder of parquet files per split '
                             f'(t2tvit convert-data --to hfds) or a reachable hub name') from e
