@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .datasets import _UNREADABLE_IMAGE_ERRORS, MAX_BAD_IMAGES_IN_A_ROW, DataError, _ClassesMixin, _pil_mode
 
@@ -50,45 +50,51 @@ def resolve_split(split: str, available: Sequence[str], where: str) -> str:
 # WebDataset
 
 
-class BadSampleCounter(logging.Filter):
-    """Counts the samples timm's WebDataset reader skips, across DataLoader workers (a shared integer).
+class BadSampleCounter:
+    """How many samples timm's WebDataset reader skipped in one split, across DataLoader workers (a shared integer).
 
-    timm logs each unreadable sample or shard as a warning and goes on; installed on that logger in every process
-    that reads, this filter counts them so the training loop can report the count, or stop ('fail').
+    timm logs each unreadable sample or shard as a warning and goes on. `_SkipCounter`, a filter on that logger,
+    adds each such warning to the counter of the stream being read in that process.
     """
 
     def __init__(self):
-        super().__init__()
         self.value = multiprocessing.Value('i', 0)  # shared with the workers, like timm's own SharedCount
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if 'webdataset error' in record.getMessage():
-            with self.value.get_lock():
-                self.value.value += 1
-        return True
-
-    def install(self) -> None:
-        logger = logging.getLogger(_WDS_LOGGER)
-        if self not in logger.filters:
-            logger.addFilter(self)
 
     @property
     def count(self) -> int:
         return int(self.value.value)
 
 
-class _CountingTransform:
-    """Installs the bad-sample counter in the process that reads (a loader worker), then applies `transform`."""
+class _SkipCounter(logging.Filter):
+    active: Optional[BadSampleCounter] = None  # the counter of the stream this process reads now
 
-    def __init__(self, transform: Optional[Callable], counter: BadSampleCounter):
-        self.transform, self.counter = transform, counter
-        self._installed = False
+    def filter(self, record: logging.LogRecord) -> bool:
+        counter = _SkipCounter.active
+        if counter is not None and 'webdataset error' in record.getMessage():
+            with counter.value.get_lock():
+                counter.value.value += 1
+        return True
 
-    def __call__(self, image):
-        if not self._installed:
-            self.counter.install()
-            self._installed = True
-        return self.transform(image) if self.transform is not None else image
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger(_WDS_LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+
+class _CountedStream(IterableDataset):
+    """timm's IterableImageDataset, with its skipped samples counted in `counter` while it is read."""
+
+    def __init__(self, dataset, counter: BadSampleCounter):
+        self.dataset, self.counter = dataset, counter
+
+    def __iter__(self):
+        _SkipCounter.install()  # in a worker process as well
+        _SkipCounter.active = self.counter
+        yield from self.dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
 
 def _load_info(root: Path) -> Tuple[Dict[str, Any], Path]:
@@ -171,7 +177,7 @@ class WdsDataset(_ClassesMixin):
 
     def stream(self, transform: Optional[Callable], *, training: bool, batch_size: int, workers: int, seed: int = 0,
                epoch: int = 0, rank: int = 0, world_size: int = 1):
-        """timm's IterableImageDataset over this split, for one epoch.
+        """timm's IterableImageDataset over this split for one epoch (its skipped samples counted in `bad_samples`).
 
         Training: every loader worker of every process reads every (processes x workers)-th shard of a shard
         order fixed by (seed, epoch), the same in every process; shuffles its samples in a buffer seeded by `seed`
@@ -182,15 +188,13 @@ class WdsDataset(_ClassesMixin):
         """
         from timm.data import create_dataset  # noqa: lazy, webdataset loads on first use
 
-        self.bad_samples.install()
-        transform = _CountingTransform(transform, self.bad_samples)
         if training:
             dataset = create_dataset(
                 'wds/', root=str(self.root), split=self.split, is_training=True, batch_size=batch_size, seed=seed,
                 input_img_mode=self.mode, transform=transform)
             dataset.set_epoch(epoch)  # shard order: seed + epoch, the same in every process
             dataset.set_loader_cfg(num_workers=workers)
-            return dataset
+            return _CountedStream(dataset, self.bad_samples)
         mine = self.filenames[rank::world_size]
         if not mine:
             return None  # more processes than shards: this one has nothing to evaluate
@@ -202,7 +206,7 @@ class WdsDataset(_ClassesMixin):
         # N / (processes x workers) samples and repeat or drop samples where the shards do not divide evenly
         dataset.reader.dist_rank, dataset.reader.dist_num_replicas = 0, 1
         dataset.set_loader_cfg(num_workers=workers)
-        return dataset
+        return _CountedStream(dataset, self.bad_samples)
 
 
 def build_wds(root: Path, split: str, in_chans: int, on_bad_image: str) -> WdsDataset:
