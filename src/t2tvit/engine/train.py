@@ -145,8 +145,8 @@ def _check_bad_samples(dataset, policy: str) -> None:
     """A stream skips unreadable samples as it goes (timm warns about each); 'fail' stops at the first."""
     counter = getattr(dataset, 'bad_samples', None)
     if counter is not None and policy == 'fail' and counter.count:
-        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (see the '
-                        f'warning above for the shard); write the store again with t2tvit convert-data, or pass '
+        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (timm '
+                        f'warns about each above); write the store again with t2tvit convert-data, or pass '
                         f'--on-bad-image skip to skip and count them')
 
 
