@@ -340,6 +340,40 @@ def _ablate_help() -> Tuple[str, str]:
         f"{name} ({d['img_size']} px, {d['in_chans']} ch)" for name, d in DATASET_DEFAULTS.items()))
     return description, '\n'.join(lines)
 
+# --- convert-data -------------------------------------------------------------------------------------------------
+
+def _cmd_convert_data(args: argparse.Namespace) -> int:
+    from ..data.convert import convert_data
+    result = convert_data(args.dataset, args.data, args.to, args.output, shard_size=args.shard_size, force=args.force,
+                          seed=args.seed, progress='on' if sys.stderr.isatty() else 'off')
+    splits = ', '.join(f'{name} {n} samples in {result.shards[name]} shard(s)' for name, n in result.samples.items())
+    print(f'wrote {result.output} ({args.to}): {splits}; {len(result.classes)} classes; '
+          f'{result.bytes / 2 ** 20:.1f} MiB in {result.seconds:.1f} s')
+    read_as = 'wds' if args.to == 'wds' else 'hfds'
+    print(f'read it with --dataset {read_as} --data {result.output}')
+    return 0
+
+
+def _add_convert_data_parser(sub) -> None:
+    from ..data.convert import CONVERT_FORMATS, DEFAULT_SHARD_SIZE, SOURCE_DATASETS
+    cv = sub.add_parser(
+        'convert-data', help='write a data set as WebDataset shards or a Hugging Face (parquet) dataset',
+        description='Convert an image folder, CIFAR or MNIST/Fashion-MNIST IDX files into WebDataset tar shards '
+                    '(--to wds: SPLIT-000000.tar and timm\'s _info.json) or a Hugging Face dataset folder (--to hfds: '
+                    'data/SPLIT-00000-of-000NN.parquet with image and ClassLabel columns), keeping the splits and '
+                    'class names. Written into a hidden folder and renamed when complete. Then train with '
+                    '--dataset wds|hfds --data OUTPUT.')
+    cv.add_argument('--dataset', required=True, choices=SOURCE_DATASETS, help='what --data holds')
+    cv.add_argument('--data', metavar='SRC', default=None, help='the source folder (as train/eval read it)')
+    cv.add_argument('--to', required=True, choices=CONVERT_FORMATS, help='wds (tar shards) or hfds (parquet)')
+    cv.add_argument('--output', '-o', required=True, metavar='OUT', help='folder to create')
+    cv.add_argument('--shard-size', type=_positive_int, default=DEFAULT_SHARD_SIZE,
+                    help=f'samples per tar or parquet file (default {DEFAULT_SHARD_SIZE})')
+    cv.add_argument('--seed', type=int, default=0, help='seed of the shuffled order of training samples (default 0)')
+    cv.add_argument('--force', action='store_true', help='replace OUT if it exists (once the new one is complete)')
+    cv.set_defaults(func=_cmd_convert_data)
+
+
 # --- benchmark ----------------------------------------------------------------------------------------------------
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -348,6 +382,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.complexity_only:
         print(format_complexity_table(complexity_rows()))
         return 0
+    if args.data_loading:
+        return _data_loading_benchmark(args)
     try:
         config = config_from_options(
             args.preset, args.smoke, models=args.models, peers=args.peers, train_models=args.train_models,
@@ -360,6 +396,20 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         run_benchmark(config)
     except BenchmarkError as e:
         return _error(str(e))
+    return 0
+
+
+def _data_loading_benchmark(args: argparse.Namespace) -> int:
+    from ..tools.loading_benchmark import format_loading_table, loading_benchmark, parse_rates
+    try:
+        rates = parse_rates(args.train_rate) if args.train_rate else None
+    except ValueError as e:
+        return _error(f'--train-rate: {e}')
+    models = args.models if args.models is not None else ['t2t_vit_7', 't2t_vit_14']
+    result = loading_benchmark(images=args.loading_images, img_size=args.img_size or 224, models=models,
+                               train_rates=rates, device=args.device or 'cpu', train_batch=args.batch_size)
+    print()
+    print(format_loading_table(result))
     return 0
 
 
@@ -410,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--model-kwargs', type=_yaml_mapping, default=None, metavar='YAML',
                     help="extra builder arguments, e.g. '{embed_dim: 64, depth: 2}' (default: from the checkpoint)")
     ev.add_argument('--dataset', default=None,
-                    help='imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake (default: from the '
-                         'checkpoint, else imagefolder)')
+                    help='imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake | wds | hfds (default: '
+                         'from the checkpoint, else imagefolder)')
     ev.add_argument('--split', default='val', choices=('val', 'test', 'train'))
     ev.add_argument('--img-size', type=int, default=None)
     ev.add_argument('--in-chans', type=int, default=None)
@@ -483,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description=description, epilog=epilog, formatter_class=_DefaultsAndLayoutHelp)
     ab.add_argument('--variants', type=_comma_list, default=','.join(DEFAULT_VARIANTS), metavar='A,B,...',
                     help='comma-separated variant names (listed below)')
-    ab.add_argument('--dataset', default='fashion_mnist', choices=list(DATASET_DEFAULTS),
-                    help='data set; image size, channels, normalisation and classes follow it')
+    ab.add_argument('--dataset', default='fashion_mnist', choices=[*DATASET_DEFAULTS, 'wds', 'hfds'],
+                    help='data set; image size, channels, normalisation and classes follow it (wds, hfds: those of '
+                         'the data set convert-data wrote them from)')
     ab.add_argument('--data', metavar='DIR', default=None,
                     help='data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)')
     ab.add_argument('--recipe', metavar='RECIPE', default='fashion_mnist', help='training recipe every variant shares')
@@ -506,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
                          '(t2tvit train --help lists the keys)')
     ab.set_defaults(func=_cmd_ablate)
+
+    _add_convert_data_parser(sub)
 
     bench = sub.add_parser(
         'benchmark', help='complexity table; throughput, memory and MFU beside timm peers (CPU or GPU)',
@@ -546,6 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for JSON and PNG (default: benchmarks; 'none': no files)")
     bench.add_argument('--name', metavar='STEM', help='file name without suffix (default: DEVICE-DATE)')
     bench.add_argument('--no-plot', action='store_true', help='no PNG')
+    bench.add_argument('--data-loading', action='store_true',
+                       help='instead: images/s one data-loader worker reads, decodes and augments (ImageNet recipe, '
+                            '224 px) from an image folder, WebDataset shards and a Hugging Face dataset of synthetic '
+                            'JPEGs, and the workers per device that --models need (their training images/s timed on '
+                            '--device with --batch-size, or given by --train-rate)')
+    bench.add_argument('--loading-images', type=_positive_int, default=256, metavar='N',
+                       help='--data-loading: synthetic JPEGs per format (default 256)')
+    bench.add_argument('--train-rate', metavar='MODEL=IMG/S,...',
+                       help='--data-loading: training images/s per model instead of timing them, '
+                            'e.g. t2t_vit_7=3000,t2t_vit_14=1200')
     bench.set_defaults(func=_cmd_benchmark)
     return parser
 

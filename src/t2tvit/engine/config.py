@@ -28,8 +28,9 @@ _SPEC: Dict[str, Tuple[Any, str]] = {
     'pretrained': (None, 'checkpoint to start from (official .pth.tar, t2tvit checkpoint or .safetensors)'),
     'freeze_backbone': (False, 'train only the classifier head'),
     # data
-    'dataset': ('imagefolder', 'imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake'),
-    'data': (None, 'data set folder'),
+    'dataset': ('imagefolder', 'imagefolder | cifar10 | cifar100 | mnist | fashion_mnist | fake | wds (WebDataset '
+                                'shards) | hfds (a Hugging Face dataset folder or hub name)'),
+    'data': (None, 'data set folder (hfds: also a hub name)'),
     'on_bad_image': ('fail', 'an unreadable image in an ImageFolder: fail (naming it) or skip (and count it)'),
     'fake_num_samples': (256, 'fake data set: training samples (validation gets a quarter)'),
     'mean': (None, 'normalisation mean per channel; null takes the model\'s pretrained_cfg'),

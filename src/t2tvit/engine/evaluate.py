@@ -10,7 +10,7 @@ from .distributed import cleanup, init_distributed
 from .metrics import plot_confusion, write_eval_json
 from ..cpu_kernels import for_device
 from .restore import restore_model
-from .train import _eval_loader, evaluate, fake_split_size
+from .train import _check_bad_samples, _eval_loader, evaluate, fake_split_size
 
 
 def evaluate_checkpoint(
@@ -60,6 +60,7 @@ def evaluate_checkpoint(
         for_device(net.to(info.device), info.device)  # CPU kernels on CPU
         loader = _eval_loader(eval_set, restored.transform(), batch_size, workers, info)
         result = evaluate(net, loader, info.device, net.num_classes, amp, info, agreement=agreement)
+        _check_bad_samples(eval_set, on_bad_image)
         result['model'] = model_name
         result['dataset'], result['data'] = dataset_name, data or facts.get('data')
         result['checkpoint'] = str(restored.checkpoint)
