@@ -112,3 +112,22 @@ def _demo_scratch() -> Path:
     if not _DEMO_SCRATCH:
         _DEMO_SCRATCH.append(docs_check.scratch_folder(DEMO_RUN, DATA))
     return _DEMO_SCRATCH[0]
+
+
+def test_models_page_variant_table_is_the_codes():
+    """docs/models.md's variant table against `t2tvit info`: depth, heads and both parameter counts."""
+    from t2tvit.tools.info import variant_rows
+
+    info = {}
+    for row in variant_rows():
+        name, _, tag = row.name.partition('.')
+        if tag in ('', 'in1k', 'fmnist'):
+            info[name] = row
+    text = (REPO / 'docs' / 'models.md').read_text().split('<!-- table: variants -->', 1)[1]
+    rows = [line for line in text.splitlines()[3:] if line.startswith('| `')]
+    assert len(rows) == len(info)
+    for line in rows:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        row = info[cells[0].strip('`')]
+        assert (int(cells[3]), int(cells[4])) == (row.depth, row.num_heads), cells[0]
+        assert cells[5] == f'{row.params_total:,} / {row.params_trainable:,}', cells[0]
