@@ -174,6 +174,11 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _noise(line: str) -> bool:
+    """Library log lines that are no part of an example's output (onnxruntime's coloured warnings, Python's)."""
+    return line.startswith(('Warning:', '  warnings.warn')) or '[W:onnxruntime:' in line or '\x1b[' in line
+
+
 def run_example(example: Example, work: Path, printed: Optional[List[List[str]]] = None) -> List[str]:
     """Problems found (empty when every step printed what the document shows); `printed` collects the output."""
     problems = []
@@ -185,8 +190,7 @@ def run_example(example: Example, work: Path, printed: Optional[List[List[str]]]
             proc = subprocess.run(_command(command), cwd=work, env=_env(), capture_output=True, text=True,
                                   timeout=600)
             status = proc.returncode
-            got = [line for line in (proc.stdout + proc.stderr).splitlines()
-                   if not line.startswith(('Warning:', '  warnings.warn'))]
+            got = [line for line in (proc.stdout + proc.stderr).splitlines() if not _noise(line)]
         if printed is not None:
             printed.append(got)
         if example.kind == 'python' and status != 0:
