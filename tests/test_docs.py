@@ -131,3 +131,23 @@ def test_models_page_variant_table_is_the_codes():
         row = info[cells[0].strip('`')]
         assert (int(cells[3]), int(cells[4])) == (row.depth, row.num_heads), cells[0]
         assert cells[5] == f'{row.params_total:,} / {row.params_trainable:,}', cells[0]
+
+
+def test_design_study_small_builds_table_is_the_codes():
+    """docs/ablation.md's small-scale builds: params and MACs at 28 px, 1 channel, 10 classes, from the builders."""
+    import timm
+    import torch
+
+    from t2tvit.models.utils import count_parameters
+    from t2tvit.tools.ablate import ABLATION_VARIANTS, count_macs
+
+    text = (REPO / 'docs' / 'ablation.md').read_text().split('## Small scale', 1)[1].split('## Results', 1)[0]
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines() if line.startswith('| `')]
+    assert {r[0].strip('`') for r in rows} == set(ABLATION_VARIANTS)
+    for cells in rows:
+        name = cells[0].strip('`')
+        with torch.device('meta'):
+            model = timm.create_model(name, img_size=28, in_chans=1, num_classes=10,
+                                      **ABLATION_VARIANTS[name].small_kwargs)
+        total, _ = count_parameters(model)
+        assert (f'{total / 1e6:.3f}', f'{count_macs(model, (1, 28, 28)) / 1e6:.1f}') == (cells[3], cells[4]), name
