@@ -17,11 +17,12 @@ from .datasets import (
     build_dataset,
     read_idx,
 )
+from .holdout import HoldoutSubset, holdout_split
 from .transforms import build_transform
 
 __all__ = [
     'DATASETS', 'DataError', 'build_dataset', 'build_transform', 'fetch_fashion_mnist', 'read_idx',
-    'CifarDataset', 'FakeDataset', 'IdxDataset', 'ImageFolderDataset',
+    'CifarDataset', 'FakeDataset', 'IdxDataset', 'ImageFolderDataset', 'HoldoutSubset', 'holdout_split',
 ]
 
 

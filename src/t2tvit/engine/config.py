@@ -32,6 +32,8 @@ _SPEC: Dict[str, Tuple[Any, str]] = {
                                 'shards) | hfds (a Hugging Face dataset folder or hub name)'),
     'data': (None, 'data set folder (hfds: also a hub name)'),
     'on_bad_image': ('fail', 'an unreadable image in an ImageFolder: fail (naming it) or skip (and count it)'),
+    'val_holdout': (0, 'validate on this many training images, held out by seed, instead of the data set\'s '
+                       'validation split (which then stays untouched for a final test); 0 for the split'),
     'fake_num_samples': (256, 'fake data set: training samples (validation gets a quarter)'),
     'mean': (None, 'normalisation mean per channel; null takes the model\'s pretrained_cfg'),
     'std': (None, 'normalisation std per channel; null takes the model\'s pretrained_cfg'),
@@ -183,6 +185,9 @@ def _validate(c: Dict[str, Any]) -> None:
     need(c['on_bad_image'] in ('fail', 'skip'), f"on_bad_image must be fail or skip, got {c['on_bad_image']!r}")
     need(isinstance(c['lr'], (int, float)) and c['lr'] > 0, f"lr must be a positive number, got {c['lr']!r}")
     need(isinstance(c['model_kwargs'], dict), 'model_kwargs must be a mapping')
+    need(isinstance(c['val_holdout'], int) and not isinstance(c['val_holdout'], bool) and c['val_holdout'] >= 0,
+         f"val_holdout must be a non-negative integer (images held out of the training split), "
+         f"got {c['val_holdout']!r}")
     need(c['max_steps'] is None or (isinstance(c['max_steps'], int) and c['max_steps'] >= 1),
          f"max_steps must be a positive integer or null, got {c['max_steps']!r}")
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..cpu_kernels import for_device
-from ..data import DataError, build_dataset, build_transform
+from ..data import DataError, build_dataset, build_transform, holdout_split
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint, read_weights
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
@@ -237,6 +237,18 @@ def _dataset(config: Dict[str, Any], split: str) -> Dataset:
         fake_num_classes=config['num_classes'] or 10, fake_image_size=config['img_size'], seed=config['seed'])
 
 
+def training_sets(config: Dict[str, Any]):
+    """(train, validation) of a run. With `val_holdout` N > 0, validation is N training images held out by seed
+    and the data set's own validation split (the test set of MNIST-style data) is not read at all."""
+    train_set = _dataset(config, 'train')
+    if config['val_holdout']:
+        try:
+            return holdout_split(train_set, config['val_holdout'], config['seed'])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return train_set, _dataset(config, 'val')
+
+
 def autocast_for(amp: str, device: torch.device):
     if amp == 'none':
         return contextlib.nullcontext()
@@ -402,7 +414,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     barrier(info)
 
     # data
-    train_set, val_set = _dataset(config, 'train'), _dataset(config, 'val')
+    train_set, val_set = training_sets(config)
     num_classes = config['num_classes'] or train_set.num_classes
     if train_set.num_classes > num_classes:
         raise ConfigError(f"the data set has {train_set.num_classes} classes but num_classes is {num_classes}")
@@ -518,9 +530,11 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     status = 'finished'
     final_eval: Dict[str, Any] = {}
     eval_loader = _eval_loader(val_set, eval_transform, micro_local, config['workers'], info)
+    eval_split = 'held-out' if config['val_holdout'] else 'eval'  # what best.pth is chosen on
     completed_epochs = start_epoch
     if info.is_main:
-        print(f"training {config['model']} on {config['dataset']} ({len(train_set)} train / {len(val_set)} val, "
+        val_name = 'held out of train for validation' if config['val_holdout'] else 'val'
+        print(f"training {config['model']} on {config['dataset']} ({len(train_set)} train / {len(val_set)} {val_name}, "
               f"{num_classes} classes) for {config['epochs']} epochs of {steps_per_epoch} steps, global batch "
               f"{config['batch_size']}, lr {lr:.3g}, {world} process(es) on {device.type}; run folder {run_dir}")
 
@@ -644,7 +658,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
             if (epoch + 1) % config['eval_interval'] == 0 or last_epoch:
                 result = evaluate(model, eval_loader, device, num_classes, config['amp'], info)
                 _check_bad_samples(val_set, config['on_bad_image'])
-                record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': global_step,
+                record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': global_step, 'split': eval_split,
                           **{k: result[k] for k in ('top1', 'top5', 'loss', 'samples')}}
                 score = result['top1']
                 if ema is not None:
@@ -657,7 +671,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
                     tb.add_scalar('eval/top1', record['top1'], global_step)
                     tb.add_scalar('eval/loss', record['loss'], global_step)
                 if info.is_main:
-                    print(f"epoch {epoch + 1}: eval top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%, "
+                    print(f"epoch {epoch + 1}: {eval_split} top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%, "
                           f"loss {record['loss']:.4f}" + (f", EMA top-1 {record['ema_top1']:.2f}%"
                                                            if 'ema_top1' in record else ''), flush=True)
                 final_eval = result
@@ -679,7 +693,8 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
         plot_curves(run_dir / 'metrics.jsonl', run_dir / 'curves.png', title=f"{config['model']} on {config['dataset']}")
         if final_eval:
             plot_confusion(final_eval['confusion'], train_set.classes, run_dir / 'confusion_matrix.png',
-                           title=f"{config['model']}: top-1 {final_eval['top1']:.2f}% on {final_eval['samples']} images")
+                           title=f"{config['model']}: top-1 {final_eval['top1']:.2f}% on {final_eval['samples']} "
+                                 f"{'held-out ' if config['val_holdout'] else ''}images")
             write_eval_json(run_dir / 'eval.json', final_eval, train_set.classes)
     barrier(info)
     return RunResult(run_dir=run_dir, status=status, epoch=completed_epochs,

@@ -264,7 +264,8 @@ def run_ablation(
     shared = dict(
         dataset=dataset, data=data, img_size=size, in_chans=facts['in_chans'], mean=list(facts['mean']),
         std=list(facts['std']), epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
-        device=device, output=str(folder))
+        device=device, output=str(folder),
+        val_holdout=0)  # the table reports final weights on the validation split: nothing is selected on it
     shared.update(overrides)
     probe = resolve_config(recipe, dict(shared, model=chosen[0]))
     # fail before any training when the data is not there (the message names the files and where to put them)
