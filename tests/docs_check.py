@@ -263,28 +263,26 @@ def ablation_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
-# ImageNet-1k top-1 (%) of the official release files (yitu-opensource/T2T-ViT's README lists them, the figure
-# leading each file name, e.g. 81.5_T2T_ViT_14.pth.tar), by the tag whose configuration they fit
-OFFICIAL_RELEASES = {
-    't2t_vit_7.in1k': 71.7, 't2t_vit_10.in1k': 75.2, 't2t_vit_12.in1k': 76.5, 't2t_vit_14.in1k': 81.5,
-    't2t_vit_19.in1k': 81.9, 't2t_vit_24.in1k': 82.3, 't2t_vit_14.in1k_384': 83.3,
-    't2t_vit_t_14.in1k': 81.7, 't2t_vit_t_19.in1k': 82.4, 't2t_vit_t_24.in1k': 82.6,
-}
-
-
 def models_table(_: object = None) -> str:
-    """The README's models table: every tag `t2tvit info` prints, its parameters and MACs recomputed from the code."""
+    """The README's models table: every tag `t2tvit info` prints, its parameters and MACs recomputed from the code,
+    and, for the tags with released weights (`RELEASES`, what `pretrained=True` downloads), their file and the
+    publisher's top-1."""
+    from t2tvit.models.t2t_vit import RELEASES
     from t2tvit.tools.complexity import model_complexity
     from t2tvit.tools.info import variant_rows
     from t2tvit.tools.paper import DESIGN_STUDY
 
-    rows = ['| model | tag | px | params | GMACs | ImageNet top-1 (%) | weights |',
+    rows = ['| model | tag | px | params | GMACs | top-1 (%) | weights (`pretrained=True`) |',
             '|---|---|---:|---:|---:|---:|---|']
     for v in variant_rows():
         name, _, tag = v.name.partition('.')
         c = model_complexity(v.name)
-        if v.name in OFFICIAL_RELEASES:
-            top1, weights = f'{OFFICIAL_RELEASES[v.name]}', 'official release'
+        release = RELEASES.get(v.name)
+        if release:
+            data = '' if release['dataset'] == 'ImageNet-1k' else f" {release['dataset']}"
+            top1 = f"{release['top1']}{data}"
+            source = 'mmpretrain' if 'openmmlab' in release['url'] else 'official'
+            weights = f"{source} `{release['file']}`"
         elif name in DESIGN_STUDY and tag in ('', 'in1k'):
             top1, weights = f'{DESIGN_STUDY[name].top1} (paper)', '-'
         else:
