@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2tvit.cli.main import main
-from t2tvit.models.layers import FAST_PATHS
+from t2tvit.cpu_kernels import CPU_KERNELS
 from t2tvit.tools.benchmark import BenchmarkError, config_from_options, parse_runs
 
 
@@ -51,7 +51,7 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
     (['--peers', 'resnet_5000'], "'resnet_5000' is not a timm model name"),
     (['--runs', 'infer:fp16'], "precision 'fp16' is not one of fp32, bf16"),
     (['--runs', 'infer'], 'is not MODE:PRECISION'),
-    (['--ab', 'strided'], "'strided' is not a fast path; one of strided_unfold"),
+    (['--ab', 'strided'], "'strided' is not a CPU kernel; one of strided_unfold"),
     (['--batch-size', '0'], '--batch-size 0: must be at least 1'),
     (['--checkpoint', 't2t_vit_14'], 'is not NAME=FILE'),
     (['--checkpoint', 't2t_vit_14=missing.pth'], 'no such file'),
@@ -75,7 +75,7 @@ def test_presets_and_overrides():
     assert config.runs == parse_runs('infer:bf16,train:bf16,infer:bf16:compiled,train:bf16:compiled')
     cpu = config_from_options('cpu', models=['t2t_vit_7'], peers=['resnet50'])
     assert cpu.train_models is None  # the preset's train models are gone: all of the named ones train
-    assert config_from_options('cpu', ab='all').ab == tuple(FAST_PATHS)
+    assert config_from_options('cpu', ab='all').ab == tuple(CPU_KERNELS)
     with pytest.raises(BenchmarkError, match="--preset 'tpu'"):
         config_from_options('tpu')
 

@@ -25,14 +25,6 @@ def test_info_fails_when_outputs_differ(fixtures_dir, capsys):
     assert 'differ from the official ones' in capsys.readouterr().err
 
 
-def test_a_misspelt_slow_path_is_named_without_a_traceback(monkeypatch, capsys):
-    monkeypatch.setenv('T2TVIT_SLOW_PATHS', 'onednn_linr')
-    assert main(['info']) == 2
-    err = capsys.readouterr().err
-    assert "T2TVIT_SLOW_PATHS names ['onednn_linr']; known fast paths" in err and 'onednn_linear' in err
-    assert 'Traceback' not in err
-
-
 def test_info_names_a_wrong_fixtures_folder(tmp_path, capsys):
     assert main(['info', '--fixtures', str(tmp_path)]) == 2
     assert 'tiny_configs.json' in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import t2tvit
 from t2tvit.models import T2TViT
-from t2tvit.models.layers import FAST_PATHS, set_fast_paths
 from t2tvit.tools.complexity import count_macs, format_complexity_table, model_complexity
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
@@ -53,12 +53,13 @@ def test_conventions_differ_by_exactly_the_attention_products(tokens_type):
 
 
 @pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
-def test_counts_do_not_depend_on_the_fast_paths(tokens_type):
-    """SDPA (a CPU flash kernel the counter adds) and explicit products, conv and Linear projection count alike."""
+def test_counts_do_not_depend_on_the_cpu_kernels(tokens_type):
+    """The counter sees the plain computation whether or not the CPU kernels are applied (they step aside under
+    dispatch modes)."""
     model = T2TViT(tokens_type=tokens_type, **TINY)
-    fast = count_macs(model, (3, 32, 32), device='cpu')
-    set_fast_paths(model, **{name: False for name in FAST_PATHS})
-    assert count_macs(model, (3, 32, 32), device='cpu') == fast
+    plain = count_macs(model, (3, 32, 32), device='cpu')
+    t2tvit.use_cpu_kernels(model)
+    assert count_macs(model, (3, 32, 32), device='cpu') == plain
 
 
 def test_paper_variants_counted_on_meta():

@@ -119,7 +119,7 @@ def test_unknown_dataset_split_and_policy_are_refused():
         build_dataset('fake', None, 'train', on_bad_image='ignore')
     with pytest.raises(DataError, match='--data'):
         build_dataset('mnist', None, 'train')
-    assert issubclass(DataError, ValueError) and len(DATASETS) == 6
+    assert issubclass(DataError, ValueError) and len(DATASETS) == 8
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def test_fashion_mnist_demo_reaches_90_percent(tmp_path):
     assert cli(['train', '--config', 'fashion_mnist', '--data', str(data), '--output', str(tmp_path),
                 '--run-name', 'demo', '--progress', 'off']) == 0
     run = tmp_path / 'demo'
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    # best.pth was chosen on training images held out by seed, never on the test images
+    assert {(r['split'], r['samples']) for r in records if r['type'] == 'eval'} == {('held-out', 5000)}
     assert cli(['eval', '--checkpoint', str(run / 'best.pth'), '--data', str(data), '--split', 'test',
                 '--workers', '0', '--output', str(run / 'test-eval')]) == 0
     report = json.loads((run / 'test-eval' / 'eval.json').read_text())

@@ -7,7 +7,6 @@ import pytest
 
 import t2tvit
 from t2tvit.models import OFFICIAL_CLASSES, T2TViT, count_parameters
-from t2tvit.models.layers import FAST_PATHS, set_fast_paths
 
 PLAIN_FIXTURES = ['tiny_performer', 'tiny_transformer', 'tiny_performer_gray32', 'tiny_transformer_qkvbias']
 # The design-study classes of the official code (T2T_ViT_SE, T2T_ViT_Ghost, T2T_ViT_Dense)
@@ -77,26 +76,17 @@ def test_outputs_equal_official(fixtures_dir, tiny_configs, name, suffix):
     torch.testing.assert_close(logits, io['logits'], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('slow', ['all'] + list(FAST_PATHS))
-@pytest.mark.parametrize('name', PLAIN_FIXTURES)
-def test_outputs_equal_official_with_fast_paths_off(fixtures_dir, tiny_configs, name, slow):
-    """Each fast path, and all of them, can be switched off for A/B timing and the outputs stay the official ones."""
-    model = T2TViT(**tiny_configs[name]['kwargs']).eval()
-    t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
-    set_fast_paths(model, **{p: False for p in (FAST_PATHS if slow == 'all' else [slow])})
-    io = _io(fixtures_dir, name)
-    with torch.no_grad():
-        torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize('name', PLAIN_FIXTURES)
-def test_outputs_equal_official_in_batch_chunks(fixtures_dir, tiny_configs, name):
-    """`batch_chunks` runs the T2T module image by image here (a budget of one token): same logits and maps."""
-    model = T2TViT(**tiny_configs[name]['kwargs']).eval()
+@pytest.mark.parametrize('name', PLAIN_FIXTURES + ABLATION_FIXTURES)
+def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, name):
+    """`use_cpu_kernels`, the T2T module run image by image (`batch_chunks` with a budget of one token): the same
+    logits and maps."""
+    config = tiny_configs[name]
+    model = OFFICIAL_CLASSES[config['official_class']](**config['kwargs']).eval()
     t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
     io = _io(fixtures_dir, name)
     with torch.no_grad():
         whole_tokens, whole_maps = model.tokens_to_token.forward_stages(io['input'])
+        t2tvit.use_cpu_kernels(model)
         model.tokens_to_token.chunk_tokens = 1
         assert model.tokens_to_token._num_chunks(io['input']) == io['input'].shape[0]
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
@@ -139,9 +129,14 @@ def test_timm_pretrained_file_overlay(fixtures_dir, tiny_configs, builder, name,
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
 
 
-def test_pretrained_without_a_file_says_how_to_pass_one():
-    with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file='):
-        timm.create_model('t2t_vit_7', pretrained=True)
+@pytest.mark.parametrize('name, released', [
+    ('t2t_vit_24.in1k_384', 'released weights: t2t_vit_24.in1k, t2t_vit_24.tl_in1k'),
+    ('t2t_vit_14_se', 'no weights of t2t_vit_14_se were released'),
+])
+def test_pretrained_without_a_release_names_the_released_tags_and_how_to_pass_a_file(name, released):
+    with pytest.raises(RuntimeError, match='pretrained_cfg_overlay=dict\\(file=') as info:
+        timm.create_model(name, pretrained=True)
+    assert released in str(info.value)
 
 
 def test_released_qk_scale_is_head_dim():

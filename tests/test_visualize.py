@@ -27,9 +27,7 @@ def test_recorded_attention_rebuilds_every_block_output(tokens_type):
     x = torch.randn(2, 3, 64, 64)
     seen, t2t_in = [], []
     handles = [blk.register_forward_hook(lambda m, a, out: seen.append((a[0], out))) for blk in model.blocks]
-    # the patch_major fast path hands the second layer permuted features and their order: undo it
-    handles += [layer.register_forward_hook(
-        lambda m, a, out: t2t_in.append(a[0] if len(a) == 1 or a[1] is None else a[0][..., a[1].argsort()]))
+    handles += [layer.register_forward_hook(lambda m, a, out: t2t_in.append(a[0]))
                 for layer in (model.tokens_to_token.attention1, model.tokens_to_token.attention2)]
     with torch.no_grad(), AttentionRecorder(model) as recorder:
         logits = model(x)

@@ -19,12 +19,12 @@ __version__ = '0.1.0'
 _LAZY = {
     'CheckpointError': '.models', 'T2TViT': '.models', 'checkpoint_filter_fn': '.models',
     'count_parameters': '.models', 'list_variants': '.models', 'load_checkpoint': '.models',
-    'create_model': '._create',
+    'create_model': '._create', 'use_cpu_kernels': '.cpu_kernels',
 }
 
 __all__ = [
     'CheckpointError', 'T2TViT', 'checkpoint_filter_fn', 'count_parameters', 'create_model', 'list_variants',
-    'load_checkpoint', '__version__',
+    'load_checkpoint', 'use_cpu_kernels', '__version__',
 ]
 
 

@@ -20,7 +20,7 @@ KINDS = ('int', 'float', 'bool', 'str', 'choice', 'floats', 'ints', 'names', 'ma
          'setting', 'named_file')
 
 # Data sets `build_dataset` reads (t2tvit.data.DATASETS; a test keeps the two equal).
-DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake')
+DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake', 'wds', 'hfds')
 # timm schedulers the training loop can drive: stepped per update, no validation metric needed (a test checks that
 # timm's create_scheduler_v2 builds each one)
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant')
@@ -398,12 +398,16 @@ RECIPE_OPTIONS: Dict[str, Option] = table(
     _key('in_chans', 'int', 3, 'input channels', low=1),
     _key('num_classes', 'int', None, 'classifier outputs', low=1, null="the data set's class count"),
     _key('drop_path', 'float', 0.1, 'stochastic depth rate of the last block', low=0, high=1, open_high=True),
-    _key('pretrained', 'file', None, 'checkpoint to start from (official .pth.tar, t2tvit checkpoint or '
-         '.safetensors)', null='random initialisation'),
+    _key('pretrained', 'str', None, 'checkpoint file to start from (official .pth.tar, t2tvit checkpoint or '
+         '.safetensors) or a pretrained tag such as t2t_vit_14.in1k (its released weights)',
+         null='random initialisation'),
     _key('freeze_backbone', 'bool', False, 'train only the classifier head'),
     # data
-    _key('dataset', 'choice', 'imagefolder', 'data set kind', choices=DATASET_NAMES),
-    _key('data', 'path', None, 'data set folder', null='no folder: fake data'),
+    _key('dataset', 'choice', 'imagefolder', 'data set kind (wds: WebDataset shards; hfds: a Hugging Face dataset '
+         'folder or hub name)', choices=DATASET_NAMES),
+    _key('data', 'path', None, 'data set folder (hfds: also a hub name)', null='no folder: fake data'),
+    _key('val_holdout', 'int', 0, 'validate on this many training images, held out by seed, instead of the data '
+         "set's validation split (which then stays untouched for a final test); 0 for the split", low=0),
     _key('on_bad_image', 'choice', 'fail', 'an unreadable image in an ImageFolder: fail (naming it) or skip '
          '(and count it)', choices=('fail', 'skip')),
     _key('fake_num_samples', 'int', 256, 'fake data set: training samples (validation gets a quarter)', low=1),

@@ -62,7 +62,11 @@ IMG_SIZE = _O('img_size', 'int', None, 'input size, pixels (default: from the ch
 IN_CHANS = _O('in_chans', 'int', None, 'input channels (default: from the checkpoint)', low=1)
 DEVICE = _O('device', 'choice', 'auto', 'where to run', choices=('auto', 'cpu', 'cuda'))
 FORCE = _O('force', 'flag', help='replace outputs that exist already (never an input)')
-MODEL_FLAGS = (MODEL, MODEL_KWARGS, IMG_SIZE, IN_CHANS)
+PRETRAINED = _O('pretrained', 'flag', help="use the released weights of --model, a pretrained tag such as "
+                "t2t_vit_14.in1k (downloaded once into timm's cache; timm.list_pretrained('t2t*') lists them)")
+MODEL = replace(MODEL, help='model name or pretrained tag (default: what the checkpoint says; `t2tvit info` lists '
+                'them)')
+MODEL_FLAGS = (MODEL, MODEL_KWARGS, IMG_SIZE, IN_CHANS, PRETRAINED)
 
 INFO = (
     _O('fixtures', 'dir', None, 'folder with tiny_configs.json and official *.pth.tar/_io.pt files to check against',
@@ -80,14 +84,14 @@ FINETUNE = (
     _O('config', 'str', None, "recipe name or YAML file over the finetune recipe (default: none)", flags=('-c',),
        metavar='RECIPE'),
     _O('checkpoint', 'file', None, 'checkpoint to start from; its architecture is used unless --model or the '
-       'recipe names one', required=True),
-    TRAIN[1], TRAIN[2],
+       'recipe names one (or --model TAG --pretrained: its released weights)'),
+    PRETRAINED, TRAIN[1], TRAIN[2],
 )
 
 EVAL = (
-    _O('checkpoint', 'file', None, 't2tvit or official checkpoint', required=True),
-    _O('data', 'path', None, 'data set folder (default: from the checkpoint)', metavar='DIR'),
-    MODEL, MODEL_KWARGS,
+    _O('checkpoint', 'file', None, 't2tvit or official checkpoint (or --model TAG --pretrained)'),
+    _O('data', 'path', None, 'data set folder (default: from the checkpoint; hfds: also a hub name)', metavar='DIR'),
+    MODEL, MODEL_KWARGS, PRETRAINED,
     _O('dataset', 'choice', None, 'data set kind (default: from the checkpoint, else imagefolder)',
        choices=DATASET_NAMES),
     _O('split', 'choice', 'val', 'which split', choices=('val', 'test', 'train')),
@@ -111,7 +115,7 @@ EVAL = (
 PREDICT = (
     _O('images', 'path', help='image files and folders (searched recursively)', positional='+',
        metavar='IMAGE_OR_DIR'),
-    _O('checkpoint', 'file', None, CHECKPOINT.help, required=True),
+    _O('checkpoint', 'file', None, CHECKPOINT.help + ' (or --model TAG --pretrained)'),
     *MODEL_FLAGS,
     _O('topk', 'int', 5, 'how many classes to list per image', low=1),
     _O('labels', 'file', None, 'class names, one per line in index order (default: from the checkpoint, the data '
@@ -122,8 +126,9 @@ PREDICT = (
 )
 
 EXPORT = (
-    _O('format', 'choice', None, 'what to write', choices=('onnx', 'torchscript', 'exported-program', 'safetensors'),
-       required=True),
+    _O('format', 'choice', None, "what to write; hf: a Hugging Face hub model folder (config.json, "
+       "model.safetensors, README.md) that timm.create_model('local-dir:DIR', pretrained=True) loads",
+       choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf'), required=True),
     _O('checkpoint', 'file', None, CHECKPOINT.help + ' (default: random weights, with a warning)'),
     *MODEL_FLAGS,
     _O('output', 'path', None, 'file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)',
@@ -152,8 +157,8 @@ VISUALIZE = (
 ABLATE = (
     _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below)',
        choices=tuple(ABLATION_VARIANTS), metavar='A,B,...'),
-    _O('dataset', 'choice', 'fashion_mnist', 'data set; image size, channels, normalisation and classes follow it',
-       choices=tuple(DATASET_DEFAULTS)),
+    _O('dataset', 'choice', 'fashion_mnist', 'data set; image size, channels, normalisation and classes follow it '
+       '(wds, hfds: those of the data set convert-data wrote them from)', choices=(*DATASET_DEFAULTS, 'wds', 'hfds')),
     _O('data', 'path', None, 'data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)',
        metavar='DIR'),
     _O('recipe', 'str', 'fashion_mnist', 'training recipe every variant shares', metavar='RECIPE'),
@@ -193,8 +198,8 @@ BENCHMARK = (
     _O('warmup', 'int', None, 'untimed steps per model before timing (the first compiles)', low=0),
     _O('reps', 'int', None, 'timed rounds; each runs every model once', low=1),
     _O('iters', 'int', None, 'steps per model per round', low=1),
-    _O('ab', 'str', None, 'also time a copy of each T2T-ViT with these fast paths off, side by side: '
-       'comma-separated names (an unknown one lists them), or all', metavar='PATHS'),
+    _O('ab', 'str', None, 'also time a copy of each T2T-ViT without these CPU kernels, side by side: '
+       'comma-separated names (an unknown one lists them), or all (the plain model)', metavar='KERNELS'),
     _O('agreement_images', 'int', None, 'images for the bf16-vs-fp32 top-1 agreement (0: skip)', low=0,
        metavar='N'),
     _O('checkpoint', 'named_file', None, 'weights for one model (repeatable), e.g. for a meaningful bf16 agreement',
@@ -205,6 +210,25 @@ BENCHMARK = (
     _O('output', 'path', None, "folder for JSON and PNG (default: benchmarks; 'none': no files)", metavar='DIR'),
     _O('name', 'str', None, 'file name without suffix (default: DEVICE-DATE)', metavar='STEM'),
     _O('no_plot', 'flag', help='no PNG'),
+    _O('data_loading', 'flag', help='instead: images/s one data-loader worker reads, decodes and augments (ImageNet '
+       'recipe, 224 px) from an image folder, WebDataset shards and a Hugging Face dataset of synthetic JPEGs, and '
+       'the workers per device that --models need (their training images/s timed on --device with --batch-size, '
+       'or given by --train-rate)'),
+    _O('loading_images', 'int', 256, '--data-loading: synthetic JPEGs per format', low=1, high=100000,
+       metavar='N'),
+    _O('train_rate', 'str', None, '--data-loading: training images/s per model instead of timing them, e.g. '
+       't2t_vit_7=3000,t2t_vit_14=1200', metavar='MODEL=IMG/S,...'),
+)
+
+CONVERT_DATA = (
+    _O('dataset', 'choice', None, 'what --data holds', choices=('imagefolder', 'cifar10', 'cifar100', 'mnist',
+       'fashion_mnist', 'fake'), required=True),
+    _O('data', 'dir', None, 'the source folder (as train/eval read it)', metavar='SRC'),
+    _O('to', 'choice', None, 'wds (tar shards) or hfds (parquet)', choices=('wds', 'hfds'), required=True),
+    _O('output', 'path', None, 'folder to create', flags=('-o',), metavar='OUT', required=True),
+    _O('shard_size', 'int', 2000, 'samples per tar or parquet file', low=1, high=10 ** 8),
+    _O('seed', 'int', 0, 'seed of the shuffled order of training samples', low=0, high=2 ** 63 - 1),
+    _O('force', 'flag', help='replace OUT if it exists (once the new one is complete)'),
 )
 
 
@@ -266,13 +290,26 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..engine.config import load_recipe, resolve_config
     from ..engine.restore import architecture_of
     overrides = _overrides(args)
-    overrides['pretrained'] = args.checkpoint
+    overrides['pretrained'] = _weights_source(args, overrides.get('model'))
     # the checkpoint's own architecture, unless the command line or the recipe names a model
-    base = dict(load_recipe('finetune'), **architecture_of(args.checkpoint))
+    base = dict(load_recipe('finetune'), **(architecture_of(args.checkpoint) if args.checkpoint else {}))
     config = resolve_config(args.config, overrides, base=base, keep_null=True)
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
     return _run_training(config, _resume_arg(args))
+
+
+def _weights_source(args: argparse.Namespace, model: Optional[str]) -> str:
+    """finetune: --checkpoint FILE, or --pretrained with --model TAG (its released weights)."""
+    if args.pretrained and args.checkpoint:
+        raise OptionError('give either --checkpoint FILE or --pretrained (the released weights of --model), not both')
+    if args.pretrained:
+        if not model:
+            raise OptionError("--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained('t2t*'))")
+        return model
+    if not args.checkpoint:
+        raise OptionError('give --checkpoint FILE to start from, or --model TAG --pretrained')
+    return args.checkpoint
 
 
 def _resume_arg(args: argparse.Namespace) -> Optional[str]:
@@ -290,6 +327,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     if args.agreement and args.amp == 'none':
         raise OptionError('--agreement compares a reduced precision with fp32: give --amp bf16 or fp16 as well')
+    if args.checkpoint is None and not args.pretrained:
+        raise OptionError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
     output = Path(args.output)
     check_outputs([output / 'eval.json', output / 'confusion_matrix.png'], [args.checkpoint, args.data],
                   force=args.force)
@@ -297,7 +336,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
         split=args.split, img_size=args.img_size, in_chans=args.in_chans, crop_pct=args.crop_pct,
         interpolation=args.interpolation, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-        device=args.device, output=args.output, on_bad_image=args.on_bad_image, agreement=args.agreement)
+        device=args.device, output=args.output, on_bad_image=args.on_bad_image, agreement=args.agreement,
+        pretrained=args.pretrained)
+    print(f"settings: {result['sources']}", file=sys.stderr)
     t = result['transform']
     print(f"{result['model']} on {result['samples']} images ({result['data'] or result['dataset']}, split {args.split}; "
           f"resize {int(t['img_size'] / t['crop_pct'])} {t['interpolation']}, centre crop {t['img_size']})")
@@ -320,10 +361,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace, labels: Optional[str] = None):
     from ..engine.restore import restore_model
-    if args.checkpoint is None:
+    if args.checkpoint is None and not args.pretrained:
         print(f'warning: no --checkpoint given: {args.model or "the model"} has random weights', file=sys.stderr)
-    return restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
-                         labels=labels)
+    restored = restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
+                             labels=labels, pretrained=args.pretrained)
+    print(f'settings: {restored.describe_sources()}', file=sys.stderr)
+    return restored
 
 
 def _device(name: str) -> str:
@@ -338,6 +381,8 @@ def _device(name: str) -> str:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
     from ..tools.predict import predict_images
+    if args.checkpoint is None and not args.pretrained:
+        raise OptionError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
     device = _device(args.device)
     restored = _restore(args, labels=args.labels)
     result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size, device=device)
@@ -360,12 +405,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..tools.export import export_model
+    from ..tools.export import export_hf, export_model
     if args.checkpoint is None and args.model is None:
-        raise OptionError('give --checkpoint FILE, or --model NAME to export a randomly initialised model')
+        raise OptionError('give --checkpoint FILE, or --model NAME to export a randomly initialised model '
+                          '(--model TAG --pretrained: its released weights)')
     if args.static_hw and args.format != 'onnx':
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     restored = _restore(args)
+    if args.format == 'hf':
+        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance)
+        print(f'wrote {hub.folder}: ' + ', '.join(p.name for p in hub.files))
+        for shape, diff in hub.checks:
+            print(f"  input {tuple(shape)}: max |create_model('local-dir:...') - source| = {diff:.2e}")
+        return 0
     result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
                           onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance,
                           force=args.force)
@@ -386,7 +438,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     from ..tools.visualize import SKIMAGE_PHOTOS, visualize
     if args.checkpoint is None and args.model is None:
-        raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model')
+        raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
+                          '(--model TAG --pretrained: its released weights)')
     stems = [Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS)
     out = Path(args.output)
     check_outputs([out / f'{stem}_{kind}.png' for stem in stems
@@ -452,6 +505,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.complexity_only:
         print(format_complexity_table(complexity_rows()))
         return 0
+    if args.data_loading:
+        return _data_loading_benchmark(args)
     config = config_from_options(
         args.preset, args.smoke, models=args.models, peers=args.peers, train_models=args.train_models,
         runs=args.runs, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
@@ -464,6 +519,33 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     check_bytes(3 * 4 * config.peak_size ** 2, f'--peak-size {config.peak_size} (three float32 matrices)',
                 'lower --peak-size', config.device)
     run_benchmark(config)
+    return 0
+
+
+def _data_loading_benchmark(args: argparse.Namespace) -> int:
+    from ..tools.loading_benchmark import format_loading_table, loading_benchmark, parse_rates
+    try:
+        rates = parse_rates(args.train_rate) if args.train_rate else None
+    except ValueError as e:
+        raise OptionError(f'--train-rate: {e}') from e
+    models = args.models if args.models is not None else ['t2t_vit_7', 't2t_vit_14']
+    result = loading_benchmark(images=args.loading_images, img_size=args.img_size or 224, models=models,
+                               train_rates=rates, device=args.device or 'cpu', train_batch=args.batch_size)
+    print()
+    print(format_loading_table(result))
+    return 0
+
+
+# --- convert-data -------------------------------------------------------------------------------------------------
+
+def _cmd_convert_data(args: argparse.Namespace) -> int:
+    from ..data.convert import convert_data
+    result = convert_data(args.dataset, args.data, args.to, args.output, shard_size=args.shard_size, force=args.force,
+                          seed=args.seed, progress='on' if sys.stderr.isatty() else 'off')
+    splits = ', '.join(f'{name} {n} samples in {result.shards[name]} shard(s)' for name, n in result.samples.items())
+    print(f'wrote {result.output} ({args.to}): {splits}; {len(result.classes)} classes; '
+          f'{result.bytes / 2 ** 20:.1f} MiB in {result.seconds:.1f} s')
+    print(f"read it with --dataset {args.to} --data {result.output}")
     return 0
 
 
@@ -515,7 +597,7 @@ COMMANDS: Dict[str, Command] = {c.name: c for c in (
             "Top-k labels with probabilities for image files and folders (searched recursively), through the "
             "model's own evaluation transform. Exit status 1 when some files could not be read (they are named and "
             'skipped, as are FIFOs, devices and sockets, which are never opened).', PREDICT, _cmd_predict),
-    Command('export', 'export to ONNX, TorchScript, a torch.export program or safetensors',
+    Command('export', 'export to ONNX, TorchScript, a torch.export program, safetensors or a hub folder',
             'Export a model, check the written file against the eager model (two batch sizes, and a second image '
             'size where height/width are dynamic), and write it atomically with FILE.json: preprocessing, class '
             'names, input/output names. An existing FILE is kept unless --force; the checkpoint is never '
@@ -533,6 +615,12 @@ COMMANDS: Dict[str, Command] = {c.name: c for c in (
             'timm peers interleaved in one process, with the matmul peak of the same machine; write JSON and a PNG. '
             'Presets: cpu (make bench, a few minutes on 2 cores), gpu (make bench-gpu). Options given override the '
             'preset.', BENCHMARK, _cmd_benchmark),
+    Command('convert-data', 'write a data set as WebDataset shards or a Hugging Face (parquet) dataset',
+            "Convert an image folder, CIFAR or MNIST/Fashion-MNIST IDX files into WebDataset tar shards (--to wds: "
+            "SPLIT-000000.tar and timm's _info.json) or a Hugging Face dataset folder (--to hfds: "
+            'data/SPLIT-00000-of-000NN.parquet with image and ClassLabel columns), keeping the splits and class '
+            'names. Written into a hidden folder and renamed when complete. Then train with --dataset wds|hfds '
+            '--data OUTPUT.', CONVERT_DATA, _cmd_convert_data),
 )}
 
 

@@ -1,8 +1,9 @@
-"""Datasets and transforms for training and evaluating T2T-ViT; nothing here downloads anything at run time.
+"""Datasets and transforms for training and evaluating T2T-ViT; only a hub name given to hfds downloads anything.
 
-`build_dataset` reads ImageNet-style folders, CIFAR-10/100 (python version), MNIST and Fashion-MNIST (IDX) and a
-synthetic `fake` set; `build_transform` wraps timm's transforms; `fetch_fashion_mnist` gets Fashion-MNIST from
-Debian's package with apt-get/dpkg.
+`build_dataset` reads ImageNet-style folders, CIFAR-10/100 (python version), MNIST and Fashion-MNIST (IDX), a
+synthetic `fake` set, and sharded stores: WebDataset tar shards (`wds`) and Hugging Face datasets (`hfds`), which
+`convert.convert_data` (`t2tvit convert-data`) writes from any of the others; `build_transform` wraps timm's
+transforms; `fetch_fashion_mnist` gets Fashion-MNIST from Debian's package with apt-get/dpkg.
 """
 from typing import Any
 
@@ -16,11 +17,12 @@ from .datasets import (
     build_dataset,
     read_idx,
 )
+from .holdout import HoldoutSubset, holdout_split
 from .transforms import build_transform
 
 __all__ = [
     'DATASETS', 'DataError', 'build_dataset', 'build_transform', 'fetch_fashion_mnist', 'read_idx',
-    'CifarDataset', 'FakeDataset', 'IdxDataset', 'ImageFolderDataset',
+    'CifarDataset', 'FakeDataset', 'IdxDataset', 'ImageFolderDataset', 'HoldoutSubset', 'holdout_split',
 ]
 
 

@@ -28,14 +28,15 @@ from ..options import not_regular_file
 
 __all__ = [
     'DataError', 'DATASETS', 'build_dataset', 'ImageFolderDataset', 'CifarDataset', 'IdxDataset', 'FakeDataset',
-    'read_idx', 'MNIST_FILES', 'FASHION_MNIST_CLASSES', 'MNIST_CLASSES',
+    'read_idx', 'MNIST_FILES', 'STREAMING_DATASETS', 'FASHION_MNIST_CLASSES', 'MNIST_CLASSES',
 ]
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, 'os.PathLike[str]']
 
-DATASETS = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake')
+DATASETS = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake', 'wds', 'hfds')
+STREAMING_DATASETS = ('wds', 'hfds')  # sharded stores, read through timm's readers (see streaming.py)
 SPLITS = {'train': 'train', 'val': 'val', 'test': 'val'}
 BAD_IMAGE_POLICIES = ('fail', 'skip')
 
@@ -496,6 +497,9 @@ def build_dataset(
 ) -> Dataset:
     """One entry point for every dataset: `name` in DATASETS, `split` 'train' or 'val' ('test' = 'val').
 
+    'wds' (a folder of WebDataset shards) and 'hfds' (a folder or hub name that `datasets.load_dataset` reads) keep
+    'test' apart from 'val' where the store has both. 'wds' returns a `WdsDataset`, which is read as a stream.
+
     Images reach `transform` as PIL images, 'L' when `in_chans` is 1 and 'RGB' otherwise; `on_bad_image`
     ('fail' or 'skip') decides what an unreadable image file in an image folder does.
     """
@@ -503,7 +507,7 @@ def build_dataset(
         raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
     if split not in SPLITS:
         raise DataError(f'unknown split {split!r}; use train or val (test is the same as val)')
-    split = SPLITS[split]
+    asked_split, split = split, SPLITS[split]
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise DataError(f"on_bad_image={on_bad_image!r}; use 'fail' (raise on a corrupt image) or 'skip'")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -519,7 +523,15 @@ def build_dataset(
 
     if root is None or str(root) == '':
         raise DataError(f'dataset {name!r} needs its folder: pass root (--data on the command line)')
+    if name == 'hfds':  # a folder or a hub name; test and val stay apart where the store has both
+        from .streaming import build_hfds
+        return build_hfds(str(root), asked_split, transform, in_chans, on_bad_image)
     root = Path(root).expanduser()
+    if name == 'wds':
+        from .streaming import build_wds
+        if transform is not None:
+            raise DataError('a WebDataset split is a stream: pass its transform to WdsDataset.stream()')
+        return build_wds(root, asked_split, in_chans, on_bad_image)
     if name == 'imagefolder':
         return _build_imagefolder(root, split, transform, in_chans, on_bad_image)
     if name in CIFAR_LAYOUTS:

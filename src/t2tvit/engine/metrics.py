@@ -72,7 +72,8 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str = '') -> Optional[
         if any('ema_top1' in r for r in evals):
             axes[1].plot(steps, [r.get('ema_top1') for r in evals], marker='s', label='EMA top-1')
     axes[0].set(title='loss', xlabel='optimizer step')
-    axes[1].set(title='accuracy (%)', xlabel='optimizer step')
+    held_out = any(r.get('split') == 'held-out' for r in evals)
+    axes[1].set(title='held-out accuracy (%)' if held_out else 'accuracy (%)', xlabel='optimizer step')
     axes[2].set(title='learning rate', xlabel='optimizer step')
     for ax in axes[:2]:
         if ax.get_legend_handles_labels()[0]:

@@ -30,10 +30,11 @@ import timm.utils
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from ..data import build_dataset, build_transform
-from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint
+from ..cpu_kernels import for_device
+from ..data import DataError, build_dataset, build_transform, holdout_split
+from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint, read_weights
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
@@ -111,6 +112,56 @@ class RankBatches(Sampler[List[int]]):
         return len(self.batches)
 
 
+class StreamTransform:
+    """`transform` for a stream's samples (WebDataset), under a random state fixed by (seed, epoch, rank, loader
+    worker, the worker's sample count).
+
+    A stream has no sample index, but each loader worker reads the same samples in the same order whenever the
+    epoch is read again (the shard order is fixed by seed and epoch, the worker's sample shuffle by its seed), so
+    its own count names a sample as well. A resumed run reads the epoch from its start: the samples of the first
+    `skip_batches` batches are passed over untransformed (a placeholder), and the loop drops those batches.
+    """
+
+    def __init__(self, transform, seed: int, epoch: int, rank: int, workers: int, batch_size: int,
+                 skip_batches: int = 0):
+        self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
+        self.workers, self.batch_size, self.skip_batches = max(1, workers), batch_size, skip_batches
+        self._count = 0
+        self._worker: Optional[int] = None
+        self._skip = 0
+
+    def __call__(self, image):
+        if self._worker is None:
+            worker = get_worker_info()
+            self._worker = worker.id if worker is not None else 0
+            # the DataLoader takes batches from its workers round robin: worker w made batches w, w + W, ...
+            self._skip = max(0, math.ceil((self.skip_batches - self._worker) / self.workers)) * self.batch_size
+        index = self._count
+        self._count += 1
+        if index < self._skip:
+            return 0
+        seed_host(derived_seed(self.seed, self.epoch, self.rank, self._worker, index))
+        return self.transform(image)
+
+
+def _check_bad_samples(dataset, policy: str) -> None:
+    """A stream skips unreadable samples as it goes (timm warns about each); 'fail' stops at the first."""
+    counter = getattr(dataset, 'bad_samples', None)
+    if counter is not None and policy == 'fail' and counter.count:
+        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (timm '
+                        f'warns about each above); write the store again with t2tvit convert-data, or pass '
+                        f'--on-bad-image skip to skip and count them')
+
+
+def _first_batches(loader, skip: int, limit: int):
+    """Batches skip..limit-1 of `loader`: a resumed stream drops what it already trained on."""
+    for i, batch in enumerate(loader):
+        if i >= limit:
+            break
+        if i >= skip:
+            yield batch
+
+
 def epoch_micro_batches(num_samples: int, micro_batch: int, seed: int, epoch: int) -> List[List[int]]:
     """The global micro-batches of one epoch: a permutation fixed by (seed, epoch), incomplete tail dropped."""
     generator = torch.Generator().manual_seed(derived_seed(seed, epoch, 0x5EED))
@@ -164,12 +215,14 @@ def preflight(config: Dict[str, Any], micro_batch: int, device: torch.device) ->
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> List[str]:
-    """Start from a checkpoint of any supported kind at another class count, resolution or channel count.
+    """Start from a checkpoint of any supported kind, or a pretrained tag's released weights (downloaded once), at
+    another class count, resolution or channel count.
 
     Everything but the classifier must fit (after resizing `pos_embed` and adapting the first layer); a classifier
     of another shape is left freshly initialised. Returns the keys left at their initial values.
     """
-    state_dict = checkpoint_filter_fn(read_checkpoint(path), model)
+    path, raw = read_weights(path)
+    state_dict = checkpoint_filter_fn(raw, model)
     model_sd = model.state_dict()
     head_keys = [k for k in ('head.weight', 'head.bias') if k in model_sd]
     reset = [k for k in head_keys if k in state_dict and state_dict[k].shape != model_sd[k].shape]
@@ -215,6 +268,18 @@ def _dataset(config: Dict[str, Any], split: str) -> Dataset:
         config['dataset'], config['data'], split, transform=None, in_chans=config['in_chans'],
         on_bad_image=config['on_bad_image'], fake_num_samples=fake_split_size(config['fake_num_samples'], split),
         fake_num_classes=config['num_classes'] or 10, fake_image_size=config['img_size'], seed=config['seed'])
+
+
+def training_sets(config: Dict[str, Any]):
+    """(train, validation) of a run. With `val_holdout` N > 0, validation is N training images held out by seed
+    and the data set's own validation split (the test set of MNIST-style data) is not read at all."""
+    train_set = _dataset(config, 'train')
+    if config['val_holdout']:
+        try:
+            return holdout_split(train_set, config['val_holdout'], config['seed'])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return train_set, _dataset(config, 'val')
 
 
 def autocast_for(amp: str, device: torch.device):
@@ -297,7 +362,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return result
 
 
-def _eval_loader(dataset: Dataset, transform, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
+def _eval_loader(dataset: Dataset, transform, batch_size: int, workers: int, info: DistInfo):
+    if getattr(dataset, 'streaming', False):  # each process reads its own shards in full
+        stream = dataset.stream(transform, training=False, batch_size=batch_size, workers=workers, rank=info.rank,
+                                world_size=info.world_size)
+        if stream is None:
+            return []
+        return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=info.device.type == 'cuda')
     indices = list(range(info.rank, len(dataset), info.world_size))
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     return DataLoader(SeededTransform(dataset, transform, 0), batch_sampler=batches, num_workers=workers,
@@ -384,13 +455,16 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     barrier(info)
 
     # data
-    train_set, val_set = _dataset(config, 'train'), _dataset(config, 'val')
+    train_set, val_set = training_sets(config)
     num_classes = config['num_classes'] or train_set.num_classes
     if train_set.num_classes > num_classes:
         raise ConfigError(f"the data set has {train_set.num_classes} classes but num_classes is {num_classes}")
     if len(train_set) < micro_global:
         raise ConfigError(f'the training set has {len(train_set)} samples, fewer than one micro-batch '
                           f'({micro_global}); lower --batch-size')
+    streaming = getattr(train_set, 'streaming', False)
+    if streaming:
+        train_set.check_workers(world, config['workers'])
 
     # model
     seed_everything(config['seed'])
@@ -402,14 +476,18 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     if config['freeze_backbone']:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith('head.')
-    model.to(device)
+    for_device(model.to(device), device)  # CPU kernels on CPU
     train_transform, eval_transform = train_transform_for(config, model), eval_transform_for(config, model)
 
     lr = config['lr'] * config['batch_size'] / config['lr_base_size']
     optimizer = timm.optim.create_optimizer_v2(
         model, opt=config['opt'], lr=lr, weight_decay=config['weight_decay'], momentum=config['momentum'],
         layer_decay=config['layer_decay'])
-    steps_per_epoch = len(train_set) // micro_global // config['accum_steps']
+    if streaming:  # every process reads the same number of whole micro-batches per epoch (see WdsDataset.stream)
+        probe = train_set.stream(None, training=True, batch_size=micro_local, workers=config['workers'])
+        steps_per_epoch = len(probe) // micro_local // config['accum_steps']
+    else:
+        steps_per_epoch = len(train_set) // micro_global // config['accum_steps']
     if steps_per_epoch < 1:
         raise ConfigError(f'the training set has {len(train_set)} samples, fewer than one batch '
                           f'({config["batch_size"]}); lower --batch-size')
@@ -444,6 +522,11 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
         if ema is not None and state.get('state_dict_ema') is not None:
             ema.module.load_state_dict(state['state_dict_ema'])
         start_epoch, start_step, global_step = state['epoch'], state['step_in_epoch'], state['global_step']
+        saved_streams = state.get('streams')
+        if streaming and start_step and saved_streams and saved_streams != [world, config['workers']] and info.is_main:
+            print(f'warning: {run_dir} was saved reading the stream with {saved_streams[0]} process(es) x '
+                  f'{saved_streams[1]} worker(s), now {world} x {config["workers"]}: the rest of epoch '
+                  f'{start_epoch + 1} reads other samples than the interrupted run would have', file=sys.stderr)
         best_top1, best_epoch = state.get('best_top1'), state.get('best_epoch')
         if info.is_main:
             print(f'resuming {run_dir} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})')
@@ -477,6 +560,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
             'best_top1': best_top1, 'best_epoch': best_epoch,
             'classes': list(train_set.classes), 'num_classes': num_classes,
             'config': dict(config, num_classes=num_classes),
+            'streams': [world, config['workers']],  # a stream's sample order depends on them
             'rng': {'torch': torch.get_rng_state(), 'python': random.getstate()[1],
                     'numpy': torch.from_numpy(np.random.get_state()[1].astype(np.int64))},
         }
@@ -487,9 +571,11 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     status = 'finished'
     final_eval: Dict[str, Any] = {}
     eval_loader = _eval_loader(val_set, eval_transform, micro_local, config['workers'], info)
+    eval_split = 'held-out' if config['val_holdout'] else 'eval'  # what best.pth is chosen on
     completed_epochs = start_epoch
     if info.is_main:
-        print(f"training {config['model']} on {config['dataset']} ({len(train_set)} train / {len(val_set)} val, "
+        val_name = 'held out of train for validation' if config['val_holdout'] else 'val'
+        print(f"training {config['model']} on {config['dataset']} ({len(train_set)} train / {len(val_set)} {val_name}, "
               f"{num_classes} classes) for {config['epochs']} epochs of {steps_per_epoch} steps, global batch "
               f"{config['batch_size']}, lr {lr:.3g}, {world} process(es) on {device.type}; run folder {run_dir}")
 
@@ -499,12 +585,26 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
                 status = 'budget'  # resumed with its budget already spent: take no further step
                 break
             first_step = start_step if epoch == start_epoch else 0
-            batches = epoch_micro_batches(len(train_set), micro_global, config['seed'], epoch)
-            batches = batches[first_step * config['accum_steps']:steps_per_epoch * config['accum_steps']]
-            loader = DataLoader(
-                SeededTransform(train_set, train_transform, config['seed'], epoch),
-                batch_sampler=RankBatches(batches, info.rank, world), num_workers=config['workers'],
-                pin_memory=device.type == 'cuda')
+            if streaming:
+                # the epoch's stream from its start (fixed by seed and epoch); a resumed run drops its first batches
+                skip = first_step * config['accum_steps']
+                stream = train_set.stream(
+                    StreamTransform(train_transform, config['seed'], epoch, info.rank, config['workers'], micro_local,
+                                    skip),
+                    training=True, batch_size=micro_local, workers=config['workers'],
+                    seed=derived_seed(config['seed'], epoch, 0x5D5) % 2 ** 31, epoch=epoch)
+                loader = _first_batches(DataLoader(
+                    stream, batch_size=micro_local, num_workers=config['workers'], drop_last=True,
+                    pin_memory=device.type == 'cuda',
+                    generator=torch.Generator().manual_seed(derived_seed(config['seed'], epoch, info.rank, 0x10AD))),
+                    skip, steps_per_epoch * config['accum_steps'])
+            else:
+                batches = epoch_micro_batches(len(train_set), micro_global, config['seed'], epoch)
+                batches = batches[first_step * config['accum_steps']:steps_per_epoch * config['accum_steps']]
+                loader = DataLoader(
+                    SeededTransform(train_set, train_transform, config['seed'], epoch),
+                    batch_sampler=RankBatches(batches, info.rank, world), num_workers=config['workers'],
+                    pin_memory=device.type == 'cuda')
             train_model.train()
             bar = _progress(config['progress'], info, total=steps_per_epoch, initial=first_step,
                             desc=f"epoch {epoch + 1}/{config['epochs']}", unit='img',
@@ -513,6 +613,8 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
             step = first_step
             micro = 0
             for images, targets in loader:
+                if streaming:
+                    _check_bad_samples(train_set, config['on_bad_image'])
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 seed = derived_seed(config['seed'], epoch, step, micro, info.rank)
                 seed_everything(seed)  # dropout, drop-path and Mixup draws
@@ -583,6 +685,11 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
             skipped = getattr(train_set, 'bad_files', None)
             if skipped and info.is_main:
                 print(f'skipped {len(skipped)} unreadable image(s) so far, e.g. {skipped[0]}', file=sys.stderr)
+            if streaming:
+                _check_bad_samples(train_set, config['on_bad_image'])
+                if train_set.bad_samples.count:
+                    print(f'skipped {train_set.bad_samples.count} unreadable sample(s) of {train_set.root} so far '
+                          f'(this process; see the warnings)', file=sys.stderr)
             if status != 'finished':
                 break
 
@@ -591,7 +698,8 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
                 config['max_steps'] is not None and global_step >= config['max_steps'])
             if (epoch + 1) % config['eval_interval'] == 0 or last_epoch:
                 result = evaluate(model, eval_loader, device, num_classes, config['amp'], info)
-                record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': global_step,
+                _check_bad_samples(val_set, config['on_bad_image'])
+                record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': global_step, 'split': eval_split,
                           **{k: result[k] for k in ('top1', 'top5', 'loss', 'samples')}}
                 score = result['top1']
                 if ema is not None:
@@ -604,7 +712,7 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
                     tb.add_scalar('eval/top1', record['top1'], global_step)
                     tb.add_scalar('eval/loss', record['loss'], global_step)
                 if info.is_main:
-                    print(f"epoch {epoch + 1}: eval top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%, "
+                    print(f"epoch {epoch + 1}: {eval_split} top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%, "
                           f"loss {record['loss']:.4f}" + (f", EMA top-1 {record['ema_top1']:.2f}%"
                                                            if 'ema_top1' in record else ''), flush=True)
                 final_eval = result
@@ -626,7 +734,8 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
         plot_curves(run_dir / 'metrics.jsonl', run_dir / 'curves.png', title=f"{config['model']} on {config['dataset']}")
         if final_eval:
             plot_confusion(final_eval['confusion'], train_set.classes, run_dir / 'confusion_matrix.png',
-                           title=f"{config['model']}: top-1 {final_eval['top1']:.2f}% on {final_eval['samples']} images")
+                           title=f"{config['model']}: top-1 {final_eval['top1']:.2f}% on {final_eval['samples']} "
+                                 f"{'held-out ' if config['val_holdout'] else ''}images")
             write_eval_json(run_dir / 'eval.json', final_eval, train_set.classes)
     barrier(info)
     return RunResult(run_dir=run_dir, status=status, epoch=completed_epochs,

@@ -2,15 +2,18 @@
 
 A checkpoint file is untrusted input: `.pth`/`.pth.tar` files are read weights-only, allowing exactly the one
 class that real training checkpoints carry (`argparse.Namespace`, in `args`); `.safetensors` files hold only
-tensors. `checkpoint_filter_fn` never renames a key: the model's module names are the official ones.
+tensors. The model's module names are the official ones, so official files load as they are; the one layout that is
+renamed is mmpretrain's (`backbone.`, `encoder.N`, `ln1`, `ffn.layers`, `head.layers.head`), mapped one to one.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,16 +23,20 @@ from timm.models import adapt_input_conv
 from .layers import SOFT_SPLITS
 
 __all__ = [
-    'CheckpointError', 'read_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn', 'load_checkpoint',
-    'mismatch_report',
+    'CheckpointError', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
+    'checkpoint_filter_fn',
+    'load_checkpoint', 'mismatch_report', 'from_mmpretrain',
     'SAFE_GLOBALS', 'STATE_DICT_KEYS',
 ]
+
+_logger = logging.getLogger(__name__)
 
 PathLike = Union[str, 'os.PathLike[str]']
 
 SAFE_GLOBALS = [argparse.Namespace]
-# Where a training checkpoint keeps its weights, in order of preference: EMA weights evaluate best.
-STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+# Where a training checkpoint keeps its weights, in order of preference: EMA weights evaluate best. 'net': the
+# official transfer_learning.py saves {'net': model.state_dict(), 'acc', 'epoch'} (the CIFAR release files).
+STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'net')
 _PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
 
 
@@ -61,8 +68,87 @@ def read_checkpoint(path: PathLike) -> Any:
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, truncated or corrupt ({e})') from e
 
 
+def download_checkpoint(
+        url: str,
+        cache_dir: Optional[PathLike] = None,
+        progress: bool = True,
+) -> Tuple[str, Any]:
+    """Download `url` once into timm's cache (a progress bar on stderr) and read it weights-only.
+
+    A cached file is used as it is, without the network. A download that does not read as a checkpoint (cut short,
+    a web page, a pickle that would run code) is deleted from the cache, so the next call downloads it again.
+    File names carrying a hash (`name-1a2b3c4d.pth`) are checked against it.
+    """
+    from timm.models._hub import download_cached_file
+    try:
+        path = download_cached_file(url, check_hash=True, progress=progress, cache_dir=cache_dir)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError/HTTPError are OSErrors; a bad hash a RuntimeError
+        raise CheckpointError(
+            f'could not download {url} ({type(e).__name__}: {e}); check the network or the url, or download it '
+            f"yourself and pass pretrained_cfg_overlay=dict(file='PATH')") from e
+    try:
+        return path, read_checkpoint(path)
+    except CheckpointError as e:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        raise CheckpointError(f'{url}: the downloaded file is not a usable checkpoint and was removed from the '
+                              f'cache ({e}); run again to download it afresh') from e
+
+
+def read_weights(source: PathLike, cache_dir: Optional[PathLike] = None) -> Tuple[str, Any]:
+    """A checkpoint file, or the released weights of a pretrained tag (`t2t_vit_14.in1k`, downloaded once).
+
+    Returns (where it came from, what `read_checkpoint` gives).
+    """
+    source = os.fspath(source)
+    if os.path.exists(source):
+        return source, read_checkpoint(source)
+    import timm
+    if source in timm.list_pretrained():
+        path, raw = download_checkpoint(timm.models.get_pretrained_cfg(source).url, cache_dir=cache_dir)
+        return f'{source} ({path})', raw
+    raise FileNotFoundError(f'{source!r} is neither a checkpoint file nor a pretrained tag; '
+                            f"timm.list_pretrained('t2t*') lists the tags")
+
+
+# mmpretrain's T2T_ViT inside its ImageClassifier -> ours: the same tensors under other names
+_MMPRETRAIN_RENAMES = (
+    (re.compile(r'^backbone\.'), ''),
+    (re.compile(r'^encoder\.(\d+)\.'), r'blocks.\1.'),
+    (re.compile(r'\.ln([12])\.'), r'.norm\1.'),
+    (re.compile(r'\.ffn\.layers\.0\.0\.'), '.mlp.fc1.'),
+    (re.compile(r'\.ffn\.layers\.1\.'), '.mlp.fc2.'),
+    (re.compile(r'^head\.layers\.head\.'), 'head.'),
+)
+
+
+def from_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename an mmpretrain (mmcls) T2T-ViT state dict to ours, one key to one key.
+
+    `backbone.` goes, `encoder.N` -> `blocks.N`, `ln1`/`ln2` -> `norm1`/`norm2`, `ffn.layers.0.0`/`ffn.layers.1` ->
+    `mlp.fc1`/`mlp.fc2` (in the T2T layers too), `head.layers.head` -> `head`. mmcv's EMAHook keeps a top-level
+    `ema_<name>` buffer per parameter and swaps it with the parameter at the end of each epoch, before the checkpoint
+    hook runs: the parameters saved are the EMA weights and the `ema_*` buffers the raw ones, which are dropped.
+    """
+    out, raw = {}, []
+    for key, value in state_dict.items():
+        if key.startswith('ema_'):
+            raw.append(key)
+            continue
+        for pattern, replacement in _MMPRETRAIN_RENAMES:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    if raw:
+        _logger.info(f'mmpretrain checkpoint: kept its parameters (EMA weights), dropped {len(raw)} ema_* buffers '
+                     f'(the raw training weights)')
+    return out
+
+
 def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The weights inside a checkpoint: EMA first, then raw training weights, then a bare state dict."""
+    """The weights inside a checkpoint: EMA first, then raw training weights, then a bare state dict; an mmpretrain
+    layout (`backbone.` keys) is renamed to ours."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'expected a dict of tensors, got {type(checkpoint).__name__}')
     for key in STATE_DICT_KEYS:
@@ -79,6 +165,8 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         state_dict[key] = value
+    if any(key.startswith('backbone.') for key in state_dict):
+        state_dict = from_mmpretrain(state_dict)
     return state_dict
 
 
@@ -138,14 +226,23 @@ def _adaptable(weight: torch.Tensor, target: torch.Tensor, model: nn.Module) -> 
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Fit a checkpoint to `model`: pick the weights, strip wrappers, resize `pos_embed`, adapt in_chans (the first
-    Linear of the T2T module, or the first convolution of the convolution and patch tokenizers).
+    """Fit a checkpoint to `model`: pick the weights, strip wrappers (and rename an mmpretrain layout), drop a Token
+    Labeling `aux_head` (with a warning), resize `pos_embed`, adapt in_chans (the first Linear of the T2T module, or
+    the first convolution of the convolution and patch tokenizers).
 
     Pure and idempotent: its output passed through it again comes back unchanged. Used by timm's
     `pretrained=True` loader and by `load_checkpoint`.
     """
     state_dict = extract_state_dict(state_dict)
     model_sd = model.state_dict()
+
+    # Token Labeling (84.2_T2T_ViT_24.pth.tar) trains an extra per-token classifier, `aux_head`, beside `head`
+    aux = [k for k in state_dict if k.startswith('aux_head.') and k not in model_sd]
+    if aux:
+        for key in aux:
+            del state_dict[key]
+        _logger.warning(f'dropped the Token Labeling auxiliary head ({", ".join(aux)}): it scores every patch token '
+                        f'during training; the predictions here come from the class-token head alone')
 
     posemb = state_dict.get('pos_embed')
     target = model_sd.get('pos_embed')

@@ -5,7 +5,6 @@ transformer tokens, the paper's convolution stand-in, or a plain ViT patch embed
 (`block_type`: ViT, SE, Ghost or dense). Each registered builder names its widths and depths. The state dict has
 the official key names and shapes, so official checkpoints load strictly (see `checkpoint.py`).
 """
-from __future__ import annotations
 
 import math
 from functools import partial
@@ -13,21 +12,21 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers.trace_utils import _assert
+from timm.models import build_model_with_cfg, generate_default_cfgs, list_pretrained, register_model
+from timm.models import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models.vision_transformer import Attention, Block
 
-from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention, ViTAttention, ViTBlock
-from .checkpoint import checkpoint_filter_fn
-from .layers import (
-    SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, fast_path_default, patch_major_order, set_fast_paths,
-    sinusoid_table, soft_split, token_grid_size, use_onednn_linears)
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
+from .checkpoint import CheckpointError, checkpoint_filter_fn, download_checkpoint, extract_state_dict, read_checkpoint
+from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
 __all__ = ['T2TModule', 'ConvTokenizer', 'PatchTokenizer', 'T2TViT', 'TOKENS_TYPES', 'BLOCK_TYPES',
-           'OFFICIAL_CLASSES']
+           'OFFICIAL_CLASSES', 'RELEASES']
 
 TOKENS_TYPES = ('performer', 'transformer', 'convolution', 'patch')
 BLOCK_TYPES = ('vit', 'se', 'ghost', 'dense')
@@ -40,17 +39,15 @@ def _check_soft_splits(soft_splits: SoftSplits) -> SoftSplits:
 
 
 class T2TModule(nn.Module):
-    """Soft split -> re-structurize -> soft split -> re-structurize -> soft split -> project.
+    """Soft split -> re-structurize -> soft split -> re-structurize -> soft split -> project (paper Eq. 1-3).
 
-    Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up
-    in the same token; each re-structurization is a token transformer or Performer of width `token_dim`.
+    Each soft split is an overlapping unfold (kernels 7/3/3, strides 4/2/2), so neighbouring pixels end up in the
+    same token; each re-structurization is a token transformer or Performer of width `token_dim` whose output
+    tokens are reshaped back into an image. The last soft split and the projection are both linear, so together
+    they run as one convolution whose kernel is the projection's weight.
     """
 
     stage_modules = ('attention1', 'attention2')  # where the two intermediate maps come from
-    # first-stage tokens per batch chunk on CPU (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4
-    # images, whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and
-    # so on reused pages rather than fresh ones
-    chunk_tokens: int = 16384
 
     def __init__(
             self,
@@ -78,80 +75,44 @@ class T2TModule(nn.Module):
             self.attention1 = TokenTransformer(dim=in_chans * k0 * k0, out_dim=token_dim, mlp_ratio=1.0)
             self.attention2 = TokenTransformer(dim=token_dim * k1 * k1, out_dim=token_dim, mlp_ratio=1.0)
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
-        self.grad_checkpointing = False
-        self.strided_unfold = fast_path_default('strided_unfold')
-        self.conv_project = fast_path_default('conv_project')
-        self.patch_major = fast_path_default('patch_major')
-        self.batch_chunks = fast_path_default('batch_chunks')
         self.token_dim = token_dim
-
-    def _soft_split(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, h*w, C*k*k) tokens: the official unfold, or the same numbers by `soft_split`."""
-        if self.strided_unfold:
-            return soft_split(x, *self.soft_splits[index])
-        unfold = (self.soft_split0, self.soft_split1, self.soft_split2)[index]
-        return unfold(x).transpose(1, 2)  # (B, C*k*k, L) -> (B, L, C*k*k)
-
-    def _split_and_project(self, x: torch.Tensor) -> torch.Tensor:
-        """Last soft split then `project`: (B, token_dim, h2, w2) -> (B, h3*w3, embed_dim).
-
-        Both are linear, so together they are one convolution whose kernel is the projection's weight.
-        """
-        if self.conv_project:
-            kernel, stride, padding = self.soft_splits[2]
-            weight = self.project.weight.unflatten(1, (-1, kernel, kernel))  # (E, C*k*k) -> (E, C, k, k)
-            x = F.conv2d(x, weight, self.project.bias, stride=stride, padding=padding)  # (B, E, h3, w3)
-            return x.flatten(2).transpose(1, 2)  # (B, h3*w3, E)
-        return self.project(self._soft_split(2, x))
-
-    def _restructure(self, layer: nn.Module, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, order)
-        return layer(x, order)
-
-    def _num_chunks(self, x: torch.Tensor) -> int:
-        """How many batch chunks `batch_chunks` cuts `x` into: 1 off CPU, when tracing or compiling, or when small.
-
-        Every op of the module is per image, so chunks change no number beyond GEMM rounding; they only keep the
-        large first-stage tensors small enough to be cache- and allocator-friendly on CPU.
-        """
-        if (not self.batch_chunks or x.device.type != 'cpu' or torch.jit.is_tracing() or torch.jit.is_scripting()
-                or torch.compiler.is_compiling()):
-            return 1
-        h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
-        return max(1, min(x.shape[0], math.ceil(x.shape[0] * h1 * w1 / self.chunk_tokens)))
+        self.min_size = k0 - 2 * p0  # the smallest input side that leaves a token
+        self.grad_checkpointing = False
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Tokens for the backbone plus the two re-structurized maps, (B, token_dim, H/4, W/4) and (H/8, W/8)."""
-        chunks = self._num_chunks(x)
-        if chunks == 1:
-            return self._forward_stages(x)
-        parts = [self._forward_stages(part) for part in x.chunk(chunks)]
-        maps = [torch.cat(stage) for stage in zip(*(part_maps for _, part_maps in parts))]
-        return torch.cat([tokens for tokens, _ in parts]), maps
-
-    def _forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(B, C, H, W) image -> (B, embed_dim, h3, w3) token map for the backbone, plus the two re-structurized
+        maps (B, token_dim, h1, w1) and (B, token_dim, h2, w2) (strides 4 and 8 with the paper's splits)."""
         B, _, H, W = x.shape
-        h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
-        h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
-        x = self._soft_split(0, x)  # (B, h1*w1, C*7*7)
-        x = self._restructure(self.attention1, x)  # (B, h1*w1, token_dim)
-        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image (B, token_dim, h1, w1), channels-last view
-        if self.strided_unfold and self.patch_major:  # features (row, column, channel): whole channel vectors copied
-            x = soft_split(map1, *self.soft_splits[1], patch_major=True)  # (B, h2*w2, 3*3*token_dim)
-            order = patch_major_order(self.token_dim, self.soft_splits[1][0], device=x.device)
-            x = self._restructure(self.attention2, x, order)  # (B, h2*w2, token_dim)
-        else:
-            x = self._soft_split(1, map1)  # (B, h2*w2, token_dim*3*3)
-            x = self._restructure(self.attention2, x)  # (B, h2*w2, token_dim)
-        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
-        return self._split_and_project(map2), [map1, map2]  # (B, h3*w3, embed_dim)
+        _assert(H >= self.min_size, f'input height {H} leaves no tokens; use at least {self.min_size} pixels')
+        _assert(W >= self.min_size, f'input width {W} leaves no tokens; use at least {self.min_size} pixels')
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
+        h1, w1 = (H + 2 * p0 - k0) // s0 + 1, (W + 2 * p0 - k0) // s0 + 1
+        h2, w2 = (h1 + 2 * p1 - k1) // s1 + 1, (w1 + 2 * p1 - k1) // s1 + 1
+
+        x = self.soft_split0(x).transpose(1, 2)  # soft split: (B, C*k*k, L) -> (B, h1*w1, C*7*7) tokens
+        x = self._restructure1(x)  # (B, h1*w1, token_dim)
+        map1 = x.transpose(1, 2).reshape(B, -1, h1, w1)  # tokens -> image: (B, token_dim, h1, w1)
+        x = self.soft_split1(map1).transpose(1, 2)  # (B, h2*w2, token_dim*3*3)
+        x = self._restructure2(x)  # (B, h2*w2, token_dim)
+        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)  # (B, token_dim, h2, w2)
+        # last soft split + project as one convolution: (E, C*k*k) weight -> (E, C, k, k) kernel
+        weight = self.project.weight.reshape(self.project.out_features, -1, k2, k2)
+        x = torch.nn.functional.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2)  # (B, E, h3, w3)
+        return x, [map1, map2]
+
+    def _restructure1(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.attention1, x)
+        return self.attention1(x)
+
+    def _restructure2(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.attention2, x)
+        return self.attention2(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = self._num_chunks(x)
-        if chunks == 1:
-            return self._forward_stages(x)[0]
-        return torch.cat([self._forward_stages(part)[0] for part in x.chunk(chunks)])  # no maps to concatenate
+        """(B, C, H, W) -> (B, embed_dim, h3, w3)."""
+        return self.forward_stages(x)[0]
 
 
 class ConvTokenizer(nn.Module):
@@ -177,10 +138,10 @@ class ConvTokenizer(nn.Module):
         self.grad_checkpointing = False  # three convolutions: nothing worth recomputing
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Tokens for the backbone plus the two intermediate maps, as `T2TModule.forward_stages`."""
+        """Token map for the backbone plus the two intermediate maps, as `T2TModule.forward_stages`."""
         map1 = self.act(self.soft_split0(x))  # (B, token_dim, h1, w1)
         map2 = self.act(self.soft_split1(map1))  # (B, token_dim, h2, w2)
-        return self.project(map2).flatten(2).transpose(1, 2), [map1, map2]  # (B, h3*w3, embed_dim)
+        return self.project(map2), [map1, map2]  # (B, embed_dim, h3, w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]
@@ -203,19 +164,19 @@ class PatchTokenizer(nn.Module):
         self.grad_checkpointing = False
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        return self.proj(x).flatten(2).transpose(1, 2), []  # (B, h*w, embed_dim)
+        return self.proj(x), []  # (B, embed_dim, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(x)[0]
+        return self.proj(x)
 
 
 def _vit_blocks(block_type: str, dim: int, depth: int, dpr: Sequence[float], **block_kwargs) -> List[nn.Module]:
     attn_layer, mlp_layer = {
-        'vit': (ViTAttention, Mlp),
+        'vit': (Attention, Mlp),
         'se': (SEAttention, Mlp),
         'ghost': (GhostAttention, GhostMlp),
     }[block_type]
-    return [ViTBlock(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
+    return [Block(dim=dim, drop_path=dpr[i], attn_layer=attn_layer, mlp_layer=mlp_layer, **block_kwargs)
             for i in range(depth)]
 
 
@@ -360,10 +321,6 @@ class T2TViT(nn.Module):
             widths = [embed_dim] * depth
         self.block_type = block_type
         self.blocks = nn.Sequential(*blocks)
-        use_onednn_linears(self.tokens_to_token)  # same parameters; oneDNN products on CPU (fast path)
-        use_onednn_linears(self.blocks)
-        if not fast_path_default('fused_attn'):
-            set_fast_paths(self.blocks, fused_attn=False)  # the blocks' attention follows T2TVIT_SLOW_PATHS too
         self.num_features = self.head_hidden_size = widths[-1] if widths else embed_dim
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -424,41 +381,41 @@ class T2TViT(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            return
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
-                f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "C"} to take this input')
+        _assert(x.ndim == 4, f'expected a (B, C, H, W) image batch, got {x.ndim} dimensions')
+        _assert(x.shape[1] == self.in_chans,
+                f'expected {self.in_chans} input channels, got {x.shape[1]}; build the model with in_chans='
+                f'{x.shape[1]} to take this input')
 
-    def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Prepend the class token and add the position table, resized to `grid` when allowed."""
-        pos_embed = self.pos_embed
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) token map -> (B, 1 + h*w, C): class token prepended, position table added.
+
+        With `dynamic_img_size` the table is resized to each input's grid; otherwise the grid must be the one the
+        table was built for (`img_size`).
+        """
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
         if self.dynamic_img_size:
             pos_embed = resample_abs_pos_embed(
-                pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1)
-        elif not torch.jit.is_tracing() and grid != self.grid_size:
-            raise ValueError(
-                f'input gives a {grid[0]}x{grid[1]} token grid but the position table is for '
-                f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '
-                f'build the model with dynamic_img_size=True to resize it per call, or with the new img_size '
-                f'to resize it once when loading weights')
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)  # (B, 1 + N, C)
+                self.pos_embed, new_size=(H, W), old_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens)
+        else:
+            message = (f'input gives a {H}x{W} token grid but the position table is for '
+                       f'{self.grid_size[0]}x{self.grid_size[1]} (img_size {self.img_size[0]}x{self.img_size[1]}); '
+                       f'build the model with dynamic_img_size=True to resize it per call, or with the new img_size '
+                       f'to resize it once when loading weights')
+            _assert(H == self.grid_size[0], message)
+            _assert(W == self.grid_size[1], message)
+            pos_embed = self.pos_embed
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, C)
         return self.pos_drop(x + pos_embed.to(x.dtype))
-
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (B, 1 + N, embed_dim); the class token comes first."""
         self._check_input(x)
-        grid = token_grid_size((x.shape[-2], x.shape[-1]), len(self.soft_splits), self.soft_splits)
-        x = self.tokens_to_token(x)  # (B, N, C)
-        x = self._pos_embed(x, grid)
-        x = self._run_blocks(x)
+        x = self._pos_embed(self.tokens_to_token(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -507,17 +464,17 @@ class T2TViT(nn.Module):
         self._check_input(x)
         num_stem = self.num_stem_features
         take_indices, max_index = feature_take_indices(num_stem + len(self.blocks), indices)
-        B, _, H, W = x.shape
-        grid = token_grid_size((H, W), len(self.soft_splits), self.soft_splits)
+        B = x.shape[0]
 
         intermediates: List[Any] = []
         x, maps = self.tokens_to_token.forward_stages(x)
+        grid = x.shape[-2:]
         for i, fmap in enumerate(maps):
             if i in take_indices:
                 feat = fmap if output_fmt == 'NCHW' else fmap.flatten(2).transpose(1, 2)
                 intermediates.append((feat, fmap.new_zeros(B, 0, fmap.shape[1])) if return_prefix_tokens else feat)
 
-        x = self._pos_embed(x, grid)
+        x = self._pos_embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max(0, max_index - num_stem + 1)]
         for i, blk in enumerate(blocks):
             x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
@@ -563,8 +520,10 @@ class T2TViT(nn.Module):
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
     # features_only default: the tokenizer's two maps and the last block (strides 4, 8, 16 with the paper's splits)
     out_indices = kwargs.pop('out_indices', (0, 1, -1))
+    if pretrained:
+        kwargs = _read_pretrained(variant, kwargs)
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             T2TViT,
             variant,
             pretrained,
@@ -574,11 +533,46 @@ def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
         )
     except RuntimeError as e:
         if 'No pretrained weights exist' in str(e):
+            tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg')).tag
+            tags = list_pretrained(f'{variant}.*')
+            released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {variant} were released'
             raise RuntimeError(
-                f'{variant}: no weights are downloaded by this package. Pass a local file: '
+                f'{variant}.{tag} has no weights to download ({released}). Or pass a local file: '
                 f"create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH.pth.tar'))"
             ) from e
         raise
+    for m in (model, getattr(model, 'model', None)):  # the weights are loaded: keep the cfg small (features_only)
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model
+
+
+def _read_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Fetch a url or file weight source ourselves: download into timm's cache, read weights-only.
+
+    timm's own url path reads with torch.hub's weights-only loader, which refuses the `argparse.Namespace` that
+    every official release carries in `args`; its file path gives no message of ours. The weights go on to timm's
+    loader as a state dict, so the filter, the classifier swap and the strict load stay timm's. Hub and local-dir
+    sources (safetensors) are left to timm.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.source in ('hf-hub', 'local-dir') or cfg.state_dict is not None or cfg.hf_hub_id:
+        return kwargs
+    if cfg.file:
+        where, raw = cfg.file, read_checkpoint(cfg.file)
+    elif cfg.url:
+        where, raw = download_checkpoint(cfg.url, cache_dir=kwargs.get('cache_dir'))
+    else:
+        return kwargs  # timm raises 'No pretrained weights exist', reworded above
+    try:
+        state_dict = extract_state_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f'{where}: {e}') from e
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict)
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -612,23 +606,84 @@ def _cfg_untrained(first_conv: str, **kwargs) -> Dict[str, Any]:
     return _cfg(first_conv=first_conv, license='mit', **kwargs)
 
 
+OFFICIAL_RELEASES = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
+MMPRETRAIN_RELEASES = 'https://download.openmmlab.com/mmclassification/v0/t2t-vit/'
+_OFFICIAL = dict(license='bsd-3-clause-clear', origin_url='https://github.com/yitu-opensource/T2T-ViT')  # Clear BSD
+_MMPRETRAIN = dict(
+    license='apache-2.0', origin_url='https://github.com/open-mmlab/mmpretrain/tree/main/configs/t2t_vit')
+# official transfer_learning.py: Resize(224) of the 32-px image (bilinear, no crop) and these statistics
+_CIFAR = dict(crop_pct=1.0, interpolation='bilinear', mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+
+# Model card data of every released weight file, by tag: what it is, where it came from, what its publisher measured.
+RELEASES: Dict[str, Dict[str, Any]] = {}
+
+
+def _release(tag: str, cfg: Dict[str, Any], file: str, top1: float, dataset: str = 'ImageNet-1k',
+             trained: str = 'trained from scratch on ImageNet-1k by the paper\'s authors (official main.py)',
+             measured: str = 'official README and paper') -> Dict[str, Any]:
+    RELEASES[tag] = dict(url=cfg['url'], file=file, top1=top1, dataset=dataset, trained=trained, measured=measured,
+                         license=cfg['license'], origin_url=cfg['origin_url'])
+    return dict(cfg, notes=(f'{dataset} top-1 {top1}% ({measured})', trained))
+
+
+def _official(tag: str, file: str, top1: float, cfg=_cfg, **kwargs) -> Dict[str, Any]:
+    return _release(tag, cfg(url=OFFICIAL_RELEASES + file, **dict(_OFFICIAL, **kwargs.pop('cfg_kwargs', {}))),
+                    file, top1, **kwargs)
+
+
+def _cifar(tag: str, file: str, top1: float, num_classes: int) -> Dict[str, Any]:
+    base = tag.split('.')[0].replace('t2t_vit_', 'T2T-ViT-')
+    return _official(
+        tag, file, top1, cfg_kwargs=dict(num_classes=num_classes, **_CIFAR), dataset=f'CIFAR-{num_classes}',
+        trained=f'{base} ImageNet-1k weights fine-tuned on CIFAR-{num_classes} resized to 224 px by the paper\'s '
+                f'authors (official transfer_learning.py)')
+
+
+def _mmpretrain(tag: str, file: str, top1: float) -> Dict[str, Any]:
+    return _release(tag, _cfg_t(url=MMPRETRAIN_RELEASES + file, **_MMPRETRAIN), file, top1,
+                    trained='retrained from scratch on ImageNet-1k by OpenMMLab (mmcls, 8 GPUs x 64, 310 epochs, '
+                            'EMA), one to one key mapping to this model',
+                    measured='mmpretrain metafile')
+
+
 _384 = dict(input_size=(3, 384, 384), crop_pct=1.0)
+_RELEASED = {
+    't2t_vit_7.in1k': ('71.7_T2T_ViT_7.pth.tar', 71.7),
+    't2t_vit_10.in1k': ('75.2_T2T_ViT_10.pth.tar', 75.2),
+    't2t_vit_12.in1k': ('76.5_T2T_ViT_12.pth.tar', 76.5),
+    't2t_vit_14.in1k': ('81.5_T2T_ViT_14.pth.tar', 81.5),
+    't2t_vit_19.in1k': ('81.9_T2T_ViT_19.pth.tar', 81.9),
+    't2t_vit_24.in1k': ('82.3_T2T_ViT_24.pth.tar', 82.3),
+}
 
 default_cfgs = generate_default_cfgs({
-    't2t_vit_7.in1k': _cfg(),
-    't2t_vit_10.in1k': _cfg(),
-    't2t_vit_12.in1k': _cfg(),
-    't2t_vit_14.in1k': _cfg(),
-    't2t_vit_14.in1k_384': _cfg(**_384),
-    't2t_vit_19.in1k': _cfg(),
+    **{tag: _official(tag, file, top1) for tag, (file, top1) in _RELEASED.items()},
+    # official eval of this file: main.py --img-size 384 keeps the model cfg's crop_pct 0.9 (resize 426, crop 384)
+    't2t_vit_14.in1k_384': _official('t2t_vit_14.in1k_384', '83.3_T2T_ViT_14.pth.tar', 83.3,
+                                     cfg_kwargs=dict(input_size=(3, 384, 384)),
+                                     trained='trained from scratch on ImageNet-1k at 384 px by the paper\'s authors'),
+    't2t_vit_14.in1k_ft_cifar10': _cifar('t2t_vit_14.in1k_ft_cifar10', 'cifar10_t2t-vit_14_98.3.pth', 98.3, 10),
+    't2t_vit_14.in1k_ft_cifar100': _cifar('t2t_vit_14.in1k_ft_cifar100', 'cirfar100_t2t-vit-14_88.4.pth', 88.4, 100),
     't2t_vit_19.in1k_384': _cfg(**_384),
-    't2t_vit_24.in1k': _cfg(),
+    't2t_vit_19.in1k_ft_cifar10': _cifar('t2t_vit_19.in1k_ft_cifar10', 'cifar10_t2t-vit_19_98.4.pth', 98.4, 10),
+    't2t_vit_19.in1k_ft_cifar100': _cifar('t2t_vit_19.in1k_ft_cifar100', 'cifar100_t2t-vit-19_89.0.pth', 89.0, 100),
+    't2t_vit_24.tl_in1k': _official(
+        't2t_vit_24.tl_in1k', '84.2_T2T_ViT_24.pth.tar', 84.2,
+        trained='trained on ImageNet-1k with Token Labeling (github.com/zihangJiang/TokenLabeling) by the paper\'s '
+                'authors; its auxiliary per-token head (aux_head) is dropped on load'),
     't2t_vit_24.in1k_384': _cfg(**_384),
-    't2t_vit_t_14.in1k': _cfg_t(),
+    't2t_vit_t_14.in1k': _official('t2t_vit_t_14.in1k', '81.7_T2T_ViTt_14.pth.tar', 81.7, cfg=_cfg_t),
+    't2t_vit_t_14.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_14.mmpretrain_in1k', 't2t-vit-t-14_8xb64_in1k_20211220-f7378dd5.pth', 81.83),
     't2t_vit_t_14.in1k_384': _cfg_t(**_384),
-    't2t_vit_t_19.in1k': _cfg_t(),
-    't2t_vit_t_24.in1k': _cfg_t(),
+    't2t_vit_t_19.in1k': _official('t2t_vit_t_19.in1k', '82.4_T2T_ViTt_19.pth.tar', 82.4, cfg=_cfg_t),
+    't2t_vit_t_19.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_19.mmpretrain_in1k', 't2t-vit-t-19_8xb64_in1k_20211214-7f5e3aaf.pth', 82.63),
+    't2t_vit_t_24.in1k': _official('t2t_vit_t_24.in1k', '82.6_T2T_ViTt_24.pth.tar', 82.6, cfg=_cfg_t),
+    't2t_vit_t_24.mmpretrain_in1k': _mmpretrain(
+        't2t_vit_t_24.mmpretrain_in1k', 't2t-vit-t-24_8xb64_in1k_20211214-b2a68ae3.pth', 82.71),
     't2t_vit_t_24.in1k_384': _cfg_t(**_384),
+    # the design study: no weights were released
     't2t_vit_14_resnext.in1k': _cfg(),
     't2t_vit_14_wide.in1k': _cfg(),
     't2t_vit_14_se.in1k': _cfg(),

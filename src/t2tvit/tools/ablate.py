@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..data import build_dataset
+from ..data.datasets import STREAMING_DATASETS
+from ..data.streaming import stored_source
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
 from ..models import count_parameters
@@ -176,8 +178,9 @@ def run_ablation(
         overrides: Any other recipe keys (e.g. {'lr': 1e-3}).
     """
     chosen = _check_variants(variants)
-    if dataset not in DATASET_DEFAULTS:
-        raise ConfigError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASET_DEFAULTS)}')
+    if dataset not in DATASET_DEFAULTS and dataset not in STREAMING_DATASETS:
+        raise ConfigError(f'unknown dataset {dataset!r}; choose one of '
+                          f'{", ".join([*DATASET_DEFAULTS, *STREAMING_DATASETS])}')
     if scale not in ('small', 'paper'):
         raise ConfigError(f"scale must be 'small' or 'paper', got {scale!r}")
     overrides = dict(overrides or {})
@@ -185,7 +188,13 @@ def run_ablation(
     if clash:
         raise ConfigError(f'the ablation sets {", ".join(clash)} itself for every variant; use --variants, --scale, '
                           f'--name and --output instead')
-    facts = dict(DATASET_DEFAULTS[dataset])
+    if dataset in STREAMING_DATASETS:
+        if data is None:
+            raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
+        # a converted store follows the data set it came from (image size, channels, normalisation)
+        facts = dict(DATASET_DEFAULTS[stored_source(dataset, data) or 'imagefolder'])
+    else:
+        facts = dict(DATASET_DEFAULTS[dataset])
     data = data or facts['data']
     if data is None and dataset != 'fake':
         raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
@@ -195,7 +204,8 @@ def run_ablation(
     shared = dict(
         dataset=dataset, data=data, img_size=size, in_chans=facts['in_chans'], mean=list(facts['mean']),
         std=list(facts['std']), epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
-        device=device, output=str(folder))
+        device=device, output=str(folder),
+        val_holdout=0)  # the table reports final weights on the validation split: nothing is selected on it
     shared.update(overrides)
     probe = resolve_config(recipe, dict(shared, model=chosen[0]))
     # fail before any training when the data is not there (the message names the files and where to put them)

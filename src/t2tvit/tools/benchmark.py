@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
-from ..models.layers import FAST_PATHS, fused_linear, onednn_available, set_fast_paths
+from ..cpu_kernels import CPU_KERNELS, fused_linear, onednn_available, use_cpu_kernels
 from .complexity import (
     TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
@@ -102,7 +102,7 @@ class BenchConfig:
     warmup: int = 2  # untimed steps per model before the rounds; the first one (compilation) is reported
     reps: int = 7  # timed rounds
     iters: int = 1  # steps per model per round
-    ab: Tuple[str, ...] = ()  # fast paths switched off in a B copy of each of our models, timed beside A
+    ab: Tuple[str, ...] = ()  # CPU kernels left out in a B copy of each of our models, timed beside A
     agreement_images: int = 64  # images for the bf16-vs-fp32 top-1 agreement (0: skip)
     checkpoints: Dict[str, str] = field(default_factory=dict)  # model name -> weights file
     peak_size: int = 2048  # side of the square GEMM that measures the matmul peak
@@ -165,10 +165,10 @@ def validate(config: BenchConfig) -> BenchConfig:
     if config.threads is not None and config.threads < 1:
         _fail(f'--threads {config.threads}: must be at least 1')
     for name in config.ab:
-        if name not in FAST_PATHS:
-            _fail(f'--ab: {name!r} is not a fast path; one of {", ".join(FAST_PATHS)} (or all)')
+        if name not in CPU_KERNELS:
+            _fail(f'--ab: {name!r} is not a CPU kernel; one of {", ".join(CPU_KERNELS)} (or all)')
     if config.ab and not config.models:
-        _fail('--ab compares our models with fast paths on and off: give --models')
+        _fail('--ab compares our models with CPU kernels on and off: give --models')
     if config.device not in ('cpu', 'cuda'):
         _fail(f"--device {config.device!r}: 'cpu' or 'cuda'")
     if config.device == 'cuda' and not torch.cuda.is_available():
@@ -291,7 +291,7 @@ class Entry:
     def label(self) -> str:
         if not self.slow_paths:
             return self.name
-        off = 'plain' if set(self.slow_paths) == set(FAST_PATHS) else '-' + ',-'.join(self.slow_paths)
+        off = 'plain' if set(self.slow_paths) == set(CPU_KERNELS) else '-' + ',-'.join(self.slow_paths)
         return f'{self.name} [{off}]'
 
 
@@ -307,7 +307,7 @@ def _seconds(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> flo
 
 def _gemm_libraries(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], Any]]:
     """The n^3 products this PyTorch can run: `torch.mm` (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and, on CPU,
-    oneDNN's, which the `onednn_linear` fast path uses and which on AMD CPUs is much faster than MKL's."""
+    oneDNN's, which the `onednn_linear` CPU kernel uses and which on AMD CPUs is much faster than MKL's."""
     libraries: Dict[str, Callable[[], Any]] = {'torch.mm': lambda: torch.mm(a, b)}
     if device.type == 'cpu' and onednn_available():
         weight = b.t().contiguous()  # linear(a, W) = a @ W^T = a @ b
@@ -368,10 +368,11 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
 
 def _model_entry(name: str, kind: str, run: Run, config: BenchConfig, device: torch.device,
                  complexity: ComplexityRow, base: nn.Module, slow_paths: Tuple[str, ...] = ()) -> Entry:
-    """A copy of `base` on `device` (with `slow_paths` off) and the step that a round times."""
+    """A copy of `base` on `device` and the step that a round times. Our models on CPU take the CPU kernels
+    (`t2tvit.use_cpu_kernels`) but `slow_paths`; with all of them left out, the plain model runs."""
     model = copy.deepcopy(base)
-    if slow_paths:
-        set_fast_paths(model, **{p: False for p in slow_paths})
+    if kind == 'ours' and device.type == 'cpu' and set(slow_paths) != set(CPU_KERNELS):
+        use_cpu_kernels(model, exclude=slow_paths)
     model.to(device)
     g = torch.Generator(device='cpu').manual_seed(0)
     in_chans = getattr(model, 'in_chans', 3)
@@ -665,7 +666,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
         'step) per second / FLOPs per second of the GEMM timed just before and after each step, by the fastest GEMM '
         'library here (MFU LIBRARY: against a slower library\'s GEMM instead). x ref = images/s over the '
-        'reference model\'s, median of per-round ratios; off/on = images/s with the listed fast paths off over with '
+        'reference model\'s, median of per-round ratios; off/on = images/s with the listed CPU kernels off over with '
         'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
     groups: Dict[Tuple[str, str], List[Run]] = {}
     for run in config.runs:
@@ -731,7 +732,7 @@ def format_run(run: Dict[str, Any]) -> str:
         ratio = m.get('x_fast')
         ratio_text = f"{m['x_reference']:.2f}" if 'x_reference' in m else '-'
         if ratio is not None:
-            ratio_text += f' (off/on {1 / ratio:.2f})'  # images/s with the fast paths off over on
+            ratio_text += f' (off/on {1 / ratio:.2f})'  # images/s with the CPU kernels off over on
         by_library = m.get('mfu_by_library') or {}
         lines.append(
             f"{m['label'][:33]:<34}{m['macs_all'] / 1e9:>7.2f}{m['images_per_s']:>9.1f}"
@@ -829,7 +830,7 @@ def config_from_options(preset: Optional[str] = None, smoke: bool = False, **opt
     if isinstance(given.get('output'), str):
         given['output'] = None if given['output'] == 'none' else Path(given['output'])
     if 'ab' in given and isinstance(given['ab'], str):
-        given['ab'] = tuple(FAST_PATHS) if given['ab'] == 'all' else tuple(
+        given['ab'] = tuple(CPU_KERNELS) if given['ab'] == 'all' else tuple(
             p.strip() for p in given['ab'].split(',') if p.strip())
     config = replace(config, **given)
     if 'train_models' not in given and config.train_models is not None:

@@ -1,4 +1,5 @@
-"""`t2tvit export`: a trained model as ONNX, TorchScript, a torch.export program or safetensors weights.
+"""`t2tvit export`: a trained model as ONNX, TorchScript, a torch.export program, safetensors weights, or a Hugging
+Face hub model folder (timm's `save_for_hf` layout plus a model card).
 
 Every export is checked before it is written: the serialized file is loaded back (onnxruntime, `torch.jit.load`,
 `torch.export.load`, a fresh `create_model`) and run at two batch sizes, and at a second image size where the
@@ -26,9 +27,9 @@ from ..engine.checkpointing import atomic_write
 from ..engine.preflight import check_finite, check_outputs
 from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
 from ..models import load_checkpoint, token_grid_size
-from ..models.layers import set_fast_paths
 
-__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY']
+__all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY', 'HubExport',
+           'export_hf', 'model_card']
 
 # format -> file suffix
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
@@ -116,8 +117,6 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_hw: bool, min_s
             output_names=[OUTPUT_NAME], opset_version=opset, optimize=False, verbose=False)
         proto = program.model_proto
     else:
-        # the TorchScript tracer cannot read the sizes of the strided-view soft split; Unfold gives the same numbers
-        model = set_fast_paths(copy.deepcopy(model), strided_unfold=False)
         buffer = io.BytesIO()
         torch.onnx.export(
             model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -138,12 +137,10 @@ def _onnx_runner(data: bytes) -> Optional[Callable[[torch.Tensor], Any]]:
     return lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0]
 
 
-def _torchscript_bytes(model: nn.Module, example: torch.Tensor, meta: str) -> bytes:
-    # traced, not scripted: the token-grid arithmetic is plain Python that TorchScript cannot compile; tracing keeps
-    # the batch size symbolic and records height/width as constants
-    traced = torch.jit.trace(model, example, check_trace=False)
+def _torchscript_bytes(model: nn.Module, meta: str) -> bytes:
+    scripted = torch.jit.script(model)  # the whole forward, token-grid arithmetic included: any batch size
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={f'{METADATA_KEY}.json': meta})
+    torch.jit.save(scripted, buffer, _extra_files={f'{METADATA_KEY}.json': meta})
     return buffer.getvalue()
 
 
@@ -260,7 +257,7 @@ def export_model(
                 data = _onnx_bytes(model, example, dynamic_hw, min_side, onnx_exporter, opset, meta)
                 run = _onnx_runner(data)
             elif fmt == 'torchscript':
-                data = _torchscript_bytes(model, example, meta)
+                data = _torchscript_bytes(model, meta)
                 run = _torchscript_runner(data)
             elif fmt == 'exported-program':
                 data = _exported_program_bytes(model, example, meta)
@@ -289,3 +286,136 @@ def export_model(
     atomic_write(path, lambda f: f.write(data), what=f'{fmt} export')
     atomic_write(result.sidecar, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
     return result
+
+
+# --- Hugging Face hub model folder ---------------------------------------------------------------------------------
+
+HF_FILES = ('config.json', 'model.safetensors', 'README.md')
+_CITATION = """@InProceedings{Yuan_2021_ICCV,
+    author    = {Yuan, Li and Chen, Yunpeng and Wang, Tao and Yu, Weihao and Shi, Yujun and Jiang, Zi-Hang and Tay, Francis E.H. and Feng, Jiashi and Yan, Shuicheng},
+    title     = {Tokens-to-Token ViT: Training Vision Transformers From Scratch on ImageNet},
+    booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+    month     = {October},
+    year      = {2021},
+    pages     = {558-567}
+}"""
+
+
+@dataclass
+class HubExport:
+    folder: Path
+    files: List[Path]
+    checks: List[Tuple[Tuple[int, ...], float]]  # (input shape, max |reloaded - source|)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((d for _, d in self.checks), default=float('nan'))
+
+
+def model_card(restored: RestoredModel, model: nn.Module) -> Dict[str, Any]:
+    """timm's model card fields (`timm.models._hub.generate_readme`) for this model: what it is, its source file,
+    the publisher's and any recorded accuracy, license, citation, how to load it."""
+    from ..models import RELEASES, count_parameters
+    cfg = model.pretrained_cfg
+    release = RELEASES.get(restored.facts.get('release', ''))
+    total, _ = count_parameters(model)
+    details: Dict[str, Any] = {
+        'Model Type': 'Image classification / feature backbone',
+        'Model Stats': {'Params (M)': f'{total / 1e6:.1f}', 'Image size': '{} x {}'.format(*model.img_size),
+                        'Input channels': model.in_chans, 'Classes': model.num_classes},
+        'Papers': {cfg.get('paper_name', 'Tokens-to-Token ViT'): 'https://arxiv.org/abs/2101.11986'},
+        'Original': cfg.get('origin_url', 'https://github.com/yitu-opensource/T2T-ViT'),
+    }
+    if release:
+        details['Dataset'] = release['dataset']
+        details['Weights'] = f"{release['url']} ({release['trained']})"
+        details['Accuracy'] = f"{release['dataset']} top-1 {release['top1']}% ({release['measured']})"
+        license_name = release['license']
+    else:
+        details['Weights'] = f'converted from {os.path.basename(str(restored.checkpoint))}' if restored.checkpoint \
+            else 'random initialisation (no checkpoint)'
+        if restored.facts.get('dataset'):
+            details['Dataset'] = restored.facts['dataset']
+        license_name = 'other'  # whoever trained the checkpoint decides
+    if restored.facts.get('recorded_top1') is not None:
+        details['Recorded top-1'] = f"{restored.facts['recorded_top1']:.2f}% (stored in the source checkpoint)"
+    name = release and restored.facts['release'] or restored.name
+    usage = (
+        "```python\nimport timm\nimport t2tvit  # registers the T2T-ViT architectures with timm\n\n"
+        "model = timm.create_model('hf-hub:ORG/REPO', pretrained=True).eval()  # or 'local-dir:PATH'\n"
+        "config = timm.data.resolve_data_config({}, model=model)\n"
+        "transform = timm.data.create_transform(**config)\n```\n")
+    return {
+        'license': license_name,
+        'description': f'{name}: a Tokens-to-Token ViT (T2T-ViT) image classifier, {model.num_classes} classes. '
+                       f'Needs the `t2tvit` package, which registers the architecture with timm.',
+        'details': details,
+        'usage': usage,
+        'citation': _CITATION,
+    }
+
+
+def export_hf(
+        restored: RestoredModel,
+        output: Union[str, Path],
+        tolerance: float = 1e-5,
+        seed: int = 0,
+) -> HubExport:
+    """Write a Hugging Face hub model folder in timm's layout: `config.json` (architecture, num_classes, model_args,
+    pretrained cfg with the preprocessing), `model.safetensors` and a model card `README.md`.
+
+    The folder is built beside `output`, loaded back with `timm.create_model('local-dir:...', pretrained=True)` and
+    run on random inputs; only when the outputs match the source model within `tolerance` do the three files replace
+    those in `output` (other files there are kept).
+    """
+    import shutil
+    import tempfile
+    from timm.models import save_for_hf
+    from timm.models._hub import generate_readme
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ExportError(f'{output} is a file; --format hf writes a folder, choose another --output')
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(restored.model).cpu().eval()
+    if not restored.facts.get('release'):  # the cfg's release notes, tag and license describe other weights
+        for key in ('notes', 'tag', 'license', 'description'):
+            model.pretrained_cfg.pop(key, None)
+    pre = restored.preprocessing_facts()
+    data_config = {'crop_pct': restored.preprocess['crop_pct'], 'interpolation': restored.preprocess['interpolation'],
+                   'mean': tuple(pre['mean']), 'std': tuple(pre['std'])}
+    model_args = {k: v for k, v in restored.model_kwargs.items() if k != 'pretrained_cfg_overlay'}
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
+    try:
+        try:
+            save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
+        except (ValueError, TypeError) as e:
+            raise ExportError(f'cannot describe {restored.name} for the hub: {e}') from e
+        card = model_card(restored, model)
+        (tmp / 'README.md').write_text(generate_readme(card, restored.facts.get('release') or restored.name))
+        checks = _check_hub_folder(tmp, model, seed)
+        worst = max(d for _, d in checks)
+        if worst > tolerance:
+            raise ExportError(f'the hub folder reloads to a model that differs by {worst:.2e} > {tolerance:.0e}; '
+                              f'nothing was written. Report this with the model name and timm version')
+        output.mkdir(exist_ok=True)
+        files = []
+        for name in HF_FILES:
+            with open(tmp / name, 'rb') as f:
+                os.fsync(f.fileno())
+            os.replace(tmp / name, output / name)
+            files.append(output / name)
+        return HubExport(output, files, checks)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_hub_folder(folder: Path, model: nn.Module, seed: int) -> List[Tuple[Tuple[int, ...], float]]:
+    import timm
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, model.in_chans, *model.img_size, generator=generator)
+            checks.append((tuple(x.shape), _max_diff(loaded(x), model(x))))
+    return checks

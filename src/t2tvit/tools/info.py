@@ -52,17 +52,19 @@ def variant_rows(with_tags: bool = True) -> List[VariantRow]:
             name=name, tokens=model.tokens_to_token.tokens_type, embed_dim=model.embed_dim,
             depth=len(attention_blocks), num_heads=attention_blocks[0].attn.num_heads, img_size=model.img_size[0],
             params_total=total, params_trainable=trainable,
-            paper_params_m=PAPER_PARAMS_M.get(base) if model.img_size[0] == 224 else None,
+            paper_params_m=PAPER_PARAMS_M.get(base) if model.img_size == (224, 224) and model.num_classes == 1000
+            else None,
         ))
     return rows
 
 
 def format_variant_table(rows: List[VariantRow]) -> str:
-    header = (f"{'model':<24}{'tokens':<13}{'dim':>5}{'depth':>6}{'heads':>6}{'img':>5}"
+    width = max([24] + [len(r.name) + 2 for r in rows])
+    header = (f"{'model':<{width}}{'tokens':<13}{'dim':>5}{'depth':>6}{'heads':>6}{'img':>5}"
               f"{'total':>12}{'trainable':>12}{'paper (M)':>11}{'diff':>8}")
     lines = [header, '-' * len(header)]
     for r in rows:
-        lines.append(f'{r.name:<24}{r.tokens:<13}{r.embed_dim:>5}{r.depth:>6}{r.num_heads:>6}{r.img_size:>5}'
+        lines.append(f'{r.name:<{width}}{r.tokens:<13}{r.embed_dim:>5}{r.depth:>6}{r.num_heads:>6}{r.img_size:>5}'
                      f'{r.params_total:>12,}{r.params_trainable:>12,}{or_dash(r.paper_params_m, ".1f"):>11}'
                      f'{or_dash(r.relative_diff, "+.1%"):>8}')
     lines.append("total = parameters + frozen buffers (pos_embed, Performer w), as the paper counts; "

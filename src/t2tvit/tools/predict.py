@@ -10,6 +10,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from ..data.images import UNREADABLE_IMAGE_ERRORS, find_images, load_image
+from ..cpu_kernels import for_device
 from ..engine.preflight import check_finite
 from ..engine.restore import RestoredModel
 
@@ -63,7 +64,7 @@ def predict_images(
         raise ValueError(f'batch_size={batch_size}; use at least 1')
     result = PredictResult()
     paths = [str(p) for p in find_images(inputs, skipped=result.failed)]
-    model = restored.model.to(device).eval()
+    model = for_device(restored.model.to(device), device).eval()  # CPU kernels on CPU
     transform = restored.transform()
     mode = 'L' if restored.preprocess['in_chans'] == 1 else 'RGB'
     k = min(topk, len(restored.classes))

@@ -63,16 +63,13 @@ def _block_attention(attn: nn.Module, x: torch.Tensor, *_) -> Tuple[torch.Tensor
     return weights, attn.proj(out)
 
 
-def t2t_attention(layer: nn.Module, tokens: torch.Tensor,
-                  order: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def t2t_attention(layer: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of a T2T layer over its T tokens, (B, T, T), and the layer output rebuilt from it.
 
     Token transformer: the exact single-head softmax attention. Performer: the attention its kernel implies,
     A_ij = phi(q_i).phi(k_j) / (sum_j phi(q_i).phi(k_j) + eps), which is what FAVOR+ applies to v without ever
     forming it; rows sum to 1 up to eps.
     """
-    if order is not None:  # the `patch_major` soft split permuted the features by `order`: undo it
-        tokens = tokens[..., order.argsort()]
     x = layer.norm1(tokens)
     if isinstance(layer, TokenPerformer):
         k, q, v = layer.kqv(x).split(layer.out_dim, dim=-1)  # official order: k, q, v

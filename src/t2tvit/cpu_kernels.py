@@ -1,0 +1,525 @@
+"""CPU kernels for T2T-ViT: the same numbers as the model's own forward (bit for bit, or within fp32 rounding), faster
+on x86 CPUs, applied to a built model on purpose by `use_cpu_kernels(model)`.
+
+The model that `timm.create_model` returns runs one computation whatever runs it (eager, traced, scripted, compiled,
+exported, FLOP-counted). This module swaps its layers for subclasses with the same parameters and state-dict keys
+whose forward takes a CPU kernel where one applies (on CPU, in eager mode, outside dispatch modes such as the FLOP
+counter) and otherwise runs the model's own forward, so a model with these kernels still traces, compiles and
+exports to the plain computation. `t2tvit` commands and `t2tvit benchmark` apply them on CPU unless told not to.
+
+Each kernel, the device and precision it serves, and the test that holds it to the plain forward:
+
+| kernel | serves | what it does | tested by (tests/test_cpu_kernels.py) |
+|---|---|---|---|
+| strided_unfold | CPU, any dtype, train and eval | soft splits as a strided view of the padded map gathered in one copy (bit for bit `nn.Unfold`); in training the gradient goes back by col2im (`F.fold`) | `test_strided_soft_split_is_unfold`, `test_soft_split_gradient_is_unfold_gradient` |
+| patch_major | CPU, with strided_unfold | the second soft split gathered (row, column, channel) from the channels-last map, the next layer's LayerNorm affine and first weights permuted to match | `test_kernels_keep_outputs_and_gradients` |
+| batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, official fixtures one image per chunk |
+| performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
+| onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
+| bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
+"""
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, Block
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from .models.blocks import GhostAttention, SEAttention
+from .models.layers import TokenAttention, TokenPerformer, TokenTransformer, token_grid_size
+from .models.t2t_vit import T2TModule
+
+__all__ = ['CPU_KERNELS', 'CPUKernelError', 'use_cpu_kernels', 'onednn_available', 'fused_linear', 'soft_split',
+           'patch_major_order', 'OneDNNLinear']
+
+CPU_KERNELS: Dict[str, str] = {
+    'strided_unfold': 'soft splits as a strided view of the padded map and one copy (not im2col + transpose copy); '
+                      'F.fold backward in training',
+    'patch_major': 'second soft split gathered (row, column, channel) from the channels-last map, the next layer\'s '
+                   'first weights permuted to match (with strided_unfold)',
+    'batch_chunks': 'T2T module in batch chunks of about 16k first-stage tokens, so that its 3136-token '
+                    'intermediates stay in cache and on reused pages',
+    'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
+    'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
+                     '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
+                     'product; in fp32 training the forward and input-gradient products',
+    'bf16_cpu_attn': 'under CPU bf16 autocast, the blocks\' attention as explicit bf16 products (q k^T, softmax, '
+                     'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
+}
+
+
+class CPUKernelError(ValueError):
+    """A CPU kernel name that does not exist."""
+
+
+def _check_names(names: Iterable[str]) -> Tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in CPU_KERNELS]
+    if unknown:
+        raise CPUKernelError(f'unknown CPU kernels {unknown}; known: {", ".join(CPU_KERNELS)}')
+    return names
+
+
+# --- when a kernel may run ----------------------------------------------------------------------------------------
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """`x` is on CPU in plain eager mode: not traced, scripted, compiled or under a dispatch mode (FLOP counter)."""
+    return (x.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
+
+
+def _has_onednn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+_ONEDNN_LINEAR = _has_onednn_linear()
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's fused linear product (x86 and Arm wheels do)."""
+    return _ONEDNN_LINEAR
+
+
+def _onednn_eager(x: torch.Tensor) -> bool:
+    return _ONEDNN_LINEAR and torch.backends.mkldnn.enabled and _eager_cpu(x)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a layer inside `module` (not `module` itself, whose call still runs its hooks) has forward hooks."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+def onednn_inference(x: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
+    """Whether `fused_linear` may stand in for `module`'s layers on `x`: float32 (or under CPU bf16 autocast), no
+    autograd (the fused op has no backward), eager on CPU, and no hooks on the layers inside `module` (they would
+    not be called)."""
+    if torch.is_autocast_enabled('cpu'):
+        dtypes = (torch.float32, torch.bfloat16) if torch.get_autocast_dtype('cpu') == torch.bfloat16 else ()
+    else:
+        dtypes = (torch.float32,)
+    return (x.dtype in dtypes and not torch.is_grad_enabled() and _onednn_eager(x)
+            and (module is None or not _has_hooks(module)))
+
+
+def cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether `x` is on CPU, eager, inside a bf16 autocast region."""
+    return (_eager_cpu(x) and torch.is_autocast_enabled('cpu')
+            and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+
+
+# --- oneDNN products ----------------------------------------------------------------------------------------------
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False,
+                 add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, then exact GELU or `+ add`, as one oneDNN product (check `onednn_inference`).
+
+    Under CPU bf16 autocast the product runs in bf16, as autocast's `linear` would, and `add` is added outside it
+    in its own precision (the float32 residual stream stays float32, as under autocast).
+    """
+    op = torch.ops.mkldnn._linear_pointwise
+    if torch.is_autocast_enabled('cpu'):
+        dtype = torch.get_autocast_dtype('cpu')
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if add is not None:
+            return add + op(x, weight, bias, 'none', [], '')
+    if add is not None:
+        return op.binary(x, add, weight, bias, 'add')
+    return op(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear` with its forward and input-gradient products by oneDNN, both faster than MKL's on AMD CPUs; the
+    weight gradient (a product over the tokens of two transposed operands) stays with MKL, which is faster there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (rows, in_features)."""
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, 'none', [], '')  # grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same keys) whose CPU products go through oneDNN (kernel `onednn_linear`):
+    in inference as `fused_linear`, in float32 training forward and backward by `_OneDNNLinearFunction`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.weight)
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, self.bias)`, by oneDNN where it can: `weight` is this layer's, maybe permuted."""
+        if onednn_inference(x):
+            return fused_linear(x, weight, self.bias)
+        if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled('cpu') and _onednn_eager(x)):
+            # on rows: a 2-D product's output is its own tensor, so its 3-D view may be changed in place
+            rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, self.bias)
+            return rows.view(*x.shape[:-1], rows.shape[-1])
+        return F.linear(x, weight, self.bias)
+
+
+def _mlp_fusable(mlp: nn.Module) -> bool:
+    """Whether `mlp` is Linear, exact GELU, (dropout, identity norm,) Linear: what `_fused_mlp_residual` computes."""
+    if isinstance(mlp, Mlp):
+        return (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear) and isinstance(mlp.act, nn.GELU)
+                and mlp.act.approximate == 'none' and isinstance(mlp.norm, nn.Identity))
+    return (isinstance(mlp, nn.Sequential) and len(mlp) == 4 and isinstance(mlp[0], nn.Linear)
+            and isinstance(mlp[1], nn.GELU) and mlp[1].approximate == 'none' and isinstance(mlp[2], nn.Linear)
+            and isinstance(mlp[3], nn.Dropout))
+
+
+def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + mlp(x)` in inference (dropout off) as two oneDNN products, for an `_mlp_fusable` MLP."""
+    fc1, fc2 = (mlp.fc1, mlp.fc2) if isinstance(mlp, Mlp) else (mlp[0], mlp[2])
+    return fused_linear(fused_linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias, add=residual)
+
+
+# --- soft splits --------------------------------------------------------------------------------------------------
+
+def _gather_patches(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+    x = F.pad(x, (padding, padding, padding, padding))
+    patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k), a view
+    if patch_major:
+        return patches.permute(0, 2, 3, 4, 5, 1).flatten(3).flatten(1, 2)  # (B, h*w, k*k*C)
+    return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, h, w, C*k*k) copy -> (B, h*w, C*k*k)
+
+
+class _SoftSplitWithFoldBackward(torch.autograd.Function):
+    """The strided gather forward; backward by col2im (`F.fold`), which sums the overlapping patches' gradients in
+    one pass: on CPU several times faster than the backward of two nested `unfold` views."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+        ctx.geometry = (tuple(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+        return _gather_patches(x, kernel, stride, padding, patch_major)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size, channels, kernel, stride, padding, patch_major = ctx.geometry
+        B, L, _ = grad.shape
+        if patch_major:  # (row, column, channel) -> Unfold's (channel, row, column)
+            cols = grad.view(B, L, kernel, kernel, channels).permute(0, 4, 2, 3, 1).reshape(B, -1, L)
+        else:
+            cols = grad.transpose(1, 2)
+        return F.fold(cols, size, kernel, padding=padding, stride=stride), None, None, None, None
+
+
+def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool = False) -> torch.Tensor:
+    """`nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)`, bit for bit, in one copy.
+
+    (B, C, H, W) -> (B, h*w, C*k*k), features ordered (channel, row, column) as Unfold orders them, or with
+    `patch_major` (row, column, channel): a copy of whole channel vectors, much faster from a channels-last map
+    (features permuted by `patch_major_order`). With a gradient the backward runs by `F.fold`.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SoftSplitWithFoldBackward.apply(x, kernel, stride, padding, patch_major)
+    return _gather_patches(x, kernel, stride, padding, patch_major)
+
+
+def patch_major_order(channels: int, kernel: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Feature j of a `patch_major` soft split is feature order[j] of the Unfold layout."""
+    order = torch.arange(channels * kernel * kernel, device=device)
+    return order.view(channels, kernel, kernel).permute(1, 2, 0).flatten()
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """LayerNorm of features permuted by `order`: the statistics do not depend on the order, the affine does."""
+    if order is None:
+        return norm(x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight[order], norm.bias[order], norm.eps)
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """`linear` of input features permuted by `order`: its weight columns permuted alike."""
+    if order is None:
+        return linear(x)
+    if isinstance(linear, OneDNNLinear):
+        return linear.product(x, linear.weight[:, order])
+    return F.linear(x, linear.weight[:, order], linear.bias)
+
+
+# --- the T2T module -----------------------------------------------------------------------------------------------
+
+class CPUT2TModule(T2TModule):
+    """`T2TModule` with kernels `strided_unfold`, `patch_major` and `batch_chunks` on CPU in eager mode."""
+
+    # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
+    # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
+    # reused pages rather than fresh ones
+    chunk_tokens: int = 16384
+
+    def _num_chunks(self, x: torch.Tensor) -> int:
+        if not self.batch_chunks:
+            return 1
+        h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
+        return max(1, min(x.shape[0], math.ceil(x.shape[0] * h1 * w1 / self.chunk_tokens)))
+
+    def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if not _eager_cpu(x) or self.grad_checkpointing:
+            return super().forward_stages(x)
+        chunks = self._num_chunks(x)
+        if chunks == 1:
+            return self._cpu_stages(x)
+        parts = [self._cpu_stages(part) for part in x.chunk(chunks)]  # every op is per image
+        maps = [torch.cat(stage) for stage in zip(*(part_maps for _, part_maps in parts))]
+        return torch.cat([tokens for tokens, _ in parts]), maps
+
+    def _split(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.strided_unfold:
+            return soft_split(x, *self.soft_splits[index])
+        return (self.soft_split0, self.soft_split1)[index](x).transpose(1, 2)
+
+    def _cpu_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        B, _, H, W = x.shape
+        h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
+        h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
+        map1 = self.attention1(self._split(0, x)).transpose(1, 2).reshape(B, -1, h1, w1)
+        layer = self.attention2
+        if (self.strided_unfold and self.patch_major and hasattr(layer, 'forward_permuted')
+                and not layer._forward_hooks and not layer._forward_pre_hooks):
+            # features (row, column, channel): whole channel vectors copied from the channels-last map
+            x = soft_split(map1, *self.soft_splits[1], patch_major=True)  # (B, h2*w2, 3*3*token_dim)
+            x = layer.forward_permuted(x, patch_major_order(self.token_dim, self.soft_splits[1][0], x.device))
+        else:
+            x = layer(self._split(1, map1))
+        map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
+        k2, s2, p2 = self.soft_splits[2]
+        weight = self.project.weight.reshape(self.project.out_features, -1, k2, k2)
+        return F.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2), [map1, map2]
+
+
+# --- token layers -------------------------------------------------------------------------------------------------
+
+class CPUTokenAttention(TokenAttention):
+    """`TokenAttention` taking permuted input features, and in CPU inference the residual add inside `proj`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_permuted(x, None)
+
+    def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        if order is None and not _eager_cpu(x):
+            return super().forward(x)
+        B, N, _ = x.shape
+        qkv = _linear(self.qkv, x, order)
+        q, k, v = qkv.reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        if self.onednn_linear and not self.training and onednn_inference(x, self):  # (dropout is off)
+            return fused_linear(x.squeeze(1), self.proj.weight, self.proj.bias, add=v.squeeze(1))
+        return v.squeeze(1) + self.proj_drop(self.proj(x.squeeze(1)))
+
+
+class CPUTokenTransformer(TokenTransformer):
+    """`TokenTransformer` taking permuted input features, its MLP fused in CPU inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_permuted(x, None)
+
+    def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        if order is None and not _eager_cpu(x):
+            return super().forward(x)
+        x = self.attn.forward_permuted(_norm(self.norm1, x, order), order)
+        if self.onednn_linear and not self.training and onednn_inference(x, self) and _mlp_fusable(self.mlp):
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+        return x + self.mlp(self.norm2(x))
+
+
+class CPUTokenPerformer(TokenPerformer):
+    """`TokenPerformer` taking permuted input features, with `performer_fusion` and its MLP fused in inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_permuted(x, None)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.performer_fusion:
+            return self.random_features(x)
+        # exp(w x - (|x|^2 / 2 + log sqrt(m))): the row term is the GEMM's bias, so the (B, T, m) features are written
+        # once by the GEMM and once by the exp, instead of by a product, a sum, a difference, an exp and a division
+        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * -0.5 \
+            - 0.5 * math.log(self.num_features)  # (B, T, 1)
+        wtx = torch.addmm(offset.flatten(0, 1), x.flatten(0, 1), self.w.float().t())  # (B*T, m)
+        return wtx.exp_().unflatten(0, x.shape[:2])  # (B, T, m)
+
+    def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        if order is None and not _eager_cpu(x):
+            return super().forward(x)
+        onednn = self.onednn_linear and not self.training and onednn_inference(x, self)
+        k, q, v = _linear(self.kqv, _norm(self.norm1, x, order), order).split(self.out_dim, dim=-1)
+        with torch.autocast('cpu', enabled=False):
+            kp, qp = self._features(k.float()), self._features(q.float())  # (B, T, m)
+            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
+            kptv = v.float().transpose(1, 2) @ kp  # (B, d, m)
+            if self.performer_fusion:  # divide the m-wide features, not the d-wide result
+                y = (qp / (normaliser + self.eps)) @ kptv.transpose(1, 2)  # (B, T, d)
+            else:
+                y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)
+        if onednn:  # (dropout is off)
+            x = fused_linear(y, self.proj.weight, self.proj.bias, add=v)
+        else:
+            x = v + self.dp(self.proj(y.to(v.dtype)))
+        if onednn and _mlp_fusable(self.mlp):
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+        return x + self.mlp(self.norm2(x))
+
+
+# --- backbone blocks ----------------------------------------------------------------------------------------------
+
+def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`): faster than SDPA in CPU bf16 here."""
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return attn.attn_drop(weights) @ v
+
+
+class CPUAttention(Attention):
+    """timm's `Attention` with `bf16_cpu_attn`, and `forward_add` for the oneDNN block."""
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, N, attn_dim) before `proj`."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.bf16_cpu_attn and cpu_bf16_autocast(x):
+            x = _explicit_attention(self, q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.) \
+                if self.fused_attn else _explicit_attention(self, q, k, v)
+        return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+    def _plain(self, x: torch.Tensor) -> bool:
+        return self.gate is not None or not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal or self._plain(x):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj_drop(self.proj(self._heads(x)))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + self(x)` in inference, the addition inside `proj`'s oneDNN product."""
+        return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual)
+
+
+class _BF16HeadsAttention:
+    """For the SE and Ghost attention layers: explicit products under CPU bf16 autocast (`bf16_cpu_attn`)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.bf16_cpu_attn and cpu_bf16_autocast(q):
+            return _explicit_attention(self, q, k, v)
+        return super().attend(q, k, v)
+
+
+class CPUSEAttention(_BF16HeadsAttention, SEAttention):
+    pass
+
+
+class CPUGhostAttention(_BF16HeadsAttention, GhostAttention):
+    pass
+
+
+class CPUBlock(Block):
+    """timm's ViT block whose CPU inference runs its products by oneDNN, with the bias, the MLP's GELU and (in fp32)
+    both residual additions done inside them (`onednn_linear`)."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
+                and isinstance(self.ls2, nn.Identity) and onednn_inference(x, self))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal or not self._fusable(x):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if isinstance(self.attn, CPUAttention) and self.attn.gate is None:
+            x = self.attn.forward_add(self.norm1(x), x)
+        else:  # SE and Ghost attention; drop paths are off in inference
+            x = x + self.attn(self.norm1(x))
+        if _mlp_fusable(self.mlp):
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+        return x + self.mlp(self.norm2(x))
+
+
+# --- applying them ------------------------------------------------------------------------------------------------
+
+# plain class -> (CPU class, the kernels it takes)
+_SWAPS = {
+    T2TModule: (CPUT2TModule, ('strided_unfold', 'patch_major', 'batch_chunks')),
+    TokenAttention: (CPUTokenAttention, ('onednn_linear',)),
+    TokenTransformer: (CPUTokenTransformer, ('onednn_linear',)),
+    TokenPerformer: (CPUTokenPerformer, ('onednn_linear', 'performer_fusion')),
+    Attention: (CPUAttention, ('bf16_cpu_attn',)),
+    SEAttention: (CPUSEAttention, ('bf16_cpu_attn',)),
+    GhostAttention: (CPUGhostAttention, ('bf16_cpu_attn',)),
+    Block: (CPUBlock, ('onednn_linear',)),
+}
+
+
+def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None,
+                    exclude: Iterable[str] = ()) -> nn.Module:
+    """Give `model` (built, weights loaded or not) the CPU kernels of `CPU_KERNELS`; returns the same model.
+
+    `kernels`: the names to use (default: all); `exclude`: names to leave out (e.g. for an A/B timing). Layers are
+    swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
+    back to the plain one off CPU, when traced, scripted, compiled or exported, and under dispatch modes, so the
+    model's outputs stay those of the plain model (within fp32 rounding). Applying it again re-selects kernels.
+    """
+    chosen = set(_check_names(CPU_KERNELS if kernels is None else kernels)) - set(_check_names(exclude))
+    for module in list(model.modules()):
+        plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
+        if plain is None:
+            continue
+        cpu_cls, names = _SWAPS[plain]
+        if type(module) is plain:
+            module.__class__ = cpu_cls
+        elif not isinstance(module, cpu_cls):
+            continue  # a subclass of its own (e.g. the dense block): keeps its forward
+        for name in names:
+            setattr(module, name, name in chosen)
+    onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
+    # the token layers' and blocks' Linear layers (not the head: one small product)
+    roots = [m for m in (getattr(model, 'tokens_to_token', None), getattr(model, 'blocks', None)) if m is not None]
+    for root in roots or [model]:
+        for module in root.modules():
+            if onednn and type(module) is nn.Linear:
+                module.__class__ = OneDNNLinear
+            elif not onednn and type(module) is OneDNNLinear:
+                module.__class__ = nn.Linear
+    return model
+
+
+def cpu_kernel_state(model: nn.Module) -> Dict[str, bool]:
+    """Which kernels `model` takes: each name is on if any layer has it on."""
+    state = {name: False for name in CPU_KERNELS}
+    for module in model.modules():
+        for name in CPU_KERNELS:
+            if getattr(module, name, False) is True:
+                state[name] = True
+    state['onednn_linear'] = state['onednn_linear'] and any(isinstance(m, OneDNNLinear) for m in model.modules())
+    return state
+
+
+def for_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """What `t2tvit` commands run: `use_cpu_kernels(model)` when `device` is a CPU, the model as it is elsewhere."""
+    return use_cpu_kernels(model) if torch.device(device).type == 'cpu' else model

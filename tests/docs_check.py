@@ -1,0 +1,370 @@
+"""Keep README.md and docs/*.md true: links and anchors resolve, marked console examples still print what they
+show, and tables of measured figures are the committed benchmark files' own numbers.
+
+    python tests/docs_check.py               # links, fast examples and tables (what `make test` checks)
+    python tests/docs_check.py --demo RUN    # also the examples that read the demo's checkpoint (`make docs-check`)
+    python tests/docs_check.py --demo RUN --write   # a new demo model: write what they print into the documents
+
+A console example is checked when the line before its fence is a marker:
+
+    <!-- check: fast -->             run in `make test` (seconds, no data)
+    <!-- check: python -->           a Python block that must run without error, in `make test`
+    <!-- check: demo rtol=0.02 -->  needs `make demo`'s run folder and Fashion-MNIST samples (`make docs-check`)
+
+Each `$ COMMAND` runs in a scratch folder (with `examples/`, `runs/` and `samples/` linked in); `t2tvit` and
+`python` mean this interpreter. Its output must match the lines under it: text exactly (trailing spaces aside),
+each number within `atol + rtol * |shown|` (defaults 0: exact as printed), and a line `...` stands for any lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RUN = 'runs/fashion_mnist-demo'
+NUMBER = re.compile(r'[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?')
+MARKER = re.compile(r'<!--\s*check:\s*(\w+)((?:\s+\w+=[\d.e+-]+)*)\s*-->')
+LINK = re.compile(r'!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)\)')
+
+
+def markdown_files() -> List[Path]:
+    return [REPO / 'README.md'] + sorted((REPO / 'docs').glob('*.md')) + [REPO / 'benchmarks' / 'README.md']
+
+
+def _strip_code(text: str) -> str:
+    """The text with fenced blocks and inline code blanked out (links inside them are not links)."""
+    text = re.sub(r'```.*?```', '', text, flags=re.S)
+    return re.sub(r'`[^`\n]*`', '', text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r'`|\*\*|\[|\]\([^)]*\)', '', heading.strip().lower())
+    text = re.sub(r'[^\w\- ]', '', text)
+    return text.replace(' ', '-')
+
+
+def anchors(path: Path) -> set:
+    seen: Dict[str, int] = {}
+    out = set()
+    for line in re.sub(r'```.*?```', '', path.read_text(), flags=re.S).splitlines():
+        m = re.match(r'#{1,6}\s+(.*)', line)
+        if m:
+            base = slug(m.group(1))
+            n = seen.get(base, 0)
+            out.add(base if n == 0 else f'{base}-{n}')
+            seen[base] = n + 1
+    return out
+
+
+def broken_links(path: Path) -> List[str]:
+    """Relative links of `path` that point nowhere, and #anchors that no heading makes."""
+    problems = []
+    for target in LINK.findall(_strip_code(path.read_text())):
+        if re.match(r'[a-z]+:', target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition('#')
+        dest = (path.parent / file_part).resolve() if file_part else path
+        if not dest.exists():
+            problems.append(f'{path.relative_to(REPO)}: {target} (no such file)')
+        elif anchor and dest.suffix == '.md' and anchor not in anchors(dest):
+            problems.append(f'{path.relative_to(REPO)}: {target} (no heading makes #{anchor})')
+    return problems
+
+
+# --- console examples ----------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    path: Path
+    line: int
+    kind: str
+    rtol: float = 0.0
+    atol: float = 0.0
+    steps: List[Tuple[str, List[str]]] = field(default_factory=list)  # (command, expected output lines)
+
+    @property
+    def where(self) -> str:
+        path = self.path.relative_to(REPO) if self.path.is_relative_to(REPO) else self.path
+        return f'{path}:{self.line}'
+
+
+def examples(path: Path) -> List[Example]:
+    lines = path.read_text().splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        m = MARKER.fullmatch(line.strip())
+        if not m or i + 1 >= len(lines) or not lines[i + 1].startswith('```'):
+            continue
+        options = dict(opt.split('=') for opt in m.group(2).split())
+        example = Example(path, i + 2, m.group(1), float(options.get('rtol', 0)), float(options.get('atol', 0)))
+        code = []
+        for body in lines[i + 2:]:
+            if body.startswith('```'):
+                break
+            if example.kind == 'python':
+                code.append(body)
+            elif body.startswith('$ '):
+                example.steps.append((body[2:], []))
+            elif example.steps:
+                example.steps[-1][1].append(body)
+        if example.kind == 'python':  # a Python block: it must run without error
+            example.steps.append(('python -c ' + shlex.quote('\n'.join(code)), ['...']))
+        found.append(example)
+    return found
+
+
+def _numbers_match(shown: str, got: str, rtol: float, atol: float) -> bool:
+    a, b = float(shown.replace(',', '')), float(got.replace(',', ''))
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or abs(a - b) <= atol + rtol * abs(a)
+
+
+def line_matches(shown: str, got: str, rtol: float, atol: float) -> bool:
+    shown, got = shown.rstrip(), got.rstrip()
+    if NUMBER.sub('#', shown) != NUMBER.sub('#', got):
+        return False
+    return all(_numbers_match(s, g, rtol, atol) for s, g in zip(NUMBER.findall(shown), NUMBER.findall(got)))
+
+
+def output_matches(shown: Sequence[str], got: Sequence[str], rtol: float, atol: float) -> bool:
+    """`shown` (with `...` lines standing for any lines) against the lines printed."""
+    if not shown:
+        return not got
+    if shown[0].strip() == '...':
+        return any(output_matches(shown[1:], got[k:], rtol, atol) for k in range(len(got) + 1))
+    return bool(got) and line_matches(shown[0], got[0], rtol, atol) and output_matches(shown[1:], got[1:], rtol, atol)
+
+
+def _command(text: str) -> List[str]:
+    words = shlex.split(text)
+    if words[0] == 't2tvit':
+        return [sys.executable, '-m', 't2tvit'] + words[1:]
+    if words[0] == 'python':
+        return [sys.executable] + words[1:]
+    return words
+
+
+def scratch_folder(demo_run: Optional[Path], data: Optional[Path]) -> Path:
+    """A folder to run examples in: examples/ linked in, runs/fashion_mnist-demo -> the demo run, samples/."""
+    work = Path(tempfile.mkdtemp(prefix='t2tvit-docs-'))
+    (work / 'examples').symlink_to(REPO / 'examples')
+    if demo_run is not None:
+        (work / 'runs').mkdir()
+        (work / DEMO_RUN).symlink_to(demo_run.resolve())
+    if data is not None:
+        subprocess.run([sys.executable, str(REPO / 'examples' / 'make_samples.py'), str(data), str(work / 'samples')],
+                       check=True, capture_output=True, env=_env())
+    return work
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / 'src'), os.environ.get('PYTHONPATH')])),
+               COLUMNS='120')
+    env.pop('PYTEST_XDIST_WORKER', None)
+    return env
+
+
+def _noise(line: str) -> bool:
+    """Library log lines that are no part of an example's output (onnxruntime's coloured warnings, Python's)."""
+    return line.startswith(('Warning:', '  warnings.warn')) or '[W:onnxruntime:' in line or '\x1b[' in line
+
+
+def run_example(example: Example, work: Path, printed: Optional[List[List[str]]] = None) -> List[str]:
+    """Problems found (empty when every step printed what the document shows); `printed` collects the output."""
+    problems = []
+    status = 0
+    for command, shown in example.steps:
+        if command.strip() == 'echo $?':
+            got = [str(status)]
+        else:
+            proc = subprocess.run(_command(command), cwd=work, env=_env(), capture_output=True, text=True,
+                                  timeout=600)
+            status = proc.returncode
+            got = [line for line in (proc.stdout + proc.stderr).splitlines() if not _noise(line)]
+        if printed is not None:
+            printed.append(got)
+        if example.kind == 'python' and status != 0:
+            problems.append(f'{example.where}: the Python example failed:\n' + '\n'.join(got[-15:]))
+        elif not output_matches(shown, got, example.rtol, example.atol):
+            problems.append(f'{example.where}: `{command}` printed\n' + '\n'.join(got) +
+                            '\n--- the document shows ---\n' + '\n'.join(shown))
+    return problems
+
+
+# --- tables from committed data ------------------------------------------------------------------------------
+
+def load_benchmark(name: str) -> dict:
+    return json.loads((REPO / 'benchmarks' / name).read_text())
+
+
+def speed_table(result: dict) -> str:
+    """The per-run throughput table of a `t2tvit benchmark` JSON file."""
+    rows = ['| run | model | GMACs (b) | images/s median (min..max) | x deit_small | MFU | MFU torch.mm | peak MiB |',
+            '|---|---|---:|---:|---:|---:|---:|---:|']
+    for run in result['runs']:
+        for i, m in enumerate(run['models']):
+            speed = f"{m['images_per_s']:.1f} ({m['images_per_s_min']:.1f}..{m['images_per_s_max']:.1f})"
+            if 'x_fp32' in m:
+                speed += f", {m['x_fp32']:.2f}x fp32"
+            torch_mm = (m.get('mfu_by_library') or {}).get('torch.mm')
+            rows.append(f"| {run['run'] if i == 0 else ''} | `{m['label']}` | {m['macs_all'] / 1e9:.2f} | {speed} | "
+                        f"{m['x_reference']:.2f} | {m['mfu']:.1%} | {'-' if torch_mm is None else f'{torch_mm:.1%}'} | "
+                        f"{m['peak_bytes'] / 2 ** 20:,.0f} |")
+    return '\n'.join(rows)
+
+
+def complexity_table(result: dict) -> str:
+    """Parameters and MACs of every variant at 224 and 384 px, as the benchmark file recorded them."""
+    rows = ['| model | px | params: total / trainable | paper | MACs (a) layers | MACs (b) all | paper | (b) vs paper |',
+            '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for v in result['variants']:
+        paper_p = f"{v['paper_params_m']} M" if v.get('paper_params_m') else ''
+        paper_m = f"{v['paper_macs_g']} G" if v.get('paper_macs_g') else ''
+        diff = f"{v['macs_diff']:+.1%}" if v.get('macs_diff') is not None else ''
+        rows.append(f"| `{v['name']}` | {v['img_size']} | {v['params_total']:,} / {v['params_trainable']:,} | {paper_p} | "
+                    f"{v['macs_layers'] / 1e9:.2f} G | {v['macs_all'] / 1e9:.2f} G | {paper_m} | {diff} |")
+    return '\n'.join(rows)
+
+
+def demo_table(record: dict) -> str:
+    """Every recorded demo run of benchmarks/demo-fashion_mnist.json."""
+    def pct(value):
+        return '-' if value is None else f'{value:.2f}%'
+
+    def minutes(value):
+        return '-' if value is None else f'{value:.1f}'
+
+    rows = ['| date | recipe | `best.pth` chosen on | seed | held-out top-1 | test top-1 | training min | wall min | '
+            'machine | note |', '|---|---|---|---:|---:|---:|---:|---:|---|---|']
+    for run in record['runs']:
+        chosen = '5,000 held-out training images' if run['selection'] == 'held-out' else 'the test images'
+        rows.append(f"| {run['date']} | {run['recipe']} | {chosen} | {run['seed']} | {pct(run.get('heldout_top1'))} | "
+                    f"**{pct(run['test_top1'])}** | {minutes(run.get('train_minutes'))} | "
+                    f"{minutes(run.get('wall_minutes'))} | {run.get('machine', '-')} | {run.get('note', '')} |")
+    return '\n'.join(rows)
+
+
+def ablation_table(record: dict) -> str:
+    rows = ['| variant | idea | params (M) | MACs (M) | images/s | top-1 (%) | paper model | paper top-1 (%) |',
+            '|---|---|---:|---:|---:|---:|---|---:|']
+    for r in record['results']:
+        rows.append(f"| `{r['variant']}` | {r['idea']} | {r['params_m']:.3f} | {r['macs_m']:.1f} | {r['images_per_s']:.0f} | "
+                    f"{r['top1']:.2f} | {r['paper_model']} | {r['paper_top1']} |")
+    return '\n'.join(rows)
+
+
+def models_table(_: object = None) -> str:
+    """The README's models table: every tag `t2tvit info` prints, its parameters and MACs recomputed from the code,
+    and, for the tags with released weights (`RELEASES`, what `pretrained=True` downloads), their file and the
+    publisher's top-1."""
+    from t2tvit.models.t2t_vit import RELEASES
+    from t2tvit.tools.complexity import model_complexity
+    from t2tvit.tools.info import variant_rows
+    from t2tvit.tools.paper import DESIGN_STUDY
+
+    rows = ['| model | tag | px | params | GMACs | top-1 (%) | weights (`pretrained=True`) |',
+            '|---|---|---:|---:|---:|---:|---|']
+    for v in variant_rows():
+        name, _, tag = v.name.partition('.')
+        c = model_complexity(v.name)
+        release = RELEASES.get(v.name)
+        if release:
+            data = '' if release['dataset'] == 'ImageNet-1k' else f" {release['dataset']}"
+            top1 = f"{release['top1']}{data}"
+            source = 'mmpretrain' if 'openmmlab' in release['url'] else 'official'
+            weights = f"{source} `{release['file']}`"
+        elif name in DESIGN_STUDY and tag in ('', 'in1k'):
+            top1, weights = f'{DESIGN_STUDY[name].top1} (paper)', '-'
+        else:
+            top1, weights = '-', '-'
+        macs = f'{c.macs_all / 1e9:.2f}' if c.macs_all >= 1e8 else f'{c.macs_all / 1e9:.3f}'
+        rows.append(f'| `{name}` | {tag or "-"} | {c.img_size} | {c.params_total / 1e6:.2f} M | {macs} | {top1} | '
+                    f'{weights} |')
+    return '\n'.join(rows)
+
+
+# name in docs -> (document, function, benchmark file)
+TABLES = {
+    'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
+    'complexity': ('docs/speed.md', complexity_table, 'amd-epyc-2026-11-27.json'),
+    'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
+    'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
+    'models': ('README.md', models_table, None),
+}
+
+
+def stale_tables() -> List[str]:
+    problems = []
+    for name, (doc, make, source) in TABLES.items():
+        table = make(load_benchmark(source) if source else None)
+        if table not in (REPO / doc).read_text():
+            problems.append(f'{doc}: the {name} table is not {f"benchmarks/{source}" if source else "the code"}\'s; '
+                            f'regenerate it with '
+                            f'`python tests/docs_check.py --table {name}`:\n{table}')
+    return problems
+
+
+def rewrite(example: Example, printed: List[List[str]]) -> None:
+    """Replace the example's shown output in its document by what its commands printed."""
+    lines = example.path.read_text().splitlines()
+    start = example.line  # the first line inside the fence
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith('```'))
+    body = []
+    for (command, _), got in zip(example.steps, printed):
+        body += [f'$ {command}'] + got
+    example.path.write_text('\n'.join(lines[:start] + body + lines[end:]) + '\n')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--demo', type=Path, help=f'the demo run folder (e.g. {DEMO_RUN}): also check its examples')
+    parser.add_argument('--data', type=Path, default=REPO / 'data' / 'fashion-mnist',
+                        help='Fashion-MNIST folder the samples come from')
+    parser.add_argument('--table', choices=list(TABLES), help='print a table from its benchmark file and stop')
+    parser.add_argument('--write', action='store_true',
+                        help='with --demo: write what the demo examples print into the documents (after a new '
+                             'demo model), instead of comparing')
+    args = parser.parse_args(argv)
+    if args.table:
+        _, make, source = TABLES[args.table]
+        print(make(load_benchmark(source) if source else None))
+        return 0
+    problems = [p for path in markdown_files() for p in broken_links(path)] + stale_tables()
+    kinds = {'fast', 'python'} | ({'demo'} if args.demo else set())
+    if args.demo and not (args.demo / 'best.pth').is_file():
+        print(f'error: {args.demo}/best.pth not found; run `make demo` first', file=sys.stderr)
+        return 2
+    work = scratch_folder(args.demo, args.data if args.demo else None)
+    checked = 0
+    to_write = []
+    for path in markdown_files():
+        for example in examples(path):  # in order: the ONNX example reads what the export example wrote
+            if example.kind in kinds:
+                printed: List[List[str]] = []
+                found = run_example(example, work, printed)
+                if args.write and example.kind == 'demo':
+                    to_write.append((example, printed))
+                else:
+                    problems += found
+                checked += 1
+    for example, printed in reversed(to_write):  # from the end: a rewrite leaves earlier line numbers valid
+        rewrite(example, printed)
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f'{len(markdown_files())} documents, {checked} examples run ({", ".join(sorted(kinds))}): '
+          f'{len(problems)} problem(s)')
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

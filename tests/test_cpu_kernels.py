@@ -1,0 +1,249 @@
+"""`t2tvit.use_cpu_kernels`: CPU kernels that keep the plain model's numbers and step aside for every tool."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from t2tvit import cpu_kernels, use_cpu_kernels
+from t2tvit.cpu_kernels import (
+    CPU_KERNELS, CPUKernelError, OneDNNLinear, cpu_kernel_state, onednn_available, patch_major_order, soft_split)
+from t2tvit.models import T2TViT
+
+TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
+
+
+def _pair(**kwargs):
+    """A plain model and the same weights with every CPU kernel, the T2T module one image per chunk."""
+    torch.manual_seed(0)
+    plain = T2TViT(**TINY, **kwargs)
+    fast = use_cpu_kernels(copy.deepcopy(plain))
+    if hasattr(fast.tokens_to_token, 'chunk_tokens'):
+        fast.tokens_to_token.chunk_tokens = 1  # batch_chunks engaged
+    return plain, fast
+
+
+@pytest.mark.parametrize('shape,split', [((2, 3, 32, 32), (7, 4, 2)), ((2, 5, 13, 9), (3, 2, 1)),
+                                         ((1, 4, 8, 8), (3, 1, 1)), ((1, 2, 10, 7), (2, 3, 0))])
+def test_strided_soft_split_is_unfold_bit_for_bit(shape, split):
+    x = torch.randn(shape)
+    kernel, stride, padding = split
+    expected = torch.nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)
+    assert torch.equal(soft_split(x, *split), expected)
+    assert torch.equal(soft_split(x.contiguous(memory_format=torch.channels_last), *split), expected)
+    order = patch_major_order(shape[1], kernel)
+    assert torch.equal(soft_split(x, *split, patch_major=True), expected[..., order])
+
+
+@pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
+                                     dict(block_type='se'), dict(block_type='ghost'), dict(block_type='dense',
+                                     depth=None, embed_dim=16, growth_rate=8, block_config=(1, 1))])
+def test_kernels_keep_outputs_and_gradients(variant):
+    kwargs = dict(variant)
+    if kwargs.pop('depth', 0) is None:
+        plain_kwargs = {k: v for k, v in TINY.items() if k != 'depth'}
+        torch.manual_seed(0)
+        plain = T2TViT(**dict(plain_kwargs, **kwargs))
+        fast = use_cpu_kernels(copy.deepcopy(plain))
+        fast.tokens_to_token.chunk_tokens = 1
+    else:
+        plain, fast = _pair(**kwargs)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model in (fast, plain):
+        model.eval()
+        with torch.no_grad():
+            inference = model(x)
+        out = model(x)
+        torch.testing.assert_close(inference, out.detach(), rtol=0, atol=1e-5)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_use_cpu_kernels_swaps_layers_in_place_and_refuses_unknown_names():
+    plain, fast = _pair(tokens_type='transformer')
+    assert type(fast.tokens_to_token).__name__ == 'CPUT2TModule'
+    assert type(fast.blocks[0]).__name__ == 'CPUBlock' and type(fast.blocks[0].attn).__name__ == 'CPUAttention'
+    assert type(plain.blocks[0]).__name__ == 'Block'  # the copy it came from is untouched
+    expected = {name: True for name in CPU_KERNELS}
+    expected.update(performer_fusion=False, onednn_linear=onednn_available())  # transformer tokens: no Performer
+    assert cpu_kernel_state(fast) == expected
+    use_cpu_kernels(fast, exclude=('onednn_linear', 'batch_chunks'))
+    state = cpu_kernel_state(fast)
+    assert not state['onednn_linear'] and not state['batch_chunks'] and state['strided_unfold']
+    assert not any(isinstance(m, OneDNNLinear) for m in fast.modules())
+    assert use_cpu_kernels(fast) is fast
+    with pytest.raises(CPUKernelError, match=r"unknown CPU kernels \['strided'\]; known: strided_unfold"):
+        use_cpu_kernels(fast, exclude=('strided',))
+
+
+def test_kernels_step_aside_for_traces_exports_and_compile():
+    """Chunks follow the batch size and oneDNN products are eager-only: graphs must hold the plain computation."""
+    plain, fast = _pair()
+    fast.eval()
+    plain.eval()
+    t2t = fast.tokens_to_token
+    x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    assert t2t._num_chunks(x3) == 3
+    t2t.chunk_tokens = 2 * 8 * 8  # two images' first-stage tokens (8x8 at 32 px)
+    assert t2t._num_chunks(x3) == 2 and t2t._num_chunks(x2) == 1
+    t2t.chunk_tokens = 1
+    with torch.no_grad():
+        expected = plain(x3)
+        torch.testing.assert_close(fast(x3), expected, rtol=0, atol=1e-5)
+        traced = torch.jit.trace(fast, x2, check_trace=False)
+        torch.testing.assert_close(traced(x3), expected, rtol=0, atol=1e-5)
+        batch = torch.export.Dim('batch', min=1, max=64)
+        exported = torch.export.export(fast, (x2,), dynamic_shapes=({0: batch},))
+        assert 'mkldnn' not in str(exported.graph)
+        torch.testing.assert_close(exported.module()(x3), expected, rtol=0, atol=1e-5)
+        compiled = torch.compile(fast, backend='aot_eager')
+        torch.testing.assert_close(compiled(x3), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('patch_major', [False, True])
+@pytest.mark.parametrize('shape,split', [((2, 5, 13, 9), (3, 2, 1)), ((1, 3, 32, 32), (7, 4, 2)),
+                                         ((2, 4, 10, 7), (2, 3, 0))])
+def test_soft_split_gradient_is_unfold_gradient(shape, split, patch_major):
+    """Training takes the fold backward; its gradient is Unfold's (overlaps summed), in any memory format."""
+    kernel, stride, padding = split
+    x = torch.randn(shape, dtype=torch.float64)
+    grad = torch.randn_like(soft_split(x, *split, patch_major=patch_major))
+    plain = x.clone().requires_grad_()
+    expected_out = torch.nn.Unfold(kernel, stride=stride, padding=padding)(plain).transpose(1, 2)
+    if patch_major:
+        expected_out = expected_out[..., patch_major_order(shape[1], kernel)]
+    expected, = torch.autograd.grad(expected_out, plain, grad)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        fast = x.clone().contiguous(memory_format=memory_format).requires_grad_()
+        out = soft_split(fast, *split, patch_major=patch_major)
+        assert out.grad_fn is not None and 'SoftSplitWithFoldBackward' in type(out.grad_fn).__name__
+        assert torch.equal(out, expected_out)
+        got, = torch.autograd.grad(out, fast, grad)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: soft_split(t, *split, patch_major=patch_major),
+                                    (x[:1, :2].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
+def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast(block_type, monkeypatch):
+    plain, model = _pair(block_type=block_type)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    depth = len(model.blocks)
+
+    def block_sdpa_calls(**kernels) -> int:
+        use_cpu_kernels(model, **kernels)
+        calls.clear()
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+
+    assert block_sdpa_calls() == 0
+    assert block_sdpa_calls(exclude=('bf16_cpu_attn',)) == depth
+    calls.clear()
+    with torch.no_grad():
+        fp32 = model(x)  # outside autocast the fused kernel stays
+    assert sum(1 for shape in calls if shape[1] > 1) == depth
+    use_cpu_kernels(model)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
+                                     dict(tokens_type='performer', block_type='se'),
+                                     dict(tokens_type='performer', block_type='ghost')])
+def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(variant, monkeypatch):
+    """Every Linear of the blocks and token layers runs on oneDNN: fused with GELU / residual in inference (fp32
+    and bf16 autocast), by the autograd function in fp32 training; none under fp16 autocast or in a trace."""
+    calls, trained = [], []
+    fused, function = cpu_kernels.fused_linear, cpu_kernels._OneDNNLinearFunction.apply
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs.get('gelu', False), kwargs.get('add') is not None))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, 'fused_linear', counted)
+    monkeypatch.setattr(cpu_kernels._OneDNNLinearFunction, 'apply', lambda *a: trained.append(1) or function(*a))
+    plain_model, model = _pair(**variant)
+    model.tokens_to_token.chunk_tokens = 16384  # one chunk, so that each layer runs once
+    model.eval()
+    linears = [m for m in (*model.tokens_to_token.modules(), *model.blocks.modules()) if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
+    linears.remove(model.tokens_to_token.project)  # runs as a convolution
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        calls_on = list(calls)
+        use_cpu_kernels(model, exclude=('onednn_linear',))
+        calls.clear()
+        plain = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            plain_bf16 = model(x)
+    assert not calls
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    depth = len(model.blocks)
+    block_type = variant.get('block_type', 'vit')
+    assert len(calls_on) == len(linears)  # each product once, with what follows it inside where it can be
+    assert sum(gelu for gelu, _ in calls_on) == 2 + (depth if block_type != 'ghost' else 0)
+    assert sum(add for _, add in calls_on) == 2 * 2 + {'vit': 2, 'se': 1, 'ghost': 0}[block_type] * depth
+    use_cpu_kernels(model)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        calls.clear()
+        fast_bf16 = model(x)  # bf16 products as autocast's, the float32 residual stream kept
+    assert len(calls) == len(linears) and fast_bf16.dtype == plain_bf16.dtype
+    torch.testing.assert_close(fast_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
+    calls.clear()
+    model(x).sum().backward()  # autograd: the products by the autograd function, nothing fused
+    assert not calls and len(trained) == len(linears)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        model(x)
+    with torch.no_grad():
+        torch.jit.trace(model, x, check_trace=False)
+    assert not calls and len(trained) == len(linears)
+    seen = []  # a hook on a layer inside a block or token layer still runs
+    for layer in (model.blocks[0].mlp.fc1, model.tokens_to_token.attention1.mlp[0] if variant.get('tokens_type') ==
+                  'performer' else model.tokens_to_token.attention1.mlp.fc1):
+        layer.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-5)
+    assert len(seen) == 2 and len(calls) == len(linears)  # the hooked layers' own products, unfused
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad):
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 40, bias=bias)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = OneDNNLinear
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    x = torch.randn(3, 7, 24)
+    grad = torch.randn(3, 7, 40)
+    results = []
+    for layer in (plain, fast):
+        inp = x.clone().requires_grad_(input_grad)
+        out = layer(inp)
+        out.backward(grad)
+        results.append((out, inp.grad, [p.grad for p in layer.parameters()]))
+        layer.zero_grad()
+    (out0, gx0, gp0), (out1, gx1, gp1) = results
+    assert '_OneDNNLinearFunction' in type(out1.grad_fn.next_functions[0][0]).__name__  # (a view of its rows)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    if input_grad:
+        torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    else:
+        assert gx1 is None
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

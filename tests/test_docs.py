@@ -1,0 +1,153 @@
+"""README.md and docs/ stay true: links resolve, tables are the committed benchmark files' (or the code's) own
+figures, and the marked examples still print what the documents show (`tests/docs_check.py` does the work)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import docs_check
+from docs_check import REPO, broken_links, examples, line_matches, markdown_files, output_matches, run_example
+from test_data import make_idx_folder
+
+DEMO_RUN = Path(os.environ.get('T2TVIT_DEMO_RUN', REPO / docs_check.DEMO_RUN))
+DATA = Path(os.environ.get('T2TVIT_DATA', REPO / 'data' / 'fashion-mnist'))
+
+
+def _examples(*kinds):
+    return [pytest.param(e, id=f'{e.path.name}:{e.line}') for p in markdown_files() for e in examples(p)
+            if e.kind in kinds]
+
+
+@pytest.fixture(scope='module')
+def scratch():
+    return docs_check.scratch_folder(None, None)
+
+
+def test_readme_is_a_front_door():
+    readme = (REPO / 'README.md').read_text()
+    assert len(readme.splitlines()) <= 300
+    for page in ('models', 'training', 'speed', 'export', 'visualization'):
+        assert f'(docs/{page}.md' in readme, page  # every guide page is linked from the README
+    assert 'make demo' in readme and 'make test' in readme
+
+
+@pytest.mark.parametrize('path', markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_links_and_anchors_resolve(path):
+    assert broken_links(path) == []
+
+
+def test_link_checker_finds_a_missing_file_and_anchor(tmp_path, monkeypatch):
+    monkeypatch.setattr(docs_check, 'REPO', tmp_path)
+    (tmp_path / 'other.md').write_text('# A heading, with `code`\n\n## Twice\n## Twice\n')
+    doc = tmp_path / 'doc.md'
+    doc.write_text('[ok](other.md#a-heading-with-code) [ok](other.md#twice-1) [bad](missing.md) '
+                   '[bad](other.md#nowhere) `[not a link](nowhere.md)` [web](https://example.org/x)\n')
+    assert broken_links(doc) == ['doc.md: missing.md (no such file)', 'doc.md: other.md#nowhere (no heading makes #nowhere)']
+
+
+def test_output_comparison_allows_only_the_stated_tolerance():
+    assert line_matches('  99.74%  Ankle boot', '  99.70%  Ankle boot', rtol=0.001, atol=0)
+    assert not line_matches('  99.74%  Ankle boot', '  98.00%  Ankle boot', rtol=0.001, atol=0)
+    assert not line_matches('  99.74%  Ankle boot', '  99.74%  Sneaker', rtol=1, atol=1)
+    assert line_matches('wrote 1,234 files', 'wrote 1,235 files', rtol=0, atol=1)
+    assert output_matches(['a', '...', 'z'], ['a', 'b', 'c', 'z'], 0, 0)
+    assert not output_matches(['a', '...', 'z'], ['a', 'b', 'c'], 0, 0)
+    assert not output_matches(['a'], ['a', 'extra line'], 0, 0)
+
+
+@pytest.mark.parametrize('name', list(docs_check.TABLES))
+def test_tables_are_the_committed_figures(name):
+    doc, make, source = docs_check.TABLES[name]
+    table = make(docs_check.load_benchmark(source) if source else None)
+    assert table in (REPO / doc).read_text(), f'{doc}: regenerate with `python tests/docs_check.py --table {name}`'
+
+
+@pytest.mark.parametrize('example', _examples('fast', 'python'))
+def test_fast_examples_print_what_the_documents_show(example, scratch):
+    assert run_example(example, scratch) == []
+
+
+def test_a_changed_figure_is_caught(scratch, tmp_path):
+    doc = tmp_path / 'doc.md'
+    doc.write_text('<!-- check: fast rtol=0.01 -->\n```console\n$ python -c "print(0.5)"\n0.502\n```\n'
+                   '<!-- check: fast rtol=0.01 -->\n```console\n$ python -c "print(0.5)"\n0.6\n```\n')
+    assert [len(run_example(e, scratch)) for e in examples(doc)] == [0, 1]
+
+
+def test_make_samples_writes_the_files_the_examples_read(tmp_path):
+    make_idx_folder(tmp_path / 'data', n_train=5, n_val=6)
+    sys.path.insert(0, str(REPO / 'examples'))
+    try:
+        import make_samples
+    finally:
+        sys.path.pop(0)
+    written = make_samples.write_samples(tmp_path / 'data', tmp_path / 'samples')
+    names = sorted(p.name for p in written)
+    assert names == ['notes.jpg', 'palette.gif', 'stretched_rgba.png', 'test0.png', 'test1.png', 'test2.png']
+    assert Image.open(tmp_path / 'samples' / 'test0.png').size == (28, 28)
+    assert Image.open(tmp_path / 'samples' / 'stretched_rgba.png').mode == 'RGBA'
+    with pytest.raises(Exception):
+        Image.open(tmp_path / 'samples' / 'notes.jpg')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('example', _examples('demo'))
+def test_demo_examples_print_what_the_documents_show(example, tmp_path_factory):
+    """`make docs-check`: needs `make demo`'s run folder (or T2TVIT_DEMO_RUN) and Fashion-MNIST (or T2TVIT_DATA)."""
+    if not (DEMO_RUN / 'best.pth').is_file() or not DATA.is_dir():
+        pytest.skip(f'run `make demo` first: no {DEMO_RUN}/best.pth or no {DATA}')
+    work = _demo_scratch()
+    assert run_example(example, work) == []
+
+
+_DEMO_SCRATCH = []
+
+
+def _demo_scratch() -> Path:
+    # one folder for all demo examples: the ONNX example reads what the export example wrote
+    if not _DEMO_SCRATCH:
+        _DEMO_SCRATCH.append(docs_check.scratch_folder(DEMO_RUN, DATA))
+    return _DEMO_SCRATCH[0]
+
+
+def test_models_page_variant_table_is_the_codes():
+    """docs/models.md's variant table against `t2tvit info`: depth, heads and both parameter counts."""
+    from t2tvit.tools.info import variant_rows
+
+    info = {}
+    for row in variant_rows():
+        name, _, tag = row.name.partition('.')
+        if tag in ('', 'in1k', 'fmnist'):
+            info[name] = row
+    text = (REPO / 'docs' / 'models.md').read_text().split('<!-- table: variants -->', 1)[1]
+    rows = [line for line in text.splitlines()[3:] if line.startswith('| `')]
+    assert len(rows) == len(info)
+    for line in rows:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        row = info[cells[0].strip('`')]
+        assert (int(cells[3]), int(cells[4])) == (row.depth, row.num_heads), cells[0]
+        assert cells[5] == f'{row.params_total:,} / {row.params_trainable:,}', cells[0]
+
+
+def test_design_study_small_builds_table_is_the_codes():
+    """docs/ablation.md's small-scale builds: params and MACs at 28 px, 1 channel, 10 classes, from the builders."""
+    import timm
+    import torch
+
+    from t2tvit.models.utils import count_parameters
+    from t2tvit.tools.ablate import ABLATION_VARIANTS, count_macs
+
+    text = (REPO / 'docs' / 'ablation.md').read_text().split('## Small scale', 1)[1].split('## Results', 1)[0]
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines() if line.startswith('| `')]
+    assert {r[0].strip('`') for r in rows} == set(ABLATION_VARIANTS)
+    for cells in rows:
+        name = cells[0].strip('`')
+        with torch.device('meta'):
+            model = timm.create_model(name, img_size=28, in_chans=1, num_classes=10,
+                                      **ABLATION_VARIANTS[name].small_kwargs)
+        total, _ = count_parameters(model)
+        assert (f'{total / 1e6:.3f}', f'{count_macs(model, (1, 28, 28)) / 1e6:.1f}') == (cells[3], cells[4]), name
