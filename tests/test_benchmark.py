@@ -52,9 +52,9 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
     (['--runs', 'infer:fp16'], "precision 'fp16' is not one of fp32, bf16"),
     (['--runs', 'infer'], 'is not MODE:PRECISION'),
     (['--ab', 'strided'], "'strided' is not a CPU kernel; one of strided_unfold"),
-    (['--batch-size', '0'], '--batch-size 0: must be at least 1'),
-    (['--checkpoint', 't2t_vit_14'], 'is not NAME=FILE'),
-    (['--checkpoint', 't2t_vit_14=missing.pth'], 'no such file'),
+    (['--batch-size', '0'], '--batch-size 0: give a whole number >= 1'),
+    (['--checkpoint', 't2t_vit_14'], '--checkpoint t2t_vit_14: give NAME=FILE'),
+    (['--checkpoint', 't2t_vit_14=missing.pth'], 'missing.pth does not exist'),
     (['--train-models', 'resnet50', '--peers', 'none'], "'resnet50' is not among --models/--peers"),
     (['--reference', 'resnet18'], "--reference 'resnet18' is not among --models/--peers"),
 ])

@@ -363,10 +363,13 @@ def _restore(args: argparse.Namespace, labels: Optional[str] = None):
     from ..engine.restore import restore_model
     if args.checkpoint is None and not args.pretrained:
         print(f'warning: no --checkpoint given: {args.model or "the model"} has random weights', file=sys.stderr)
-    restored = restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
-                             labels=labels, pretrained=args.pretrained)
+    return restore_model(args.checkpoint, args.model, args.model_kwargs, args.img_size, args.in_chans,
+                         labels=labels, pretrained=args.pretrained)
+
+
+def _print_settings(restored) -> None:
+    """Where each setting that built and feeds the model came from (a flag, the checkpoint, the tag's cfg)."""
     print(f'settings: {restored.describe_sources()}', file=sys.stderr)
-    return restored
 
 
 def _device(name: str) -> str:
@@ -386,6 +389,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     restored = _restore(args, labels=args.labels)
     result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size, device=device)
+    _print_settings(restored)
     if args.json:
         print(json.dumps({'model': restored.name, 'checkpoint': restored.checkpoint,
                           'predictions': [p.as_dict() for p in result.predictions],
@@ -414,6 +418,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     restored = _restore(args)
     if args.format == 'hf':
         hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance)
+        _print_settings(restored)
         print(f'wrote {hub.folder}: ' + ', '.join(p.name for p in hub.files))
         for shape, diff in hub.checks:
             print(f"  input {tuple(shape)}: max |create_model('local-dir:...') - source| = {diff:.2e}")
@@ -421,6 +426,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export_model(restored, args.format, args.output, dynamic_hw=False if args.static_hw else None,
                           onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance,
                           force=args.force)
+    _print_settings(restored)
     size_mb = result.path.stat().st_size / 2 ** 20
     print(f'wrote {result.path} ({size_mb:.1f} MB) and {result.sidecar}')
     if result.format != 'safetensors':
@@ -447,6 +453,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
                   [*args.images, args.checkpoint], force=args.force)
     restored = _restore(args)
     files, explanations = visualize(restored, args.images, args.output, blocks=args.blocks, channels=args.channels)
+    _print_settings(restored)
     for e in explanations:
         print(f"{e.name}: {', '.join(f'{name} {100 * p:.1f}%' for name, p in e.top)}")
     for path in files:
