@@ -106,6 +106,7 @@ def _base_args(command: str, ws: Path) -> List[str]:
         'visualize': [image, '--checkpoint', ckpt, '-o', str(ws / 'pictures')],
         'ablate': ['--dataset', 'fake', '--output', str(ws / 'runs'), '--max-steps', '1'],
         'benchmark': ['--smoke', '--output', 'none'],
+        'convert-data': ['--dataset', 'fake', '--to', 'wds', '--output', str(ws / 'shards')],
     }[command]
 
 

@@ -448,7 +448,9 @@ def test_pretrained_flags_need_a_tag_and_exclude_a_checkpoint(tmp_path, capsys):
     assert '--pretrained needs --model TAG' in capsys.readouterr().err
     assert cli(['finetune', '--dataset', 'fake']) == 2
     assert 'give --checkpoint FILE to start from, or --model TAG --pretrained' in capsys.readouterr().err
-    assert cli(['predict', str(tmp_path), '--checkpoint', 'x.pth', '--model', 't2t_vit_7.in1k', '--pretrained']) == 2
+    (tmp_path / 'x.pth').write_bytes(b'')  # exists: the two weight sources are what is refused
+    assert cli(['predict', str(tmp_path), '--checkpoint', str(tmp_path / 'x.pth'), '--model', 't2t_vit_7.in1k',
+                '--pretrained']) == 2
     assert 'not both' in capsys.readouterr().err
     assert cli(['eval', '--dataset', 'fake']) == 2
     assert 'give --checkpoint FILE, or --model TAG --pretrained' in capsys.readouterr().err
