@@ -5,6 +5,7 @@ two batch sizes; the tools that take a dynamic height and width are also checked
 fp32 tools must agree with eager to 1e-5, onnxruntime to 1e-4, and timm's FX extraction bit for bit.
 """
 import io
+import os
 import warnings
 from typing import Callable, Dict, List, Tuple
 
@@ -38,6 +39,7 @@ def _inputs(sizes: List[Tuple[int, int]] = ((224, 224),)) -> List[torch.Tensor]:
 
 
 def _max_diff(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor], inputs: List[torch.Tensor]) -> float:
+    """Largest |tool - eager| over `inputs`, also printed (`pytest -s` shows the table of every tool)."""
     worst = 0.
     with torch.no_grad():
         for x in inputs:
@@ -45,6 +47,8 @@ def _max_diff(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor
             got = run(x)
             assert got.shape == expected.shape
             worst = max(worst, (got - expected).abs().max().item())
+    print(f'\n{os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}: max |difference| {worst:.2e} over '
+          f'{[tuple(x.shape) for x in inputs]}')
     return worst
 
 
