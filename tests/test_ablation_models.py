@@ -17,7 +17,7 @@ def test_convolution_tokens_follow_the_soft_split_grid(size):
     model = T2TViT(tokens_type='convolution', **dict(TINY, img_size=size)).eval()
     tokens, maps = model.tokens_to_token.forward_stages(torch.randn(1, 3, *size))
     h, w = token_grid_size(size)
-    assert tokens.shape == (1, h * w, 32)
+    assert tokens.shape == (1, 32, h, w)  # the token map the backbone flattens
     assert [tuple(m.shape[-2:]) for m in maps] == [token_grid_size(size, 1), token_grid_size(size, 2)]
 
 
@@ -75,7 +75,7 @@ def test_ghost_cheap_operation_is_the_official_depthwise_convolution():
 
 
 def test_ghost_mlp_needs_a_whole_number_ratio():
-    with pytest.raises(ValueError, match='whole-number mlp_ratio'):
+    with pytest.raises(ValueError, match='Ghost MLP needs mlp_ratio 1, 2, 3 or 4'):
         T2TViT(block_type='ghost', **dict(TINY, mlp_ratio=2.5))
 
 

@@ -5,6 +5,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 from t2tvit.cli.main import main as cli
 from t2tvit.data import DataError, FakeDataset, holdout_split
@@ -79,3 +80,15 @@ def test_holdout_larger_than_the_training_split_is_one_error_line(tmp_path, caps
 def test_the_demo_recipe_selects_on_held_out_training_images():
     recipe = load_recipe('fashion_mnist')
     assert recipe['val_holdout'] == 5000
+
+
+def test_a_stream_cannot_be_held_out_and_says_what_to_pass():
+    class Stream(torch.utils.data.IterableDataset):
+        def __len__(self):  # timm's WebDataset reader knows its length but gives no random access
+            return 100
+
+        def __iter__(self):
+            return iter(range(100))
+
+    with pytest.raises(DataError, match=r'a stream \(--dataset wds\) does not give: pass --val-holdout 0'):
+        holdout_split(Stream(), 10, seed=0)

@@ -223,7 +223,7 @@ def test_cli_trains_and_evaluates_from_shards(stores, tmp_path, capsys):
     for key in ('model', 'dataset', 'data', 'img_size', 'in_chans', 'batch_size', 'epochs', 'workers', 'output',
                 'run_name', 'progress', 'mean', 'std', 'aa', 'color_jitter', 'lr_base_size', 'warmup_epochs'):
         args += [f"--{key.replace('_', '-')}", json.dumps(config[key])]
-    args += ['--model-kwargs', json.dumps(TINY_MODEL)]
+    args += ['--model-kwargs', json.dumps(TINY_MODEL), '--val-holdout', '0']  # a stream validates on its own split
     assert cli(args) == 0
     assert cli(['eval', '--checkpoint', str(tmp_path / 'cli' / 'last.pth'), '--dataset', 'hfds', '--data',
                 str(stores['hfds']), '--split', 'test', '--workers', '0', '--output', str(tmp_path / 'eval')]) == 0
@@ -257,7 +257,8 @@ def test_corrupt_sample_is_skipped_and_counted_or_stops_the_run(stores, tmp_path
     corrupt_one_sample(store / 'train-000001.tar')
     assert cli(['train', '--dataset', 'wds', '--data', str(store), '--model', 't2t_vit_mini', '--model-kwargs',
                 json.dumps(TINY_MODEL), '--img-size', '16', '--in-chans', '1', '--batch-size', '8', '--epochs', '1',
-                '--workers', '0', '--output', str(tmp_path), '--run-name', 'fail', '--progress', 'off']) == 2
+                '--workers', '0', '--output', str(tmp_path), '--run-name', 'fail', '--progress', 'off',
+                '--val-holdout', '0']) == 2
     err = capsys.readouterr().err
     assert 'error: 1 unreadable sample(s)' in err and str(store) in err and '--on-bad-image skip' in err
     config = tiny_config(tmp_path, 'skip', 'wds', store, epochs=1, on_bad_image='skip')

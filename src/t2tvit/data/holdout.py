@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .datasets import DataError
 
@@ -53,10 +53,13 @@ def holdout_indices(num_samples: int, size: int, seed: int) -> Tuple[List[int], 
 
 def holdout_split(train_set: Dataset, size: int, seed: int) -> Tuple[HoldoutSubset, HoldoutSubset]:
     """(train, val): `size` samples of `train_set` held out for validation, the rest kept for training."""
+    if isinstance(train_set, IterableDataset):
+        raise DataError('val_holdout needs random access to the training images, which a stream (--dataset wds) '
+                        'does not give: pass --val-holdout 0 to validate on its own validation split')
     try:
         num_samples = len(train_set)
     except TypeError as e:
         raise DataError('val_holdout needs a data set of known length; a streaming data set cannot be split '
-                        'this way, so give it a validation split of its own') from e
+                        'this way: pass --val-holdout 0 to validate on its own validation split') from e
     kept, held = holdout_indices(num_samples, size, seed)
     return HoldoutSubset(train_set, kept, 'train'), HoldoutSubset(train_set, held, 'holdout')
