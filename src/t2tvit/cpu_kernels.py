@@ -11,9 +11,9 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 
 | kernel | serves | what it does | tested by (tests/test_cpu_kernels.py) |
 |---|---|---|---|
-| strided_unfold | CPU, any dtype, train and eval | soft splits as a strided view of the padded map gathered in one copy (bit for bit `nn.Unfold`); in training the gradient goes back by col2im (`F.fold`) | `test_strided_soft_split_is_unfold`, `test_soft_split_gradient_is_unfold_gradient` |
+| strided_unfold | CPU, any dtype, train and eval | soft splits as a strided view of the padded map gathered in one copy (bit for bit `nn.Unfold`); in training the gradient goes back by col2im (`F.fold`) | `test_strided_soft_split_is_unfold_bit_for_bit`, `test_soft_split_gradient_is_unfold_gradient` |
 | patch_major | CPU, with strided_unfold | the second soft split gathered (row, column, channel) from the channels-last map, the next layer's LayerNorm affine and first weights permuted to match | `test_kernels_keep_outputs_and_gradients` |
-| batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, official fixtures one image per chunk |
+| batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
