@@ -66,7 +66,7 @@ class T2TModule(nn.Module):
         (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
         self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
         self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
-        self.soft_split2 = nn.Unfold(kernel_size=k2, stride=s2, padding=p2)
+        # the last soft split (k2, s2, p2) runs inside the projection's convolution, so it has no module of its own
         if tokens_type == 'performer':
             # official: dropout 0.1 after the attention projection and at the end of the MLP
             self.attention1 = TokenPerformer(in_chans * k0 * k0, token_dim, 0.5, attn_drop=drop_rate, mlp_drop=drop_rate)
