@@ -304,9 +304,7 @@ class CPUT2TModule(T2TModule):
         else:
             x = layer(self._split(1, map1))
         map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
-        k2, s2, p2 = self.soft_splits[2]
-        weight = self.project.weight.reshape(self.project.out_features, -1, k2, k2)
-        return F.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2), [map1, map2]
+        return self.split_and_project(map2), [map1, map2]
 
 
 # --- token layers -------------------------------------------------------------------------------------------------

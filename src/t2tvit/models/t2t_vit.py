@@ -85,7 +85,7 @@ class T2TModule(nn.Module):
         B, _, H, W = x.shape
         _assert(H >= self.min_size, f'input height {H} leaves no tokens; use at least {self.min_size} pixels')
         _assert(W >= self.min_size, f'input width {W} leaves no tokens; use at least {self.min_size} pixels')
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
+        (k0, s0, p0), (k1, s1, p1) = self.soft_splits[0], self.soft_splits[1]
         h1, w1 = (H + 2 * p0 - k0) // s0 + 1, (W + 2 * p0 - k0) // s0 + 1
         h2, w2 = (h1 + 2 * p1 - k1) // s1 + 1, (w1 + 2 * p1 - k1) // s1 + 1
 
@@ -95,10 +95,13 @@ class T2TModule(nn.Module):
         x = self.soft_split1(map1).transpose(1, 2)  # (B, h2*w2, token_dim*3*3)
         x = self._restructure2(x)  # (B, h2*w2, token_dim)
         map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)  # (B, token_dim, h2, w2)
-        # last soft split + project as one convolution: (E, C*k*k) weight -> (E, C, k, k) kernel
+        return self.split_and_project(map2), [map1, map2]  # (B, E, h3, w3)
+
+    def split_and_project(self, map2: torch.Tensor) -> torch.Tensor:
+        """Last soft split + project as one convolution: the (E, C*k*k) weight is an (E, C, k, k) kernel."""
+        k2, s2, p2 = self.soft_splits[2]
         weight = self.project.weight.reshape(self.project.out_features, -1, k2, k2)
-        x = torch.nn.functional.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2)  # (B, E, h3, w3)
-        return x, [map1, map2]
+        return torch.nn.functional.conv2d(map2, weight, self.project.bias, stride=s2, padding=p2)
 
     def _restructure1(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
