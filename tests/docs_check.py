@@ -254,6 +254,17 @@ def demo_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
+def recipe_search_table(record: dict) -> str:
+    """The demo recipe's search: each candidate trained once and judged on the held-out images only."""
+    rows = ['| date | candidate | seed | held-out top-1, last epoch | best epoch | threads | training min | kept |',
+            '|---|---|---:|---:|---:|---:|---:|---|']
+    for run in record['recipe_search']:
+        rows.append(f"| {run['date']} | {run['candidate']} | {run['seed']} | {run['heldout_top1']:.2f}% | "
+                    f"{run['best_epoch']} ({run['best_heldout_top1']:.2f}%) | {run['threads']} | "
+                    f"{run['train_minutes']:.1f} | {'yes' if run.get('kept') else 'no'} |")
+    return '\n'.join(rows)
+
+
 def ablation_table(record: dict) -> str:
     rows = ['| variant | idea | params (M) | MACs (M) | images/s | top-1 (%) | paper model | paper top-1 (%) |',
             '|---|---|---:|---:|---:|---:|---|---:|']
@@ -298,6 +309,7 @@ TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
     'complexity': ('docs/speed.md', complexity_table, 'amd-epyc-2026-11-27.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
+    'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
     'models': ('README.md', models_table, None),
 }
