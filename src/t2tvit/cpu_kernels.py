@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .models.blocks import GhostAttention, SEAttention
 from .models.layers import TokenAttention, TokenPerformer, TokenTransformer, token_grid_size
 from .models.t2t_vit import T2TModule
+from .errors import InputError
 
 __all__ = ['CPU_KERNELS', 'CPUKernelError', 'use_cpu_kernels', 'onednn_available', 'fused_linear', 'soft_split',
            'patch_major_order', 'OneDNNLinear']
@@ -52,7 +53,7 @@ CPU_KERNELS: Dict[str, str] = {
 }
 
 
-class CPUKernelError(ValueError):
+class CPUKernelError(InputError, ValueError):
     """A CPU kernel name that does not exist."""
 
 

@@ -12,6 +12,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from .errors import InputError
+
 __all__ = ['Option', 'OptionError', 'RECIPE_OPTIONS', 'parse_yaml', 'KINDS', 'DATASET_NAMES', 'SCHEDULERS',
            'not_regular_file', 'table']
 
@@ -29,7 +31,7 @@ SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant')
 MESSAGE_MARK = '\x00'  # starts a refusal that names its option itself (argparse's 'argument X: ' prefix goes)
 
 
-class OptionError(ValueError):
+class OptionError(InputError, ValueError):
     """A value an option does not take; the message names the option, the value and what it takes."""
 
 

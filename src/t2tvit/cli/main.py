@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import InputError
 from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
@@ -35,7 +36,7 @@ def _error(message: str, code: int = EXIT_ERROR) -> int:
     return code
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """The command line does not parse: an unknown flag, a missing argument or a value its option refuses."""
 
 
@@ -657,14 +658,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 # --- the error boundary -------------------------------------------------------------------------------------------
 
 def _expected_errors() -> Tuple[type, ...]:
-    """Errors that mean bad input: a value, a file, a checkpoint, a data set. Imported only once a command ran."""
-    kinds: List[type] = [ValueError, OSError, UsageError, MemoryError]
-    for module, name in (('t2tvit.models', 'CheckpointError'), ('t2tvit.engine.checkpointing', 'CheckpointSaveError'),
-                         ('t2tvit.tools.benchmark', 'BenchmarkError')):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            kinds.append(cls)
-    return tuple(kinds)
+    """Errors that mean bad input: a value, a file, a checkpoint, a data set."""
+    return (InputError, ValueError, OSError, MemoryError)
 
 
 def _out_of_memory(e: BaseException) -> bool:

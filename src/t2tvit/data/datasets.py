@@ -25,6 +25,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..options import not_regular_file
+from ..errors import InputError
 
 __all__ = [
     'DataError', 'DATASETS', 'build_dataset', 'ImageFolderDataset', 'CifarDataset', 'IdxDataset', 'FakeDataset',
@@ -57,7 +58,7 @@ MAX_BAD_IMAGES_IN_A_ROW = 64
 _UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Data that cannot be found or read; the message names the path and what to do about it."""
 
 

@@ -9,9 +9,10 @@ from typing import Any, BinaryIO, Callable, Dict
 import torch
 
 from ..models import read_checkpoint
+from ..errors import InputError
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(InputError, OSError):
     """Saving failed; the previous checkpoint at the same path is intact."""
 
 

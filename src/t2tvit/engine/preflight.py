@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from .config import ConfigError
+from ..errors import InputError
 
 __all__ = ['OutputError', 'NonFiniteOutputError', 'available_memory', 'input_memory_bytes', 'check_bytes',
            'check_memory',
@@ -24,7 +25,7 @@ class OutputError(ConfigError):
     """An output that would overwrite an input or an earlier result, or that cannot be written."""
 
 
-class NonFiniteOutputError(ValueError):
+class NonFiniteOutputError(InputError, ValueError):
     """The model produced NaN or infinite logits: its weights (or the input) are broken."""
 
 

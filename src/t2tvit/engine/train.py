@@ -37,16 +37,13 @@ from ..data import DataError, build_dataset, build_transform, holdout_split
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint, read_weights
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
+from ..errors import TrainingDiverged
 from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 
 __all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for', 'preflight',
            'NonFiniteOutputError']
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

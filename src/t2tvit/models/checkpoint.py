@@ -21,6 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
 from .layers import SOFT_SPLITS
+from ..errors import InputError
 
 __all__ = [
     'CheckpointError', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
@@ -40,7 +41,7 @@ STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'net')
 _PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be read, or does not fit the model; the message says which and why."""
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
 from ..cpu_kernels import CPU_KERNELS, fused_linear, onednn_available, use_cpu_kernels
+from ..errors import InputError
 from .complexity import (
     TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
@@ -49,7 +50,7 @@ PRECISIONS = ('fp32', 'bf16')
 COMPILES = ('eager', 'compiled')
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError, ValueError):
     """A benchmark option that cannot work, named with what would."""
 
 

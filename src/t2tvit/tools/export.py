@@ -27,6 +27,7 @@ from ..engine.checkpointing import atomic_write
 from ..engine.preflight import check_finite, check_outputs
 from ..engine.restore import SAFETENSORS_METADATA_KEY, RestoredModel
 from ..models import load_checkpoint, token_grid_size
+from ..errors import InputError
 
 __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynamic_side', 'METADATA_KEY', 'HubExport',
            'export_hf', 'model_card']
@@ -38,7 +39,7 @@ METADATA_KEY = 't2tvit'  # ONNX metadata_props key / extra file name stem holdin
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """An export that cannot be made or does not reproduce the model; the message says why and what to do."""
 
 
