@@ -10,16 +10,12 @@ import math
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import InputError
 
 __all__ = ['Option', 'OptionError', 'RECIPE_OPTIONS', 'parse_yaml', 'KINDS', 'DATASET_NAMES', 'SCHEDULERS',
            'not_regular_file', 'table']
-
-# What each kind accepts; `Option.takes` words the whole requirement.
-KINDS = ('int', 'float', 'bool', 'str', 'choice', 'floats', 'ints', 'names', 'mapping', 'file', 'dir', 'path', 'flag',
-         'setting', 'named_file')
 
 # Data sets `build_dataset` reads (t2tvit.data.DATASETS; a test keeps the two equal).
 DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake', 'wds', 'hfds')
@@ -97,6 +93,189 @@ def not_regular_file(path: str) -> Optional[str]:
     return 'is not a regular file'
 
 
+# --- kinds: what each accepts, how it is worded, shown and read --------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """How an option of one kind checks a value and words, shows and reads it.
+
+    check(option, value): the value converted, or `option.fail(...)` raised (null is handled before).
+    takes(option): what it accepts in words, without the null clause.
+    typed: a YAML value of another type than text is this kind's value (`1e-3` a number, `[1, 2]` a list); text
+        kinds keep the text as written when YAML reads something else.
+    """
+    check: Callable[['Option', Any], Any]
+    takes: Callable[['Option'], str]
+    metavar: Callable[['Option'], str] = lambda option: 'TEXT'
+    typed: bool = False
+    always_yaml: bool = False  # written as YAML even on a flag that is not a recipe key
+    takes_in_help: bool = False  # the help line ends with `[takes()]`
+    has_value: bool = True  # False: present or not (store_true)
+    repeatable: bool = False  # each use adds one item (argparse 'append')
+
+
+def _fixed(text: str) -> Callable[['Option'], str]:
+    return lambda option: text
+
+
+def _with_range(option: 'Option', what: str) -> str:
+    lo, hi = option.low, option.high
+    if lo is not None and hi is not None:
+        return what + f" in {'(' if option.open_low else '['}{_fmt(lo)}, {_fmt(hi)}{')' if option.open_high else ']'}"
+    if lo is not None:
+        return what + f" {'>' if option.open_low else '>='} {_fmt(lo)}"
+    if hi is not None:
+        return what + f" {'<' if option.open_high else '<='} {_fmt(hi)}"
+    return what
+
+
+def _floats_words(option: 'Option') -> str:
+    what = f"a list of {' or '.join(map(str, option.lengths))} numbers" if option.lengths else 'a list of numbers'
+    return _with_range(option, what)
+
+
+def _check_number(whole: bool) -> Callable[['Option', Any], Any]:
+    def check(option: 'Option', value: Any) -> Any:
+        number = _to_number(value, whole=whole)
+        if number is None:
+            raise option.fail(value)
+        number = option._in_range(number, value)
+        return int(number) if whole else float(number)
+    return check
+
+
+def _check_floats(option: 'Option', value: Any) -> Any:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]  # `--mean 0.5` for one channel
+    if not isinstance(value, (list, tuple)) or not value or (option.lengths and len(value) not in option.lengths):
+        raise option.fail(value)
+    numbers = [_to_number(v, whole=False) for v in value]
+    if any(n is None for n in numbers):
+        raise option.fail(value)
+    return [float(option._in_range(n, value)) for n in numbers]
+
+
+def _check_bool(option: 'Option', value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no', 'on', 'off'):
+        return value.lower() in ('true', 'yes', 'on')
+    raise option.fail(value)
+
+
+def _check_choice(option: 'Option', value: Any) -> Any:
+    if isinstance(value, bool) and 'on' in option.choices:  # YAML 1.1 reads on/off as booleans
+        value = 'on' if value else 'off'
+    if not isinstance(value, str) or value not in option.choices:
+        raise option.fail(value)
+    return value
+
+
+def _check_ints(option: 'Option', value: Any) -> Any:
+    items = value.split(',') if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not [i for i in items if str(i).strip()]:
+        raise option.fail(value)
+    numbers = [_to_number(str(i).strip(), whole=True) for i in items if str(i).strip()]
+    if any(n is None for n in numbers):
+        raise option.fail(value)
+    return [int(option._in_range(n, value)) for n in numbers]
+
+
+def _check_names(option: 'Option', value: Any) -> Any:
+    if not isinstance(value, str):
+        raise option.fail(value)
+    if value.strip().lower() == 'none':
+        return []
+    items = [v.strip() for v in value.split(',') if v.strip()]
+    unknown = [v for v in items if option.choices and v not in option.choices]
+    if not items or unknown:
+        raise option.fail(value, (f"unknown name(s) {', '.join(unknown)}; " if unknown else '')
+                          + f'give {option.takes()}')
+    return items
+
+
+def _split_pair(option: 'Option', value: Any, recipe_key: bool) -> Tuple[str, str]:
+    """KEY=VALUE split at the first '='; neither side may be empty."""
+    key, sep, text = value.partition('=') if isinstance(value, str) else ('', '', '')
+    key = key.strip().replace('-', '_') if recipe_key else key.strip()
+    if not sep or not key or not text.strip():
+        raise option.fail(value)
+    return key, text
+
+
+def _check_setting(option: 'Option', value: Any) -> Any:
+    key, text = _split_pair(option, value, recipe_key=True)
+    if key not in RECIPE_OPTIONS:
+        raise option.fail(value, f"unknown recipe key {key!r}; known keys: {', '.join(RECIPE_OPTIONS)}")
+    try:
+        return key, RECIPE_OPTIONS[key].parse(text)
+    except OptionError as e:
+        raise option.fail(value, str(e)) from None
+
+
+def _check_named_file(option: 'Option', value: Any) -> Any:
+    key, text = _split_pair(option, value, recipe_key=False)
+    why = not_regular_file(text)
+    if why:
+        raise option.fail(value, f'{text} {why}; give NAME=FILE with an existing file')
+    return key, text
+
+
+def _check_mapping(option: 'Option', value: Any) -> Any:
+    if isinstance(value, str):
+        value = parse_yaml(value)
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise option.fail(value)
+    return value
+
+
+def _check_text(option: 'Option', value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip() or '\0' in value:
+        raise option.fail(value)
+    return value
+
+
+def _check_file(option: 'Option', value: Any) -> Any:
+    why = not_regular_file(_check_text(option, value))
+    if why:
+        raise OptionError(f'{option._prefix()}{value} {why}; give an existing file')
+    return value
+
+
+def _check_dir(option: 'Option', value: Any) -> Any:
+    if not os.path.isdir(_check_text(option, value)):
+        raise OptionError(f'{option._prefix()}{value} is not an existing folder; give one')
+    return value
+
+
+_KINDS: Dict[str, Kind] = {
+    'int': Kind(_check_number(whole=True), lambda o: _with_range(o, 'a whole number'), _fixed('N'), typed=True,
+                takes_in_help=True),
+    'float': Kind(_check_number(whole=False), lambda o: _with_range(o, 'a number'), _fixed('X'), typed=True,
+                  takes_in_help=True),
+    'bool': Kind(_check_bool, _fixed('true or false'), _fixed('BOOL'), typed=True, takes_in_help=True),
+    'str': Kind(_check_text, _fixed('a non-empty text')),
+    'choice': Kind(_check_choice, lambda o: 'one of ' + ', '.join(o.choices),
+                   lambda o: '{' + ','.join(o.choices) + '}'),
+    'floats': Kind(_check_floats, _floats_words, _fixed('LIST'), typed=True, takes_in_help=True),
+    'ints': Kind(_check_ints, lambda o: 'comma-separated whole numbers' + (
+        f' >= {_fmt(o.low)}' if o.low is not None else ''), takes_in_help=True),
+    'names': Kind(_check_names, lambda o: 'comma-separated names' + (
+        f" from {', '.join(o.choices)}" if o.choices else '')),
+    'mapping': Kind(_check_mapping, _fixed('a YAML mapping such as "{depth: 2}"'), _fixed('YAML'), typed=True,
+                    always_yaml=True, takes_in_help=True),
+    'file': Kind(_check_file, _fixed('an existing file'), _fixed('FILE')),
+    'dir': Kind(_check_dir, _fixed('an existing folder'), _fixed('DIR')),
+    'path': Kind(_check_text, _fixed('a path'), _fixed('PATH')),
+    'flag': Kind(_check_bool, _fixed('no value'), has_value=False),
+    'setting': Kind(_check_setting, _fixed('KEY=VALUE with a recipe key (t2tvit train --help lists them)'),
+                    repeatable=True),
+    'named_file': Kind(_check_named_file, _fixed('NAME=FILE with an existing file'), repeatable=True),
+}
+# What each kind accepts; `Option.takes` words the whole requirement.
+KINDS = tuple(_KINDS)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: `name` is the recipe key and the flag's dest (`img_size` -> `--img-size`).
@@ -104,7 +283,8 @@ class Option:
     kind: int | float | bool | str | choice | floats (a list of numbers) | ints (comma-separated whole numbers) |
         names (comma-separated names, each one of `choices` when given; 'none': no names) | mapping | file (an
         existing regular file) | dir (an existing folder) | path (any path: an output) | flag (present or not) |
-        setting (KEY=VALUE of a recipe key, repeatable) | named_file (NAME=FILE, repeatable).
+        setting (KEY=VALUE of a recipe key, repeatable) | named_file (NAME=FILE, repeatable); `_KINDS` holds how
+        each checks, words and shows a value.
     low/high: the range of an int, a float or each number of floats; `open_low`/`open_high` exclude the bound.
     null: what null (`--x null`) means; None: null is not allowed.
     yaml: the value is written as YAML (recipe keys); else as plain text.
@@ -134,36 +314,16 @@ class Option:
     def flag(self) -> str:
         return self.name if self.positional else '--' + self.name.replace('_', '-')
 
+    @property
+    def _kind(self) -> Kind:
+        return _KINDS[self.kind]
+
     def _prefix(self) -> str:
         return '' if self.positional else self.flag + ' '
 
     def takes(self) -> str:
         """What the option takes, in words: 'a whole number >= 1', 'a number in (0, 1]', 'one of a, b'."""
-        if self.kind in ('int', 'float', 'floats'):
-            what = {'int': 'a whole number', 'float': 'a number', 'floats': 'a list of numbers'}[self.kind]
-            if self.kind == 'floats' and self.lengths:
-                what = f"a list of {' or '.join(map(str, self.lengths))} numbers"
-            lo, hi = self.low, self.high
-            if lo is not None and hi is not None:
-                what += f" in {'(' if self.open_low else '['}{_fmt(lo)}, {_fmt(hi)}{')' if self.open_high else ']'}"
-            elif lo is not None:
-                what += f" {'>' if self.open_low else '>='} {_fmt(lo)}"
-            elif hi is not None:
-                what += f" {'<' if self.open_high else '<='} {_fmt(hi)}"
-        elif self.kind == 'choice':
-            what = 'one of ' + ', '.join(self.choices)
-        elif self.kind == 'ints':
-            what = 'comma-separated whole numbers' + (f' >= {_fmt(self.low)}' if self.low is not None else '')
-        elif self.kind == 'names':
-            what = 'comma-separated names' + (f" from {', '.join(self.choices)}" if self.choices else '')
-        elif self.kind == 'setting':
-            what = 'KEY=VALUE with a recipe key (t2tvit train --help lists them)'
-        elif self.kind == 'named_file':
-            what = 'NAME=FILE with an existing file'
-        else:
-            what = {'bool': 'true or false', 'str': 'a non-empty text', 'mapping': 'a YAML mapping such as '
-                    '"{depth: 2}"', 'file': 'an existing file', 'dir': 'an existing folder',
-                    'path': 'a path', 'flag': 'no value'}[self.kind]
+        what = self._kind.takes(self)
         if self.null is not None:
             what += f', or null ({self.null})'
         return what
@@ -182,15 +342,15 @@ class Option:
         where null is allowed, and otherwise the text as written (`--run-name 2024` is the name 2024).
         """
         value: Any = text
-        if self.yaml or self.kind == 'mapping':
+        typed = self._kind.typed
+        if self.yaml or self._kind.always_yaml:
             try:
                 parsed = parse_yaml(text)
             except OptionError as e:
-                if self.kind in ('int', 'float', 'bool', 'floats', 'mapping'):
+                if typed:
                     raise OptionError(f'{self.flag} {e}') from None
                 parsed = text
-            if self.kind in ('int', 'float', 'bool', 'floats', 'mapping') or isinstance(parsed, str) or \
-                    (parsed is None and text.strip()):
+            if typed or isinstance(parsed, str) or (parsed is None and text.strip()):
                 value = parsed
         elif self.null is not None and text.strip() in ('null', '~', 'none', 'None'):
             value = None
@@ -202,90 +362,7 @@ class Option:
             if self.null is None:
                 raise self.fail('null')
             return None
-        kind = self.kind
-        if kind == 'int':
-            number = _to_number(value, whole=True)
-            if number is None:
-                raise self.fail(value)
-            return int(self._in_range(number, value))
-        if kind == 'float':
-            number = _to_number(value, whole=False)
-            if number is None:
-                raise self.fail(value)
-            return float(self._in_range(number, value))
-        if kind == 'floats':
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                value = [value]  # `--mean 0.5` for one channel
-            if not isinstance(value, (list, tuple)) or not value or \
-                    (self.lengths and len(value) not in self.lengths):
-                raise self.fail(value)
-            numbers = [_to_number(v, whole=False) for v in value]
-            if any(n is None for n in numbers):
-                raise self.fail(value)
-            return [float(self._in_range(n, value)) for n in numbers]
-        if kind in ('bool', 'flag'):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no', 'on', 'off'):
-                return value.lower() in ('true', 'yes', 'on')
-            raise self.fail(value)
-        if kind == 'choice':
-            if isinstance(value, bool) and 'on' in self.choices:  # YAML 1.1 reads on/off as booleans
-                value = 'on' if value else 'off'
-            if not isinstance(value, str) or value not in self.choices:
-                raise self.fail(value)
-            return value
-        if kind == 'ints':
-            items = value.split(',') if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)) or not [i for i in items if str(i).strip()]:
-                raise self.fail(value)
-            numbers = [_to_number(str(i).strip(), whole=True) for i in items if str(i).strip()]
-            if any(n is None for n in numbers):
-                raise self.fail(value)
-            return [int(self._in_range(n, value)) for n in numbers]
-        if kind == 'names':
-            if not isinstance(value, str):
-                raise self.fail(value)
-            if value.strip().lower() == 'none':
-                return []
-            items = [v.strip() for v in value.split(',') if v.strip()]
-            unknown = [v for v in items if self.choices and v not in self.choices]
-            if not items or unknown:
-                raise self.fail(value, (f"unknown name(s) {', '.join(unknown)}; " if unknown else '')
-                                + f'give {self.takes()}')
-            return items
-        if kind in ('setting', 'named_file'):
-            key, sep, text = value.partition('=') if isinstance(value, str) else ('', '', '')
-            key = key.strip().replace('-', '_') if kind == 'setting' else key.strip()
-            if not sep or not key or not text.strip():
-                raise self.fail(value)
-            if kind == 'named_file':
-                why = not_regular_file(text)
-                if why:
-                    raise self.fail(value, f'{text} {why}; give NAME=FILE with an existing file')
-                return key, text
-            if key not in RECIPE_OPTIONS:
-                raise self.fail(value, f"unknown recipe key {key!r}; known keys: {', '.join(RECIPE_OPTIONS)}")
-            try:
-                return key, RECIPE_OPTIONS[key].parse(text)
-            except OptionError as e:
-                raise self.fail(value, str(e)) from None
-        if kind == 'mapping':
-            if isinstance(value, str):
-                value = parse_yaml(value)
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise self.fail(value)
-            return value
-        # str, file, dir, path
-        if not isinstance(value, str) or not value.strip() or '\0' in value:
-            raise self.fail(value)
-        if kind == 'file':
-            why = not_regular_file(value)
-            if why:
-                raise OptionError(f'{self._prefix()}{value} {why}; give an existing file')
-        elif kind == 'dir' and not os.path.isdir(value):
-            raise OptionError(f'{self._prefix()}{value} is not an existing folder; give one')
-        return value
+        return self._kind.check(self, value)
 
     def _in_range(self, number: float, value: Any) -> float:
         lo, hi = self.low, self.high
@@ -296,12 +373,11 @@ class Option:
 
     def help_text(self) -> str:
         text = self.help
-        if self.kind not in ('flag', 'str', 'file', 'dir', 'path', 'setting', 'named_file', 'names', 'choice') \
-                and not self.positional:
+        if self._kind.takes_in_help and not self.positional:
             text += f' [{self.takes()}]'
         elif self.null is not None:
             text += f' [null: {self.null}]'
-        if self.default is not None and self.kind != 'flag':
+        if self.default is not None and self._kind.has_value:
             shown = ','.join(self.default) if self.kind == 'names' else _show(self.default)
             text += f' (default: {shown})'
         return text.replace('%', '%%')
@@ -324,18 +400,13 @@ class Option:
             parser.add_argument(self.name, nargs=self.positional, metavar=self.metavar or self.name.upper(),
                                 type=self.argparse_type(), help=self.help_text())
             return
-        if self.kind == 'flag':
+        if not self._kind.has_value:
             parser.add_argument(self.flag, *self.flags, dest=self.name, action='store_true', help=self.help_text())
             return
         parser.add_argument(self.flag, *self.flags, dest=self.name, type=self.argparse_type(), required=self.required,
                             default=self.default if default is None else default, help=self.help_text(),
-                            metavar=self.metavar or _metavar(self),
-                            action='append' if self.kind in ('setting', 'named_file') else 'store')
-
-
-def _metavar(option: Option) -> str:
-    return {'int': 'N', 'float': 'X', 'floats': 'LIST', 'bool': 'BOOL', 'mapping': 'YAML', 'file': 'FILE',
-            'dir': 'DIR', 'path': 'PATH', 'choice': '{' + ','.join(option.choices) + '}'}.get(option.kind, 'TEXT')
+                            metavar=self.metavar or self._kind.metavar(self),
+                            action='append' if self._kind.repeatable else 'store')
 
 
 def _to_number(value: Any, whole: bool) -> Optional[float]:
