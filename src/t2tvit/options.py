@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .errors import InputError
 
 __all__ = ['Option', 'OptionError', 'RECIPE_OPTIONS', 'parse_yaml', 'KINDS', 'DATASET_NAMES', 'SCHEDULERS',
-           'not_regular_file', 'table']
+           'not_regular_file', 'table', 'check_pretrained_flags', 'check_weights_source',
+           'check_agreement']
 
 # Data sets `build_dataset` reads (t2tvit.data.DATASETS; a test keeps the two equal).
 DATASET_NAMES = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake', 'wds', 'hfds')
@@ -451,6 +452,40 @@ def table(*options: Option) -> Dict[str, Option]:
             raise ValueError(f'option {option.name} is given twice')
         out[option.name] = option
     return out
+
+
+# --- rules several commands (and the library behind them) share ------------------------------------------------
+
+def check_pretrained_flags(checkpoint: Optional[str], pretrained: bool, model: Optional[str]) -> None:
+    """`--pretrained` takes the released weights of `--model TAG`: never beside `--checkpoint FILE`, never without a
+    model."""
+    if pretrained and checkpoint is not None:
+        raise OptionError('give either --checkpoint FILE or --pretrained (the released weights of --model), not both')
+    if pretrained and not model:
+        raise OptionError("--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained('t2t*'))")
+
+
+def check_weights_source(checkpoint: Optional[str], pretrained: bool, model: Optional[str], random_use: str = '',
+                         purpose: str = '') -> None:
+    """Where a command's weights come from: `--checkpoint FILE`, or `--model TAG --pretrained`, or, where
+    `random_use` says what a randomly initialised model is good for (export, look at), `--model NAME` alone.
+
+    `purpose` words what the checkpoint is for in the message ('to start from').
+    """
+    check_pretrained_flags(checkpoint, pretrained, model)
+    if checkpoint is not None or pretrained or (random_use and model):
+        return
+    if random_use:
+        raise OptionError(f'give --checkpoint FILE, or --model NAME to {random_use} a randomly initialised model '
+                          '(--model TAG --pretrained: its released weights)')
+    raise OptionError(f"give --checkpoint FILE{' ' + purpose if purpose else ''}, or --model TAG --pretrained"
+                      + ('' if purpose else ' for released weights'))
+
+
+def check_agreement(agreement: bool, amp: str) -> None:
+    """The top-1 agreement compares a reduced precision with fp32, so it needs one."""
+    if agreement and amp == 'none':
+        raise OptionError('--agreement compares a reduced precision with fp32: give --amp bf16 or fp16 as well')
 
 
 # --- recipe keys: `t2tvit train` / `finetune` flags and the keys of a YAML recipe ----------------------------

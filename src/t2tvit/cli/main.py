@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
+from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
+                       check_weights_source)
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
@@ -302,15 +303,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _weights_source(args: argparse.Namespace, model: Optional[str]) -> str:
     """finetune: --checkpoint FILE, or --pretrained with --model TAG (its released weights)."""
-    if args.pretrained and args.checkpoint:
-        raise OptionError('give either --checkpoint FILE or --pretrained (the released weights of --model), not both')
-    if args.pretrained:
-        if not model:
-            raise OptionError("--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained('t2t*'))")
-        return model
-    if not args.checkpoint:
-        raise OptionError('give --checkpoint FILE to start from, or --model TAG --pretrained')
-    return args.checkpoint
+    check_weights_source(args.checkpoint, args.pretrained, model, purpose='to start from')
+    return model if args.pretrained else args.checkpoint
 
 
 def _resume_arg(args: argparse.Namespace) -> Optional[str]:
@@ -326,10 +320,8 @@ def _resume_arg(args: argparse.Namespace) -> Optional[str]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import evaluate_checkpoint
     from ..engine.preflight import check_outputs
-    if args.agreement and args.amp == 'none':
-        raise OptionError('--agreement compares a reduced precision with fp32: give --amp bf16 or fp16 as well')
-    if args.checkpoint is None and not args.pretrained:
-        raise OptionError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
+    check_agreement(args.agreement, args.amp)
+    check_weights_source(args.checkpoint, args.pretrained, args.model)
     output = Path(args.output)
     check_outputs([output / 'eval.json', output / 'confusion_matrix.png'], [args.checkpoint, args.data],
                   force=args.force)
@@ -385,8 +377,7 @@ def _device(name: str) -> str:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
     from ..tools.predict import predict_images
-    if args.checkpoint is None and not args.pretrained:
-        raise OptionError('give --checkpoint FILE, or --model TAG --pretrained for released weights')
+    check_weights_source(args.checkpoint, args.pretrained, args.model)
     device = _device(args.device)
     restored = _restore(args, labels=args.labels)
     result = predict_images(restored, args.images, topk=args.topk, batch_size=args.batch_size, device=device)
@@ -411,9 +402,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..tools.export import export_hf, export_model
-    if args.checkpoint is None and args.model is None:
-        raise OptionError('give --checkpoint FILE, or --model NAME to export a randomly initialised model '
-                          '(--model TAG --pretrained: its released weights)')
+    check_weights_source(args.checkpoint, args.pretrained, args.model, random_use='export')
     if args.static_hw and args.format != 'onnx':
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     restored = _restore(args)
@@ -444,9 +433,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     from ..tools.visualize import SKIMAGE_PHOTOS, visualize
-    if args.checkpoint is None and args.model is None:
-        raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
-                          '(--model TAG --pretrained: its released weights)')
+    check_weights_source(args.checkpoint, args.pretrained, args.model, random_use='look at')
     stems = [Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS)
     out = Path(args.output)
     check_outputs([out / f'{stem}_{kind}.png' for stem in stems
