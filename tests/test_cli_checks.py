@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from t2tvit.cli.main import COMMANDS, main
+from t2tvit.errors import InputError, TrainingDiverged
 from t2tvit.options import DATASET_NAMES, RECIPE_OPTIONS, SCHEDULERS, Option, OptionError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,6 +297,70 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_file(monkeypatch, capsy
     assert main(['--debug', 'info']) == 1
     err = capsys.readouterr().err
     assert 'Traceback' in err and 'something nobody expected' in err
+
+
+def _raising(error):
+    def run(args):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize('error, code, line', [
+    (OptionError('--x 3: give 1'), 2, 'error: --x 3: give 1'),
+    (InputError('a named input error'), 2, 'error: a named input error'),
+    (TrainingDiverged('loss is nan at step 3'), 3, 'error: loss is nan at step 3'),
+    (MemoryError(), 2, 'error: out of memory (MemoryError: MemoryError()); lower --batch-size or --img-size'),
+    (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB'), 2,
+     'error: out of memory (CUDA out of memory. Tried to allocate 2 GiB); lower --batch-size or --img-size'),
+    (ValueError('a builtin error is a bug'), 1, 'error: unexpected ValueError: a builtin error is a bug'),
+    (OSError(5, 'Input/output error'), 1, 'error: unexpected OSError: [Errno 5] Input/output error'),
+    (FileNotFoundError(2, 'No such file or directory'), 1, 'error: unexpected FileNotFoundError: '),
+])
+def test_the_boundary_decides_by_class(error, code, line, monkeypatch, capsys):
+    """InputError: exit 2; out of memory: exit 2 with the fix; TrainingDiverged: 3; any other class, builtin
+    ValueError and OSError included, is a bug (exit 1), whatever its message says."""
+    from t2tvit.cli import main as cli_module
+    monkeypatch.setitem(COMMANDS, 'info', cli_module.Command('info', 'x', 'x', cli_module.INFO, _raising(error)))
+    monkeypatch.setattr(cli_module, '_write_traceback', lambda e: Path('/nowhere/traceback.txt'))
+    assert main(['info']) == code
+    assert _one_error_line(capsys.readouterr().err).startswith(line)
+
+
+def test_one_rule_for_the_weights_source():
+    from t2tvit.options import check_agreement, check_pretrained_flags, check_weights_source
+    check_weights_source('a.pth', False, None)
+    check_weights_source(None, True, 't2t_vit_7.in1k')
+    check_weights_source(None, False, 't2t_vit_7', random_use='export')
+    cases = [
+        (('a.pth', True, 't2t_vit_7.in1k'), {}, 'give either --checkpoint FILE or --pretrained (the released '
+                                                 'weights of --model), not both'),
+        ((None, True, None), {}, "--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained"),
+        ((None, False, 't2t_vit_7'), {}, 'give --checkpoint FILE, or --model TAG --pretrained for released weights'),
+        ((None, False, None), {'purpose': 'to start from'},
+         'give --checkpoint FILE to start from, or --model TAG --pretrained'),
+        ((None, False, None), {'random_use': 'export'}, 'give --checkpoint FILE, or --model NAME to export a '
+                                                        'randomly initialised model (--model TAG --pretrained'),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(OptionError) as caught:
+            check_weights_source(*args, **kwargs)
+        assert str(caught.value).startswith(message), (args, kwargs, str(caught.value))
+    with pytest.raises(OptionError, match='not both'):
+        check_pretrained_flags('a.pth', True, 't2t_vit_7.in1k')
+    check_agreement(True, 'bf16')
+    check_agreement(False, 'none')
+    with pytest.raises(OptionError, match='--agreement compares a reduced precision with fp32: give --amp bf16'):
+        check_agreement(True, 'none')
+
+
+def test_an_unknown_model_name_is_an_input_error_of_its_own_class():
+    import timm
+    from t2tvit import create_model
+    from t2tvit._create import UnknownModelError
+    with pytest.raises(UnknownModelError, match="unknown model 'resnet_t2t'; `t2tvit info` lists") as caught:
+        create_model('resnet_t2t')
+    assert isinstance(caught.value, InputError) and isinstance(caught.value, RuntimeError)
+    assert timm.is_model('t2t_vit_7.in1k') and type(create_model('t2t_vit_7.in1k', img_size=32)).__name__ == 'T2TViT'
 
 
 def test_expected_errors_are_one_line_with_exit_2(tmp_path, capsys):

@@ -11,6 +11,7 @@ unexpected failure is one line saying where its traceback was written (`--debug`
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import InputError
+from ..errors import InputError, TrainingDiverged
 from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
                        check_weights_source)
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
@@ -259,11 +260,8 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
-    from ..engine.train import TrainingDiverged, train
-    try:
-        result = train(config, resume=resume)
-    except TrainingDiverged as e:
-        return _error(str(e), EXIT_DIVERGED)
+    from ..engine.train import train
+    result = train(config, resume=resume)
     print(f'\nrun folder: {result.run_dir}')
     for name in ('last.pth', 'best.pth', 'metrics.jsonl', 'config.yaml', 'curves.png', 'confusion_matrix.png',
                  'eval.json'):
@@ -285,6 +283,7 @@ def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..engine.config import resolve_config
     config = resolve_config(args.config, _overrides(args), keep_null=True)
+    _device(config['device'])
     return _run_training(config, _resume_arg(args))
 
 
@@ -298,6 +297,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, overrides, base=base, keep_null=True)
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
+    _device(config['device'])
     return _run_training(config, _resume_arg(args))
 
 
@@ -322,6 +322,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     check_agreement(args.agreement, args.amp)
     check_weights_source(args.checkpoint, args.pretrained, args.model)
+    _device(args.device)
     output = Path(args.output)
     check_outputs([output / 'eval.json', output / 'confusion_matrix.png'], [args.checkpoint, args.data],
                   force=args.force)
@@ -366,6 +367,7 @@ def _print_settings(restored) -> None:
 
 
 def _device(name: str) -> str:
+    """The device `name` (auto, cpu, cuda) picks here; cuda without a visible GPU is the user's to fix."""
     from ..engine.config import ConfigError
     from ..engine.distributed import pick_device
     try:
@@ -455,6 +457,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from ..tools.ablate import run_ablation
+    _device(args.device)
     result = run_ablation(
         variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
@@ -644,15 +647,17 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 # --- the error boundary -------------------------------------------------------------------------------------------
 
-def _expected_errors() -> Tuple[type, ...]:
-    """Errors that mean bad input: a value, a file, a checkpoint, a data set."""
-    return (InputError, ValueError, OSError, MemoryError)
-
-
 def _out_of_memory(e: BaseException) -> bool:
+    """Memory ran out: Python's MemoryError, torch's OutOfMemoryError (a GPU), an OSError ENOMEM, or the CPU
+    allocator's RuntimeError, which torch gives no class of its own (so its text is the only sign)."""
+    torch = sys.modules.get('torch')
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOMEM
     text = str(e)
-    return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError' or (
-        isinstance(e, RuntimeError) and ('Cannot allocate memory' in text or 'out of memory' in text))
+    return isinstance(e, RuntimeError) and any(s in text for s in ("can't allocate memory", 'Cannot allocate memory',
+                                                                   'out of memory'))
 
 
 def _write_traceback(e: BaseException) -> Path:
@@ -682,19 +687,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         return _error('stopped at once by a second Ctrl-C; rerun the same command to resume from last.pth',
                       EXIT_INTERRUPTED)
+    except InputError as e:
+        return _error(_one_line(e))
+    except TrainingDiverged as e:
+        return _error(str(e), EXIT_DIVERGED)
     except Exception as e:  # noqa: BLE001  (the boundary: every failure becomes one line)
         if _out_of_memory(e):
             return _error(f'out of memory ({_one_line(e)}); lower --batch-size or --img-size')
-        if isinstance(e, _expected_errors()):
-            return _error(_one_line(e))
-        if debug:
-            traceback.print_exception(e)
-            return EXIT_UNEXPECTED
-        try:
-            where = f'the full traceback is in {_write_traceback(e)}'
-        except OSError:
-            where = 'rerun with --debug to see the full traceback'
-        return _error(f'unexpected {type(e).__name__}: {_one_line(e)} ({where})', EXIT_UNEXPECTED)
+        return _unexpected(e, debug)
+
+
+def _unexpected(e: BaseException, debug: bool) -> int:
+    """A bug: the traceback printed (--debug) or written to a file, and one line saying where."""
+    if debug:
+        traceback.print_exception(e)
+        return EXIT_UNEXPECTED
+    try:
+        where = f'the full traceback is in {_write_traceback(e)}'
+    except OSError:
+        where = 'rerun with --debug to see the full traceback'
+    return _error(f'unexpected {type(e).__name__}: {_one_line(e)} ({where})', EXIT_UNEXPECTED)
+
 
 if __name__ == '__main__':
     sys.exit(main())
