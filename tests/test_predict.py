@@ -177,3 +177,39 @@ def test_a_1000_class_state_dict_predicts_imagenet_names(tmp_path, capsys):
         index = model.eval()(restore_model(tmp_path / 'bare.pth', 't2t_vit_7', kwargs).transform()(
             load_image(tmp_path / 'x.png')).unsqueeze(0)).argmax().item()
     assert top['index'] == index and top['label'] == imagenet_classes()[index]
+
+
+@pytest.mark.parametrize('content, what', [
+    (b'notes for later\n', 'a text file'), (b'', 'an empty file'), (b'\x89PNG\r\n\x1a\n' + bytes(40), 'a PNG image'),
+    (bytes(range(7, 40)), 'in no format torch.save writes (it starts with bytes 07 08 09 0a)')])
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(content, what, photo_folder, tmp_path, capsys):
+    notes = tmp_path / 'notes.txt'
+    notes.write_bytes(content)
+    assert cli(['predict', str(photo_folder / 'rgb.jpg'), '--checkpoint', str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f'error: {notes} is not a checkpoint: it is {what}; give a file saved with torch.save '
+                   '(.pth, .pth.tar) or a .safetensors file\n')
+
+
+def test_a_truncated_checkpoint_is_an_input_error(tiny_run, photo_folder, tmp_path, capsys):
+    from t2tvit.models.checkpoint import CheckpointError, read_checkpoint
+    for name, data in (('cut.pth', tiny_run.read_bytes()[:3000]), ('legacy.pth', b'\x80\x02\x8a\x0aq\x01.')):
+        (tmp_path / name).write_bytes(data)
+        assert cli(['predict', str(photo_folder / 'rgb.jpg'), '--checkpoint', str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'error: {tmp_path / name}: ') and 'unexpected' not in err, err
+        with pytest.raises(CheckpointError):
+            read_checkpoint(tmp_path / name)
+
+
+def test_cuda_without_a_gpu_is_an_input_error(tiny_run, photo_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    argvs = [['predict', str(photo_folder / 'rgb.jpg'), '--checkpoint', str(tiny_run)],
+             ['eval', '--checkpoint', str(tiny_run), '--dataset', 'fake', '--output', str(tmp_path / 'eval')],
+             ['train', '--dataset', 'fake', '--val-holdout', '0', '--output', str(tmp_path / 'runs')],
+             ['ablate', '--dataset', 'fake', '--output', str(tmp_path / 'runs'), '--max-steps', '1']]
+    for argv in argvs:
+        assert cli(argv + ['--device', 'cuda']) == 2, argv
+        assert capsys.readouterr().err == \
+            'error: device=cuda asked for, but no CUDA GPU is visible; use --device cpu\n', argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['photos']

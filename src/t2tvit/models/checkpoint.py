@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import pickle
+import struct
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,7 +25,7 @@ from .layers import SOFT_SPLITS
 from ..errors import InputError
 
 __all__ = [
-    'CheckpointError', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
+    'CheckpointError', 'CheckpointNotFoundError', 'NotACheckpointError', 'what_file_is', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
     'checkpoint_filter_fn',
     'load_checkpoint', 'mismatch_report', 'from_mmpretrain',
     'SAFE_GLOBALS', 'STATE_DICT_KEYS',
@@ -45,11 +46,62 @@ class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be read, or does not fit the model; the message says which and why."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint file at the path given (nor, where tags are taken, a pretrained tag of that name)."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The file is of another kind (text, an image, an archive): the message says which and what to give."""
+
+
+# What torch's loader raises on a stream it cannot parse: the zip reader's errors, and whatever a malformed pickle
+# trips in the weights-only unpickler (a missing memo entry is a KeyError, an empty stack an IndexError, ...).
+_MALFORMED = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError, AttributeError,
+              ValueError, OverflowError, struct.error)
+
+# The first bytes of files people pass by mistake, and what they are.
+_MAGIC = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'), (b'GIF8', 'a GIF image'),
+          (b'\x1f\x8b', 'gzip-compressed data'), (b'BZh', 'bzip2-compressed data'), (b'\xfd7zXZ', 'xz-compressed data'),
+          (b'%PDF', 'a PDF document'), (b'\x7fELF', 'a program (ELF)'))
+
+
+_CONTROL = bytes(b for b in range(32) if b not in b'\t\n\f\r\x1b')  # bytes text files do not hold
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if head != head.translate(None, _CONTROL):
+        return False
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # only a character cut at the end of what was read
+    return True
+
+
+def what_file_is(path: str) -> Optional[str]:
+    """None when the file starts as `torch.save` writes (a zip archive, or a pickle in the legacy format); else
+    what it is instead, in words ('a text file', 'a PNG image', 'an empty file')."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if head.startswith(b'PK\x03\x04') or head[:1] == b'\x80':
+        return None
+    if not head:
+        return 'an empty file'
+    if len(head) >= 10 and head[8:10] == b'{"':  # an 8-byte header length, then the JSON header
+        return 'a safetensors file without the .safetensors suffix (rename it to end in .safetensors)'
+    for magic, words in _MAGIC:
+        if head.startswith(magic):
+            return words
+    if _looks_like_text(head):
+        return 'a text file'
+    return f"in no format torch.save writes (it starts with bytes {head[:4].hex(' ')})"
+
+
 def read_checkpoint(path: PathLike) -> Any:
     """Load a checkpoint file without executing any pickled code."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist or is not a file')
+        raise CheckpointNotFoundError(f'checkpoint {path!r} does not exist or is not a file')
     if path.endswith('.safetensors'):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -58,6 +110,13 @@ def read_checkpoint(path: PathLike) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
     try:
+        other = what_file_is(path)
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot be read ({e.strerror or e})') from e
+    if other:
+        raise NotACheckpointError(f'{path} is not a checkpoint: it is {other}; give a file saved with torch.save '
+                                  f'(.pth, .pth.tar) or a .safetensors file')
+    try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -65,8 +124,9 @@ def read_checkpoint(path: PathLike) -> Any:
             f'{path}: refused to unpickle it: it holds objects other than tensors and argparse.Namespace '
             f'({str(e).splitlines()[0]}). Re-save just the weights (torch.save(model.state_dict(), ...)) '
             f'or convert it to .safetensors') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, truncated or corrupt ({e})') from e
+    except _MALFORMED as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, truncated or corrupt '
+                              f'({type(e).__name__}: {e})') from e
 
 
 def download_checkpoint(
@@ -110,7 +170,7 @@ def read_weights(source: PathLike, cache_dir: Optional[PathLike] = None) -> Tupl
     if source in timm.list_pretrained():
         path, raw = download_checkpoint(timm.models.get_pretrained_cfg(source).url, cache_dir=cache_dir)
         return f'{source} ({path})', raw
-    raise FileNotFoundError(f'{source!r} is neither a checkpoint file nor a pretrained tag; '
+    raise CheckpointNotFoundError(f'{source!r} is neither a checkpoint file nor a pretrained tag; '
                             f"timm.list_pretrained('t2t*') lists the tags")
 
 
