@@ -48,7 +48,9 @@ def photo(tmp_path) -> Path:
 def test_every_recipe_default_and_shipped_recipe_passes_its_own_checks():
     from t2tvit.engine.config import DEFAULTS, RECIPES, resolve_config
     for key, option in RECIPE_OPTIONS.items():
-        assert option.check(DEFAULTS[key]) == DEFAULTS[key] or DEFAULTS[key] is None or option.kind == 'float'
+        default = DEFAULTS[key]
+        expected = pytest.approx(default, rel=1e-12) if option.kind in ('float', 'floats') and default else default
+        assert option.check(default) == expected, key
     for name in RECIPES:
         resolve_config(name)
 
@@ -207,16 +209,38 @@ def test_eval_checks_its_output_before_evaluating(tiny_run, tmp_path, capsys, mo
     assert json.loads((tmp_path / 'done' / 'eval.json').read_text()) == {'top1': 90}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
-def test_export_into_a_read_only_folder_is_refused_first(tiny_run, tmp_path, capsys):
+def test_export_to_an_unwritable_output_is_refused_first(tiny_run, tmp_path, capsys, monkeypatch):
+    """Unwritable in ways root cannot bypass: a path under a file, and a folder the permission check refuses."""
+    (tmp_path / 'blocked').write_text('a file where a folder should be')
+    assert main(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o',
+                 str(tmp_path / 'blocked' / 'm.safetensors')]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'blocked'} " in line and '--output' in line and 'unexpected' not in line
     folder = tmp_path / 'ro'
     folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        assert main(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', str(folder)]) == 2
-        assert 'is not writable' in _one_error_line(capsys.readouterr().err)
-    finally:
-        folder.chmod(0o755)
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK
+                        else real_access(path, mode, **kw))
+    assert main(['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', str(folder)]) == 2
+    assert f'folder {folder} is not writable' in _one_error_line(capsys.readouterr().err)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_keeps_the_earlier_output(tiny_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'm.safetensors'
+    argv = ['export', '--format', 'safetensors', '--checkpoint', str(tiny_run), '-o', str(out), '--force']
+    assert main(argv) == 0
+    first = _md5(out)
+    capsys.readouterr()
+
+    def full(fd):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f'could not write safetensors export {out}: No space left on device' in line and 'Free disk space' in line
+    assert _md5(out) == first and sorted(p.name for p in tmp_path.iterdir()) == ['m.safetensors',
+                                                                                 'm.safetensors.json']
 
 
 # --- inputs that are not regular files ----------------------------------------------------------------------------
