@@ -111,7 +111,8 @@ EVAL = (
     DEVICE,
     _O('on_bad_image', 'choice', 'fail', 'an unreadable image: fail (naming it) or skip (and count it)',
        choices=('fail', 'skip')),
-    _O('output', 'path', 'runs/eval', 'folder for eval.json and confusion_matrix.png', metavar='DIR'),
+    _O('output', 'path', None, 'folder for eval.json and confusion_matrix.png (default: beside the checkpoint, '
+       'CHECKPOINT_DIR/eval-CHECKPOINT_NAME-SPLIT; with --pretrained: runs/eval/TAG-SPLIT)', metavar='DIR'),
     FORCE,
 )
 
@@ -323,14 +324,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_agreement(args.agreement, args.amp)
     check_weights_source(args.checkpoint, args.pretrained, args.model)
     _device(args.device)
-    output = Path(args.output)
+    output = Path(args.output) if args.output is not None else eval_folder(args.checkpoint, args.model, args.split)
     check_outputs([output / 'eval.json', output / 'confusion_matrix.png'], [args.checkpoint, args.data],
                   force=args.force)
     result = evaluate_checkpoint(
         args.checkpoint, args.data, model=args.model, model_kwargs=args.model_kwargs, dataset=args.dataset,
         split=args.split, img_size=args.img_size, in_chans=args.in_chans, crop_pct=args.crop_pct,
         interpolation=args.interpolation, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-        device=args.device, output=args.output, on_bad_image=args.on_bad_image, agreement=args.agreement,
+        device=args.device, output=str(output), on_bad_image=args.on_bad_image, agreement=args.agreement,
         pretrained=args.pretrained)
     print(f"settings: {result['sources']}", file=sys.stderr)
     t = result['transform']
@@ -349,6 +350,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path in result.get('files', []):
         print(f'wrote {path}')
     return 0
+
+
+_CHECKPOINT_SUFFIXES = ('.pth.tar', '.pth', '.pt', '.tar', '.safetensors', '.bin', '.ckpt')
+
+
+def eval_folder(checkpoint: Optional[str], model: Optional[str], split: str) -> Path:
+    """Where `t2tvit eval` writes when no --output is given: it follows what is evaluated, so evaluating another
+    checkpoint or split never meets an earlier result. Beside the checkpoint, `eval-NAME-SPLIT` (NAME: its file name
+    without the suffix); for released weights (`--model TAG --pretrained`), `runs/eval/TAG-SPLIT`."""
+    if checkpoint is None:
+        return Path('runs') / 'eval' / f'{model}-{split}'
+    path = Path(checkpoint)
+    name = path.name
+    for suffix in _CHECKPOINT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[:-len(suffix)]
+            break
+    return path.parent / f'eval-{name}-{split}'
 
 
 # --- predict / export / visualize ----------------------------------------------------------------------------
@@ -589,8 +608,8 @@ COMMANDS: Dict[str, Command] = {c.name: c for c in (
             recipe_keys=tuple(k for k in RECIPE_OPTIONS if k != 'pretrained')),
     Command('eval', 'evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion',
             "Evaluate a checkpoint with the model's own evaluation transform (ImageNet models: resize 248 bicubic, "
-            'centre crop 224). Writes OUTPUT/eval.json and OUTPUT/confusion_matrix.png; existing ones are kept '
-            'unless --force.', EVAL, _cmd_eval),
+            'centre crop 224). Writes OUTPUT/eval.json and OUTPUT/confusion_matrix.png, OUTPUT by default a folder '
+            'beside the checkpoint named for it and the split; existing ones are kept unless --force.', EVAL, _cmd_eval),
     Command('predict', 'top-k labels for images or folders of images',
             "Top-k labels with probabilities for image files and folders (searched recursively), through the "
             "model's own evaluation transform. Exit status 1 when some files could not be read (they are named and "
