@@ -5,8 +5,10 @@ and its value is checked against it while the command line is read, before anyth
 standard library and PyYAML. So `--help` and a bad value answer at once; torch and timm load when a command runs.
 Adding an option is one entry in its command's table (train/finetune take every recipe key of RECIPE_OPTIONS).
 
-Errors: a bad value, file or checkpoint is one line `error: ...` naming the problem and the fix, exit status 2; an
-unexpected failure is one line saying where its traceback was written (`--debug` prints it instead), exit 1.
+Errors are told apart by class alone (t2tvit.errors): an `InputError` (a bad value, file or checkpoint) is one line
+`error: ...` naming the problem and the fix, exit status 2, as is running out of memory (with the fix); a diverged
+run (`TrainingDiverged`) exits 3; any other exception is a bug: one line saying where its traceback was written
+(`--debug` prints it instead), exit 1. Library errors whose meaning is known are wrapped where they are raised.
 """
 from __future__ import annotations
 
