@@ -2,8 +2,8 @@
 option's declared type or range (empty, huge, negative, zero, not a number, not a file, ...).
 
 Each must end with exit status 2 and one `error:` line naming the problem (never the bug path: no "unexpected", no
-traceback), within a time limit, and leave every file as it was. The cases are generated from the option tables themselves, so a new option is attacked as soon as
-it is declared.
+traceback), within a time limit, and leave every file as it was. The cases are generated from the option tables
+themselves, so a new option is attacked as soon as it is declared.
 """
 from __future__ import annotations
 

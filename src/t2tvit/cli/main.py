@@ -611,7 +611,8 @@ COMMANDS: Dict[str, Command] = {c.name: c for c in (
     Command('eval', 'evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, confusion',
             "Evaluate a checkpoint with the model's own evaluation transform (ImageNet models: resize 248 bicubic, "
             'centre crop 224). Writes OUTPUT/eval.json and OUTPUT/confusion_matrix.png, OUTPUT by default a folder '
-            'beside the checkpoint named for it and the split; existing ones are kept unless --force.', EVAL, _cmd_eval),
+            'beside the checkpoint named for it and the split; existing ones are kept unless --force.',
+            EVAL, _cmd_eval),
     Command('predict', 'top-k labels for images or folders of images',
             "Top-k labels with probabilities for image files and folders (searched recursively), through the "
             "model's own evaluation transform. Exit status 1 when some files could not be read (they are named and "

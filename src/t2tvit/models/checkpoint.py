@@ -25,8 +25,8 @@ from .layers import SOFT_SPLITS
 from ..errors import InputError
 
 __all__ = [
-    'CheckpointError', 'CheckpointNotFoundError', 'NotACheckpointError', 'what_file_is', 'read_checkpoint', 'read_weights', 'download_checkpoint', 'extract_state_dict',
-    'checkpoint_filter_fn',
+    'CheckpointError', 'CheckpointNotFoundError', 'NotACheckpointError', 'what_file_is', 'read_checkpoint',
+    'read_weights', 'download_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn',
     'load_checkpoint', 'mismatch_report', 'from_mmpretrain',
     'SAFE_GLOBALS', 'STATE_DICT_KEYS',
 ]
