@@ -213,3 +213,12 @@ def test_cuda_without_a_gpu_is_an_input_error(tiny_run, photo_folder, tmp_path, 
         assert capsys.readouterr().err == \
             'error: device=cuda asked for, but no CUDA GPU is visible; use --device cpu\n', argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ['photos']
+
+
+def test_both_formats_torch_save_writes_still_read(tmp_path):
+    from t2tvit.models.checkpoint import read_checkpoint
+    state = {'state_dict': {'head.weight': torch.arange(6.).view(2, 3)}}
+    for zipped in (True, False):
+        path = tmp_path / f'zip{zipped}.pth'
+        torch.save(state, path, _use_new_zipfile_serialization=zipped)
+        assert torch.equal(read_checkpoint(path)['state_dict']['head.weight'], state['state_dict']['head.weight'])
