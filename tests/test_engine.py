@@ -80,7 +80,7 @@ def test_run_folder_holds_everything(reference_run):
     assert [r['global_step'] for r in records if r['type'] == 'train'] == list(range(1, 9))
     assert [r['epoch'] for r in records if r['type'] == 'eval'] == [1, 2]
     state = read_checkpoint(run_dir / 'last.pth')
-    for key in ('state_dict', 'optimizer', 'scheduler', 'epoch', 'step_in_epoch', 'global_step', 'rng', 'classes'):
+    for key in ('state_dict', 'optimizer', 'scheduler', 'epoch', 'step_in_epoch', 'global_step', 'classes'):
         assert key in state, key
     assert (state['epoch'], state['step_in_epoch'], state['global_step']) == (2, 0, 8)
     saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
