@@ -299,7 +299,7 @@ def test_eval_agreement_compares_reduced_precision_with_fp32(reference_run, tmp_
 
 
 def test_eval_uses_the_model_transform_for_imagenet_models():
-    from t2tvit.engine.train import eval_transform_for
+    from t2tvit.engine.build import eval_transform_for
     model = t2tvit.create_model('t2t_vit_7')
     config = {'img_size': 224, 'in_chans': 3, 'mean': None, 'std': None, 'crop_pct': 0.9,
               'interpolation': 'bicubic'}

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, IterableDataset
 from .datasets import _UNREADABLE_IMAGE_ERRORS, MAX_BAD_IMAGES_IN_A_ROW, DataError, _ClassesMixin, _pil_mode
 
 __all__ = ['WdsDataset', 'HfdsDataset', 'build_wds', 'build_hfds', 'resolve_split', 'WDS_INFO_FILES',
-           'STORED_SPLITS', 'stored_source']
+           'STORED_SPLITS', 'stored_source', 'check_bad_samples']
 
 _logger = logging.getLogger(__name__)
 
@@ -207,6 +207,15 @@ class WdsDataset(_ClassesMixin):
         dataset.reader.dist_rank, dataset.reader.dist_num_replicas = 0, 1
         dataset.set_loader_cfg(num_workers=workers)
         return _CountedStream(dataset, self.bad_samples)
+
+
+def check_bad_samples(dataset, policy: str) -> None:
+    """A stream skips unreadable samples as it goes (timm warns about each); 'fail' stops at the first."""
+    counter = getattr(dataset, 'bad_samples', None)
+    if counter is not None and policy == 'fail' and counter.count:
+        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (timm '
+                        f'warns about each above); write the store again with t2tvit convert-data, or pass '
+                        f'--on-bad-image skip to skip and count them')
 
 
 def build_wds(root: Path, split: str, in_chans: int, on_bad_image: str) -> WdsDataset:

@@ -19,7 +19,7 @@ from ..data.labels import class_names_for
 from ..models import CheckpointError, extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
 from .preflight import check_memory, check_model_kwargs
-from .train import eval_transform_for
+from .build import eval_transform_for
 
 __all__ = ['RestoredModel', 'restore_model', 'checkpoint_facts', 'architecture_of', 'SAFETENSORS_METADATA_KEY']
 

@@ -6,21 +6,20 @@ Several nodes:     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --
                        -m t2tvit train --config imagenet --data /data/imagenet
 
 Every random choice (data order, augmentation, Mixup, dropout) is derived from (seed, epoch, step, index), not from
-a running generator, so a run resumed from any checkpoint takes exactly the steps the uninterrupted run took.
+a running generator (see sampling.py), so a run resumed from any checkpoint takes exactly the steps the
+uninterrupted run took. `Trainer` holds one run: its set-up, the epoch loader, the step, the end of an epoch.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Optional
 
-import numpy as np
 import timm
 import timm.data
 import timm.loss
@@ -29,21 +28,27 @@ import timm.scheduler
 import timm.utils
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader
 
 from ..cpu_kernels import for_device
-from ..data import DataError, build_dataset, build_transform, holdout_split
-from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_checkpoint, read_weights
+from ..data.streaming import check_bad_samples
+from ..errors import TrainingDiverged
+from ..models import read_checkpoint
+from .build import (autocast_for, build_model, eval_transform_for, load_pretrained_weights, preflight,
+                    train_transform_for, training_sets)
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
-from ..errors import TrainingDiverged
-from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
+from .preflight import NonFiniteOutputError
+from .sampling import (RankBatches, SeededTransform, StreamTransform, derived_seed, epoch_micro_batches,
+                       first_batches, seed_everything)
 
-__all__ = ['train', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for', 'preflight',
-           'NonFiniteOutputError']
+# build_model, eval_transform_for, preflight, evaluate, SeededTransform and StreamTransform are used here and are
+# also imported from this module by name elsewhere
+__all__ = ['train', 'Trainer', 'evaluate', 'TrainingDiverged', 'RunResult', 'build_model', 'eval_transform_for',
+           'preflight', 'NonFiniteOutputError', 'SeededTransform', 'StreamTransform']
 
 
 @dataclass
@@ -55,321 +60,6 @@ class RunResult:
     best_top1: Optional[float] = None
     final_eval: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-# --- randomness ------------------------------------------------------------------------------------------------
-
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed that depends on every part (seed, epoch, step, ...), the same in every process and run."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and, when present, GPU) generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_host(seed: int) -> None:
-    """Seed the generators that CPU-side data transforms draw from; per sample, so it must be cheap
-    (torch.manual_seed also visits every GPU and costs ~0.25 ms)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.random.default_generator.manual_seed(seed)
-
-
-class SeededTransform(Dataset):
-    """Applies `transform` under a random state fixed by (seed, epoch, index): the same augmentation whichever
-    worker, process or resumed run loads the sample."""
-
-    def __init__(self, base: Dataset, transform, seed: int, epoch: int = 0):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[index]
-        seed_host(derived_seed(self.seed, self.epoch, index))
-        return self.transform(image), label
-
-
-class RankBatches(Sampler[List[int]]):
-    """This process's share of each global micro-batch: every `world_size`-th index."""
-
-    def __init__(self, batches: Sequence[Sequence[int]], rank: int, world_size: int):
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for batch in self.batches:
-            yield list(batch[self.rank::self.world_size])
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class StreamTransform:
-    """`transform` for a stream's samples (WebDataset), under a random state fixed by (seed, epoch, rank, loader
-    worker, the worker's sample count).
-
-    A stream has no sample index, but each loader worker reads the same samples in the same order whenever the
-    epoch is read again (the shard order is fixed by seed and epoch, the worker's sample shuffle by its seed), so
-    its own count names a sample as well. A resumed run reads the epoch from its start: the samples of the first
-    `skip_batches` batches are passed over untransformed (a placeholder), and the loop drops those batches.
-    """
-
-    def __init__(self, transform, seed: int, epoch: int, rank: int, workers: int, batch_size: int,
-                 skip_batches: int = 0):
-        self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
-        self.workers, self.batch_size, self.skip_batches = max(1, workers), batch_size, skip_batches
-        self._count = 0
-        self._worker: Optional[int] = None
-        self._skip = 0
-
-    def __call__(self, image):
-        if self._worker is None:
-            worker = get_worker_info()
-            self._worker = worker.id if worker is not None else 0
-            # the DataLoader takes batches from its workers round robin: worker w made batches w, w + W, ...
-            self._skip = max(0, math.ceil((self.skip_batches - self._worker) / self.workers)) * self.batch_size
-        index = self._count
-        self._count += 1
-        if index < self._skip:
-            return 0
-        seed_host(derived_seed(self.seed, self.epoch, self.rank, self._worker, index))
-        return self.transform(image)
-
-
-def _check_bad_samples(dataset, policy: str) -> None:
-    """A stream skips unreadable samples as it goes (timm warns about each); 'fail' stops at the first."""
-    counter = getattr(dataset, 'bad_samples', None)
-    if counter is not None and policy == 'fail' and counter.count:
-        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (timm '
-                        f'warns about each above); write the store again with t2tvit convert-data, or pass '
-                        f'--on-bad-image skip to skip and count them')
-
-
-def _first_batches(loader, skip: int, limit: int):
-    """Batches skip..limit-1 of `loader`: a resumed stream drops what it already trained on."""
-    for i, batch in enumerate(loader):
-        if i >= limit:
-            break
-        if i >= skip:
-            yield batch
-
-
-def epoch_micro_batches(num_samples: int, micro_batch: int, seed: int, epoch: int) -> List[List[int]]:
-    """The global micro-batches of one epoch: a permutation fixed by (seed, epoch), incomplete tail dropped."""
-    generator = torch.Generator().manual_seed(derived_seed(seed, epoch, 0x5EED))
-    order = torch.randperm(num_samples, generator=generator).tolist()
-    return [order[i * micro_batch:(i + 1) * micro_batch] for i in range(num_samples // micro_batch)]
-
-
-# --- building blocks -------------------------------------------------------------------------------------------
-
-def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
-    kwargs = dict(config['model_kwargs'])
-    kwargs.setdefault('drop_path_rate', config['drop_path'])
-    try:
-        return timm.create_model(config['model'], num_classes=num_classes, img_size=config['img_size'],
-                                 in_chans=config['in_chans'], **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f"unknown model {config['model']!r}; `t2tvit info` lists the registered ones") from e
-        raise
-    except (TypeError, ValueError) as e:  # the builder refuses an argument: its message names it
-        raise ConfigError(f"cannot build {config['model']} with model_kwargs {config['model_kwargs']}: {e}") from e
-
-
-# what each data set's folder holds, for the message when it is missing
-_DATA_LAYOUT = {
-    'imagefolder': 'train/ and val/ folders of class folders',
-    'cifar10': 'cifar-10-batches-py (the python version)',
-    'cifar100': 'cifar-100-python (the python version)',
-    'mnist': 'train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), ...',
-    'fashion_mnist': 'train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), '
-                     '... (python -m t2tvit.data.fetch DIR fetches them)',
-}
-
-
-def preflight(config: Dict[str, Any], micro_batch: int, device: torch.device) -> None:
-    """What can be checked before any folder is made or any data read: builder arguments, the optimizer name,
-    the memory one micro-batch needs, that the model builds (on the meta device: no memory), the data folder."""
-    check_model_kwargs(config['model'], config['model_kwargs'])
-    check_optimizer(config['opt'])
-    check_memory(config['img_size'], config['in_chans'], micro_batch, 'cuda' if device.type == 'cuda' else 'cpu')
-    with torch.device('meta'):
-        build_model(config, config['num_classes'] or 2)
-    if config['dataset'] != 'fake':
-        data = config['data']
-        if data is None or not Path(data).is_dir():
-            raise ConfigError(f"dataset {config['dataset']} reads a folder: --data {data} "
-                              f"{'is not given' if data is None else 'is not an existing folder'}; give a folder "
-                              f"holding {_DATA_LAYOUT.get(config['dataset'], 'the data set')}")
-    if config['pretrained'] is not None and not Path(config['pretrained']).is_file():
-        raise ConfigError(f"pretrained {config['pretrained']} is not an existing file")
-
-
-def load_pretrained_weights(model: nn.Module, path: str) -> List[str]:
-    """Start from a checkpoint of any supported kind, or a pretrained tag's released weights (downloaded once), at
-    another class count, resolution or channel count.
-
-    Everything but the classifier must fit (after resizing `pos_embed` and adapting the first layer); a classifier
-    of another shape is left freshly initialised. Returns the keys left at their initial values.
-    """
-    path, raw = read_weights(path)
-    state_dict = checkpoint_filter_fn(raw, model)
-    model_sd = model.state_dict()
-    head_keys = [k for k in ('head.weight', 'head.bias') if k in model_sd]
-    reset = [k for k in head_keys if k in state_dict and state_dict[k].shape != model_sd[k].shape]
-    for k in reset:
-        del state_dict[k]
-    report = mismatch_report(state_dict, model, allow_missing=head_keys)
-    if report:
-        raise CheckpointError(f'{path} does not fit {type(model).__name__} beyond its classifier: {report}; '
-                              f'is --model the architecture it was trained as?')
-    model.load_state_dict(state_dict, strict=False)
-    return reset + [k for k in head_keys if k not in state_dict and k not in reset]
-
-
-def resolve_norm(config: Dict[str, Any], model: nn.Module):
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    mean = config['mean'] if config['mean'] is not None else cfg.get('mean')
-    std = config['std'] if config['std'] is not None else cfg.get('std')
-    return tuple(mean), tuple(std)
-
-
-def eval_transform_for(config: Dict[str, Any], model: nn.Module):
-    mean, std = resolve_norm(config, model)
-    return build_transform(False, config['img_size'], in_chans=config['in_chans'], mean=mean, std=std,
-                           interpolation=config['interpolation'], crop_pct=config['crop_pct'])
-
-
-def train_transform_for(config: Dict[str, Any], model: nn.Module):
-    mean, std = resolve_norm(config, model)
-    return build_transform(
-        True, config['img_size'], in_chans=config['in_chans'], mean=mean, std=std,
-        interpolation=config['interpolation'], crop_pct=config['crop_pct'], scale=tuple(config['scale']),
-        ratio=tuple(config['ratio']), hflip=config['hflip'], color_jitter=config['color_jitter'],
-        auto_augment=config['aa'], re_prob=config['reprob'], re_mode=config['remode'], re_count=config['recount'])
-
-
-def fake_split_size(fake_num_samples: int, split: str) -> int:
-    """The fake data set's validation split is a quarter of its training split."""
-    return fake_num_samples if split == 'train' else max(1, fake_num_samples // 4)
-
-
-def _dataset(config: Dict[str, Any], split: str) -> Dataset:
-    return build_dataset(
-        config['dataset'], config['data'], split, transform=None, in_chans=config['in_chans'],
-        on_bad_image=config['on_bad_image'], fake_num_samples=fake_split_size(config['fake_num_samples'], split),
-        fake_num_classes=config['num_classes'] or 10, fake_image_size=config['img_size'], seed=config['seed'])
-
-
-def training_sets(config: Dict[str, Any]):
-    """(train, validation) of a run. With `val_holdout` N > 0, validation is N training images held out by seed
-    and the data set's own validation split (the test set of MNIST-style data) is not read at all."""
-    train_set = _dataset(config, 'train')
-    if config['val_holdout']:
-        try:
-            return holdout_split(train_set, config['val_holdout'], config['seed'])
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    return train_set, _dataset(config, 'val')
-
-
-def autocast_for(amp: str, device: torch.device):
-    if amp == 'none':
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --- evaluation -------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, amp: str = 'none',
-             info: Optional[DistInfo] = None, agreement: bool = False) -> Dict[str, Any]:
-    """Top-1/top-5, mean loss, per-class accuracy and the confusion matrix; across processes each sample counts
-    once (every process sees a disjoint share, with no padding).
-
-    `agreement` (with `amp`): also run every batch in fp32 and report how often the two agree on the top-1 class,
-    the fp32 top-1, and how far the logits move (`result['agreement']`).
-    """
-    if agreement and amp == 'none':
-        raise ConfigError('agreement compares a reduced precision with fp32: give amp bf16 or fp16 as well')
-    info = info or DistInfo(device=device)
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, samples
-    # top-1 agreements, fp32 top-1 hits, sum of |logit difference|, its max (a max: reduced separately)
-    agree = torch.zeros(3, dtype=torch.float64, device=device)
-    max_diff = torch.zeros(1, dtype=torch.float64, device=device)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images whose logits hold NaN or infinity
-    k = min(5, num_classes)
-    for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast_for(amp, device):
-            logits = model(images)
-        logits = logits.float()
-        nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
-        top1 = logits.argmax(dim=1)
-        if agreement:
-            reference = model(images).float()
-            reference_top1 = reference.argmax(dim=1)
-            agree[0] += (reference_top1 == top1).sum()
-            agree[1] += (reference_top1 == targets).sum()
-            difference = (reference - logits).abs()
-            agree[2] += difference.sum().double()
-            max_diff = torch.maximum(max_diff, difference.max().double())
-        sums[0] += F.cross_entropy(logits, targets, reduction='sum').double()
-        sums[1] += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum()
-        sums[2] += targets.numel()
-        index = targets * num_classes + top1
-        confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-    all_reduce_sum(confusion, info)
-    all_reduce_sum(sums, info)
-    all_reduce_sum(nonfinite, info)
-    if nonfinite.item():
-        raise NonFiniteOutputError(
-            f'the model gave NaN or infinite logits for {nonfinite.item()} of {int(sums[2].item())} images; its '
-            f'weights are broken (a diverged run or EMA?), so no accuracy is reported. Use another checkpoint')
-    n = max(sums[2].item(), 1)
-    confusion = confusion.cpu()
-    per_class = (confusion.diag().double() / confusion.sum(dim=1).clamp_min(1)).tolist()
-    result = {
-        'top1': 100.0 * confusion.diag().sum().item() / n,
-        'top5': 100.0 * sums[1].item() / n,
-        'loss': sums[0].item() / n,
-        'samples': int(n),
-        'per_class_top1': [100.0 * v for v in per_class],
-        'confusion': confusion,
-    }
-    if agreement:
-        all_reduce_sum(agree, info)
-        all_reduce_max(max_diff, info)
-        result['agreement'] = {
-            'precision': amp,
-            'top1_agreement': 100.0 * agree[0].item() / n,  # % of images whose top-1 class is fp32's
-            'fp32_top1': 100.0 * agree[1].item() / n,
-            'mean_abs_logit_diff': agree[2].item() / (n * num_classes),
-            'max_abs_logit_diff': max_diff.item(),
-        }
-    return result
-
-
-def _eval_loader(dataset: Dataset, transform, batch_size: int, workers: int, info: DistInfo):
-    if getattr(dataset, 'streaming', False):  # each process reads its own shards in full
-        stream = dataset.stream(transform, training=False, batch_size=batch_size, workers=workers, rank=info.rank,
-                                world_size=info.world_size)
-        if stream is None:
-            return []
-        return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=info.device.type == 'cuda')
-    indices = list(range(info.rank, len(dataset), info.world_size))
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return DataLoader(SeededTransform(dataset, transform, 0), batch_sampler=batches, num_workers=workers,
-                      pin_memory=info.device.type == 'cuda')
 
 
 # --- interruption -----------------------------------------------------------------------------------------------
@@ -465,7 +155,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
         self.status, self.final_eval, self.completed_epochs = 'finished', {}, self.start_epoch
-        self.eval_loader = _eval_loader(self.val_set, self.eval_transform, self.micro_local, config['workers'], info)
+        self.eval_loader = eval_loader(self.val_set, self.eval_transform, self.micro_local, config['workers'], info)
         self.eval_split = 'held-out' if config['val_holdout'] else 'eval'  # what best.pth is chosen on
 
     # --- set-up ---------------------------------------------------------------------------------------------------
@@ -634,7 +324,7 @@ class Trainer:
                                 micro_local, skip),
                 training=True, batch_size=micro_local, workers=config['workers'],
                 seed=derived_seed(config['seed'], epoch, 0x5D5) % 2 ** 31, epoch=epoch)
-            return _first_batches(DataLoader(
+            return first_batches(DataLoader(
                 stream, batch_size=micro_local, num_workers=config['workers'], drop_last=True,
                 pin_memory=self.device.type == 'cuda',
                 generator=torch.Generator().manual_seed(derived_seed(config['seed'], epoch, info.rank, 0x10AD))),
@@ -673,7 +363,7 @@ class Trainer:
         """One micro-batch's loss and gradients; stops the run when the loss is not finite in any process."""
         config, info = self.config, self.info
         if self.streaming:
-            _check_bad_samples(self.train_set, config['on_bad_image'])
+            check_bad_samples(self.train_set, config['on_bad_image'])
         images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         seed_everything(derived_seed(config['seed'], epoch, step, micro, info.rank))  # dropout, drop-path, Mixup
         if self.mixup is not None:
@@ -753,7 +443,7 @@ class Trainer:
         if skipped and self.info.is_main:
             print(f'skipped {len(skipped)} unreadable image(s) so far, e.g. {skipped[0]}', file=sys.stderr)
         if self.streaming:
-            _check_bad_samples(train_set, self.config['on_bad_image'])
+            check_bad_samples(train_set, self.config['on_bad_image'])
             if train_set.bad_samples.count:
                 print(f'skipped {train_set.bad_samples.count} unreadable sample(s) of {train_set.root} so far '
                       f'(this process; see the warnings)', file=sys.stderr)
@@ -773,7 +463,7 @@ class Trainer:
         """Evaluate the model (and its EMA, keeping the better of the two); True when it is the best so far."""
         config, model, loader = self.config, self.model, self.eval_loader
         result = evaluate(model, loader, self.device, self.num_classes, config['amp'], self.info)
-        _check_bad_samples(self.val_set, config['on_bad_image'])
+        check_bad_samples(self.val_set, config['on_bad_image'])
         record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': self.global_step, 'split': self.eval_split,
                   **{k: result[k] for k in ('top1', 'top5', 'loss', 'samples')}}
         score = result['top1']
