@@ -11,7 +11,7 @@ from typing import Any, List, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from .datasets import DataError
+from .readers import DataError
 
 __all__ = ['HoldoutSubset', 'holdout_indices', 'holdout_split']
 
