@@ -12,6 +12,7 @@ uninterrupted run took. `Trainer` holds one run: its set-up, the epoch loader, t
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -252,6 +253,7 @@ class Trainer:
             return
         config, world = self.config, self.world
         state = load_training_state(Path(self.resume))
+        self.check_same_architecture(state)
         self.model.load_state_dict(state['state_dict'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
@@ -270,6 +272,33 @@ class Trainer:
         if self.info.is_main:
             print(f'resuming {self.run_dir} at epoch {self.start_epoch + 1}, step {self.start_step} (global step '
                   f'{self.global_step})')
+
+    def check_same_architecture(self, state: Dict[str, Any]) -> None:
+        """Refuse, before loading anything, to resume a checkpoint of another model: another name, or settings that
+        give weights of other shapes."""
+        config, own = self.config, self.model.state_dict()
+        saved, saved_config = state['state_dict'], state.get('config') or {}
+        saved_name = state.get('arch') or saved_config.get('model') or 'an unnamed model'
+        differs = sorted(set(saved) ^ set(own)) or [
+            k for k in own if tuple(getattr(saved[k], 'shape', ())) != tuple(own[k].shape)]
+        if saved_name.partition('.')[0] == config['model'].partition('.')[0] and not differs:
+            return
+        saved_kwargs = saved_config.get('model_kwargs') or {}
+        saved_flags = f'--model {saved_name}' + (f" --model-kwargs '{json.dumps(saved_kwargs)}'" if saved_kwargs
+                                                  else '')
+        if differs and differs[0] in own and differs[0] in saved:
+            detail = (f'{differs[0]} is {list(saved[differs[0]].shape)} there, {list(own[differs[0]].shape)} with '
+                      f'these settings')
+        elif differs:
+            detail = f"{differs[0]} is in {'these settings' if differs[0] in own else 'the checkpoint'} only"
+        else:
+            detail = f"the checkpoint's model is {saved_name}"
+        where = (f'{self.run_dir} holds a run of {saved_name}' if Path(self.resume) == self.last_path
+                 else f'{self.resume} is a checkpoint of {saved_name}')
+        raise ConfigError(
+            f"{where}, which {config['model']} with model_kwargs {config['model_kwargs']} cannot resume ({detail}). "
+            f'Resume it with its own settings ({saved_flags}), or train afresh: another --run-name, with '
+            f'--no-resume so that no existing run is picked up')
 
     def open_logs(self) -> None:
         """metrics.jsonl (cut back to the resumed step), config.yaml and, when asked, TensorBoard."""
