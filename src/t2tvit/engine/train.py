@@ -1,4 +1,4 @@
-"""Training, evaluation and fine-tuning: one loop from a 2-core laptop to a multi-node cluster.
+"""Training and fine-tuning: one loop from a 2-core laptop to a multi-node cluster (evaluation: evaluate.py).
 
 One process:       t2tvit train --config fashion_mnist
 One node, 8 GPUs:  torchrun --nproc-per-node 8 -m t2tvit train --config imagenet --data /data/imagenet
@@ -261,7 +261,8 @@ class Trainer:
             self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state.get('state_dict_ema') is not None:
             self.ema.module.load_state_dict(state['state_dict_ema'])
-        self.start_epoch, self.start_step, self.global_step = state['epoch'], state['step_in_epoch'], state['global_step']
+        self.start_epoch, self.start_step = state['epoch'], state['step_in_epoch']
+        self.global_step = state['global_step']
         saved_streams = state.get('streams')
         if (self.streaming and self.start_step and saved_streams and saved_streams != [world, config['workers']]
                 and self.info.is_main):
