@@ -42,6 +42,18 @@ def test_bad_holdout_size_names_the_fix(size):
         holdout_indices(40, size, seed=0)
 
 
+def test_holdout_of_a_stream_is_refused_naming_the_way_out():
+    class Stream:  # what WdsDataset offers: a length, but samples only through stream()
+        streaming = True
+        classes = ['a', 'b']
+
+        def __len__(self):
+            return 100
+
+    with pytest.raises(DataError, match=r'needs random access .* pass --val-holdout 0'):
+        holdout_split(Stream(), 10, seed=0)
+
+
 def test_config_refuses_a_negative_holdout():
     with pytest.raises(ConfigError, match='val_holdout'):
         resolve_config(None, {'val_holdout': -1})
