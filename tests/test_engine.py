@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import t2tvit
@@ -19,6 +21,7 @@ from t2tvit.cli.main import main as cli
 from t2tvit.engine import ConfigError, TrainingDiverged, resolve_config, train
 from t2tvit.engine import checkpointing
 from t2tvit.engine.config import RECIPES, load_recipe
+from t2tvit.engine.distributed import cleanup, init_distributed
 from t2tvit.engine.evaluate import evaluate_checkpoint
 from t2tvit.models import read_checkpoint
 
@@ -80,7 +83,7 @@ def test_run_folder_holds_everything(reference_run):
     assert [r['global_step'] for r in records if r['type'] == 'train'] == list(range(1, 9))
     assert [r['epoch'] for r in records if r['type'] == 'eval'] == [1, 2]
     state = read_checkpoint(run_dir / 'last.pth')
-    for key in ('state_dict', 'optimizer', 'scheduler', 'epoch', 'step_in_epoch', 'global_step', 'rng', 'classes'):
+    for key in ('state_dict', 'optimizer', 'scheduler', 'epoch', 'step_in_epoch', 'global_step', 'classes'):
         assert key in state, key
     assert (state['epoch'], state['step_in_epoch'], state['global_step']) == (2, 0, 8)
     saved = yaml.safe_load((run_dir / 'config.yaml').read_text())
@@ -111,7 +114,7 @@ def test_budget_stop_then_rerun_gives_identical_weights(tmp_path, reference_run)
     assert steps == list(range(1, 9))  # no step logged twice after the resume
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -130,7 +133,7 @@ def test_interrupted_mid_epoch_then_resumed_ends_with_the_same_weights(tmp_path,
     config = tiny_config(tmp_path, 'killed')
     command = [sys.executable, '-m', 't2tvit', 'train', *cli_args(config)]
     proc = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(tmp_path / 'killed', 2, proc)
+    wait_for_step(tmp_path / 'killed', 2, proc)
     proc.send_signal(getattr(signal, how))
     out, err = proc.communicate(timeout=120)
     if how == 'SIGINT':
@@ -268,6 +271,86 @@ def test_ema_mixup_and_bf16_run(tmp_path):
     assert 'ema_top1' in evals[-1]
 
 
+def make_trainer(tmp_path: Path, **overrides):
+    """A run set up as `train` sets it up (data, model, optimizer, schedule, loss), with no step taken."""
+    from t2tvit.engine.train import Trainer
+    info = init_distributed('cpu')
+    try:
+        return Trainer(tiny_config(tmp_path, **overrides), None, info)
+    finally:
+        cleanup(info)
+
+
+def cosine_lr(t: int, total: int, lr: float = 2e-3, min_lr: float = 1e-5) -> float:
+    """timm's cosine schedule per update: from lr at update 0 to min_lr at update `total`."""
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / total))
+
+
+def test_logged_learning_rates_follow_the_cosine_schedule(reference_run):
+    records = [json.loads(line) for line in (reference_run.run_dir / 'metrics.jsonl').read_text().splitlines()]
+    logged = [r['lr'] for r in records if r['type'] == 'train']  # after each update: 2 epochs x 4 steps
+    assert logged == pytest.approx([cosine_lr(t, 8) for t in range(1, 9)], rel=1e-12, abs=0)
+    assert logged[-1] == pytest.approx(1e-5, rel=1e-12)  # min_lr at the last step
+
+
+def test_warmup_rises_linearly_from_warmup_lr_then_follows_the_cosine(tmp_path):
+    trainer = make_trainer(tmp_path, warmup_epochs=1, warmup_lr=1e-6)  # 4 steps per epoch: 4 warm-up updates
+    rates = []
+    for t in range(1, 9):
+        trainer.scheduler.step_update(num_updates=t)
+        rates.append(trainer.optimizer.param_groups[0]['lr'])
+    warmup = [1e-6 + t * (2e-3 - 1e-6) / 4 for t in (1, 2, 3)]
+    assert rates == pytest.approx(warmup + [cosine_lr(t, 8) for t in range(4, 9)], rel=1e-12, abs=0)
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off).scatter_(1, labels[:, None], 1 - smoothing + off)
+
+
+def test_mixup_mixes_images_and_smoothed_targets_by_the_same_weight(tmp_path):
+    trainer = make_trainer(tmp_path, mixup=0.8, cutmix=0.0, smoothing=0.1)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(8, 1, 16, 16, generator=generator), torch.arange(8) % 4
+    torch.manual_seed(1)
+    mixed, target = trainer.mixup(images.clone(), labels)
+    # batch mode: each image is lam * itself + (1 - lam) * its partner in the reversed batch
+    partner, delta = images.flip(0), (images - images.flip(0)).flatten()
+    lam = float(((mixed - partner).flatten() @ delta) / (delta @ delta))
+    assert 0 < lam < 1
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * partner)
+    expected = lam * smoothed_one_hot(labels, 4, 0.1) + (1 - lam) * smoothed_one_hot(labels.flip(0), 4, 0.1)
+    torch.testing.assert_close(target, expected)
+    torch.testing.assert_close(target.sum(dim=1), torch.ones(8))
+    logits = torch.randn(8, 4, generator=generator)
+    torch.testing.assert_close(trainer.criterion(logits, target),
+                               -(expected * F.log_softmax(logits, dim=1)).sum(dim=1).mean())
+
+
+def test_cutmix_target_weight_is_the_pasted_area(tmp_path):
+    trainer = make_trainer(tmp_path, mixup=0.0, cutmix=1.0, smoothing=0.0)
+    images, labels = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
+    torch.manual_seed(2)
+    mixed, target = trainer.mixup(images.clone(), labels)
+    pasted = (mixed == images.flip(0)) & (mixed != images)
+    assert torch.equal(pasted | (mixed == images), torch.ones_like(pasted))  # every pixel from one of the two
+    assert torch.equal(pasted, pasted[:1].expand_as(pasted))  # one box for the whole batch
+    lam = 1 - pasted[0].float().mean().item()
+    assert 0 < lam < 1
+    expected = lam * F.one_hot(labels, 4).float() + (1 - lam) * F.one_hot(labels.flip(0), 4).float()
+    torch.testing.assert_close(target, expected)
+
+
+def test_label_smoothing_loss_is_cross_entropy_against_the_smoothed_target(tmp_path):
+    trainer = make_trainer(tmp_path, smoothing=0.1)
+    assert trainer.mixup is None
+    logits, labels = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
+    target = smoothed_one_hot(labels, 4, 0.1)
+    assert target[0].tolist() == pytest.approx([0.925, 0.025, 0.025, 0.025])
+    torch.testing.assert_close(trainer.criterion(logits, labels),
+                               -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean())
+
+
 def test_eval_command_reports_and_writes_files(reference_run, tmp_path, capsys):
     out = tmp_path / 'eval'
     code = cli(['eval', '--checkpoint', str(reference_run.run_dir / 'best.pth'), '--workers', '0',
@@ -299,7 +382,7 @@ def test_eval_agreement_compares_reduced_precision_with_fp32(reference_run, tmp_
 
 
 def test_eval_uses_the_model_transform_for_imagenet_models():
-    from t2tvit.engine.train import eval_transform_for
+    from t2tvit.engine.build import eval_transform_for
     model = t2tvit.create_model('t2t_vit_7')
     config = {'img_size': 224, 'in_chans': 3, 'mean': None, 'std': None, 'crop_pct': 0.9,
               'interpolation': 'bicubic'}
@@ -341,7 +424,9 @@ def test_eval_of_an_official_checkpoint(fixtures_dir, tiny_configs, tmp_path, ca
                 '--model', 't2t_vit_7', '--model-kwargs', json.dumps(kwargs), '--img-size', '64',
                 '--dataset', 'fake', '--workers', '0', '--output', str(tmp_path)])
     assert code == 0
-    assert 'resize 64 bicubic, centre crop 64' in capsys.readouterr().out.replace('71', '64') or True
+    out = capsys.readouterr().out
+    # --img-size 64 with the default crop fraction 0.9: resize to int(64 / 0.9) = 71, then crop 64
+    assert 't2t_vit_7 on 64 images (fake, split val; resize 71 bicubic, centre crop 64)' in out, out
     report = json.loads((tmp_path / 'eval.json').read_text())
     assert len(report['per_class_top1']) == 10 and 0 <= report['top1'] <= 100
 

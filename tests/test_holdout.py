@@ -15,7 +15,7 @@ from t2tvit.engine.config import load_recipe
 from t2tvit.models import read_checkpoint
 from test_engine import TINY_MODEL, tiny_config
 
-train_module = importlib.import_module('t2tvit.engine.train')  # the module, not the function `engine.train`
+build_module = importlib.import_module('t2tvit.engine.build')
 
 
 def test_holdout_is_a_seeded_partition_of_the_training_split():
@@ -42,20 +42,32 @@ def test_bad_holdout_size_names_the_fix(size):
         holdout_indices(40, size, seed=0)
 
 
+def test_holdout_of_a_stream_is_refused_naming_the_way_out():
+    class Stream:  # what WdsDataset offers: a length, but samples only through stream()
+        streaming = True
+        classes = ['a', 'b']
+
+        def __len__(self):
+            return 100
+
+    with pytest.raises(DataError, match=r'needs random access .* pass --val-holdout 0'):
+        holdout_split(Stream(), 10, seed=0)
+
+
 def test_config_refuses_a_negative_holdout():
     with pytest.raises(ConfigError, match='val_holdout'):
         resolve_config(None, {'val_holdout': -1})
 
 
 def test_training_with_holdout_never_reads_the_validation_split(tmp_path, monkeypatch):
-    real = train_module._dataset
+    real = build_module.dataset_split
     splits = []
 
     def recording(config, split):
         splits.append(split)
         return real(config, split)
 
-    monkeypatch.setattr(train_module, '_dataset', recording)
+    monkeypatch.setattr(build_module, 'dataset_split', recording)
     result = train(tiny_config(tmp_path, 'held', val_holdout=16))
     assert splits == ['train']
     records = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()]

@@ -10,7 +10,6 @@ from typing import Any
 from .datasets import (
     DATASETS,
     CifarDataset,
-    DataError,
     FakeDataset,
     IdxDataset,
     ImageFolderDataset,
@@ -18,6 +17,7 @@ from .datasets import (
     read_idx,
 )
 from .holdout import HoldoutSubset, holdout_split
+from .readers import DataError
 from .transforms import build_transform
 
 __all__ = [

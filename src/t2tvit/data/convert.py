@@ -26,7 +26,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .datasets import _UNREADABLE_IMAGE_ERRORS, DataError, ImageFolderDataset, build_dataset
+from .datasets import ImageFolderDataset, build_dataset
+from .readers import UNREADABLE_IMAGE_ERRORS, DataError
 
 __all__ = ['convert_data', 'ConvertResult', 'CONVERT_FORMATS', 'DEFAULT_SHARD_SIZE', 'SOURCE_DATASETS']
 
@@ -73,7 +74,7 @@ def _file_sample(path: str) -> Tuple[str, bytes]:
             ext = _FORMAT_EXTENSIONS.get(image.format or '')
             if ext is None:
                 return _encoded(image)
-    except _UNREADABLE_IMAGE_ERRORS as e:
+    except UNREADABLE_IMAGE_ERRORS as e:
         raise DataError(f'cannot read image {path}: {e}. Delete or replace the file, then convert again') from e
     return ext, data
 
@@ -150,6 +151,45 @@ def _fsync_tree(folder: Path) -> int:
     return total
 
 
+def _source_splits(dataset: str, data, in_chans: int, fake_num_samples: int, fake_image_size: int,
+                   seed: int) -> List[Tuple[str, object]]:
+    """(stored split name, data set) for each split the source has; only the training split must exist."""
+    splits = []
+    for stored, split in _SOURCE_SPLITS[dataset]:
+        try:
+            source = build_dataset(dataset, data, split, in_chans=in_chans,
+                                   fake_num_samples=fake_num_samples if split == 'train' else
+                                   max(1, fake_num_samples // 4), fake_image_size=fake_image_size, seed=seed)
+        except DataError:
+            if split == 'train':
+                raise
+            continue  # e.g. an image folder without val/: written without that split
+        splits.append((stored, source))
+    return splits
+
+
+def _write_info(folder: Path, to: str, dataset: str, facts: Dict, info_splits: Dict[str, Dict]) -> None:
+    if to == 'wds':
+        # timm's split info (reader_wds.py): per split name, num_samples, filenames, shard_lengths
+        classes = facts['classes']
+        info = dict(name=dataset, splits=info_splits, classes=classes, num_classes=len(classes), t2tvit=facts)
+        (folder / '_info.json').write_text(json.dumps(info, indent=1))
+    else:
+        (folder / '_t2tvit.json').write_text(json.dumps(dict(facts, splits=info_splits), indent=1))
+
+
+def _publish(partial: Path, output: Path) -> None:
+    """Move the complete `partial` folder to `output`; with --force the old folder goes only once the new one is
+    complete."""
+    if output.exists():
+        old = output.parent / f'.{output.name}.old-{os.getpid()}'
+        os.replace(output, old)
+        os.replace(partial, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, output)
+
+
 def convert_data(
         dataset: str,
         data: Union[str, Path, None],
@@ -180,17 +220,7 @@ def convert_data(
 
     start_time = time.time()
     in_chans = 1 if dataset in ('mnist', 'fashion_mnist') else 3
-    splits = []
-    for stored, split in _SOURCE_SPLITS[dataset]:
-        try:
-            source = build_dataset(dataset, data, split, in_chans=in_chans,
-                                   fake_num_samples=fake_num_samples if split == 'train' else
-                                   max(1, fake_num_samples // 4), fake_image_size=fake_image_size, seed=seed)
-        except DataError:
-            if split == 'train':
-                raise
-            continue  # e.g. an image folder without val/: written without that split
-        splits.append((stored, source))
+    splits = _source_splits(dataset, data, in_chans, fake_num_samples, fake_image_size, seed)
     classes = list(splits[0][1].classes)
     total = sum(len(source) for _, source in splits)
 
@@ -224,20 +254,9 @@ def convert_data(
         facts = dict(source=dataset, data=str(data) if data is not None else None, in_chans=in_chans,
                      classes=classes, order=f'train shuffled with seed {seed}, other splits in source order',
                      written_by='t2tvit convert-data')
-        if to == 'wds':
-            # timm's split info (reader_wds.py): per split name, num_samples, filenames, shard_lengths
-            info = dict(name=dataset, splits=info_splits, classes=classes, num_classes=len(classes), t2tvit=facts)
-            (partial / '_info.json').write_text(json.dumps(info, indent=1))
-        else:
-            (partial / '_t2tvit.json').write_text(json.dumps(dict(facts, splits=info_splits), indent=1))
+        _write_info(partial, to, dataset, facts, info_splits)
         result.bytes = _fsync_tree(partial)
-        if output.exists():  # --force: the old folder goes only once the new one is complete
-            old = output.parent / f'.{output.name}.old-{os.getpid()}'
-            os.replace(output, old)
-            os.replace(partial, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, output)
+        _publish(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..options import not_regular_file
-from ..errors import InputError
+from ..options import DATASET_NAMES, not_regular_file
+from .readers import ClassesMixin, DataError, pil_mode, read_skipping_unreadable
+from .streaming import build_hfds, build_wds
 
 __all__ = [
     'DataError', 'DATASETS', 'build_dataset', 'ImageFolderDataset', 'CifarDataset', 'IdxDataset', 'FakeDataset',
@@ -36,7 +37,7 @@ _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, 'os.PathLike[str]']
 
-DATASETS = ('imagefolder', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist', 'fake', 'wds', 'hfds')
+DATASETS = DATASET_NAMES  # one list: options.py holds it, as the command line is parsed before torch is imported
 STREAMING_DATASETS = ('wds', 'hfds')  # sharded stores, read through timm's readers (see streaming.py)
 SPLITS = {'train': 'train', 'val': 'val', 'test': 'val'}
 BAD_IMAGE_POLICIES = ('fail', 'skip')
@@ -53,30 +54,8 @@ FASHION_MNIST_CLASSES = [
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
-# A skipped image is replaced by the next one; give up after this many unreadable files in a row.
-MAX_BAD_IMAGES_IN_A_ROW = 64
-_UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class DataError(InputError, ValueError):
-    """Data that cannot be found or read; the message names the path and what to do about it."""
-
-
-def _pil_mode(in_chans: int) -> str:
-    """One channel means greyscale images; anything else is read as RGB."""
-    return 'L' if in_chans == 1 else 'RGB'
-
-
 def _all_files(names: Sequence[str]) -> str:
     return ', '.join(names)
-
-
-class _ClassesMixin:
-    classes: List[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +87,7 @@ def _open_image(path: str, mode: str) -> Image.Image:
         return Image.open(f).convert(mode)  # convert() reads the whole file, so a corrupt one fails here
 
 
-class ImageFolderDataset(_ClassesMixin, ImageFolder):
+class ImageFolderDataset(ClassesMixin, ImageFolder):
     """torchvision's ImageFolder with an explicit class list and a policy for corrupt images.
 
     `class_names` fixes the label order (val uses train's classes, so a val folder that lacks a class keeps the
@@ -119,7 +98,7 @@ class ImageFolderDataset(_ClassesMixin, ImageFolder):
     def __init__(self, folder: PathLike, transform: Optional[Callable] = None, *, in_chans: int = 3,
                  on_bad_image: str = 'fail', class_names: Optional[Sequence[str]] = None):
         self._class_names = list(class_names) if class_names is not None else None
-        self.mode = _pil_mode(in_chans)
+        self.mode = pil_mode(in_chans)
         self.on_bad_image = on_bad_image
         self.bad_files: List[str] = []
         self._warned: set = set()
@@ -134,31 +113,24 @@ class ImageFolderDataset(_ClassesMixin, ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f'index {index} out of range for {len(self)} images')  # ends iteration
-        index %= len(self)
-        tries = min(len(self), MAX_BAD_IMAGES_IN_A_ROW)
-        for attempt in range(tries):
-            path, target = self.samples[(index + attempt) % len(self)]
-            try:
-                image = self.loader(path)
-            except _UNREADABLE_IMAGE_ERRORS as e:
-                if self.on_bad_image == 'fail':
-                    raise DataError(
-                        f'cannot read image {path}: {e}. Delete or replace the file, or pass '
-                        f"on_bad_image='skip' to skip unreadable images") from e
-                self._record_bad(path, e)
-                continue
-            if self.transform is not None:
-                image = self.transform(image)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            return image, target
-        raise DataError(
-            f'{tries} images in a row are unreadable, from {self.samples[index % len(self)][0]} on '
-            f'(see the warnings); check the files under {self.root}')
+        image, target = read_skipping_unreadable(
+            index, len(self), self._read, skip=self.on_bad_image != 'fail', on_skip=self._record_bad,
+            fail_message=lambda i, e: (f'cannot read image {self.samples[i][0]}: {e}. Delete or replace the file, '
+                                       f"or pass on_bad_image='skip' to skip unreadable images"),
+            give_up_message=lambda i, tries: (f'{tries} images in a row are unreadable, from {self.samples[i][0]} '
+                                              f'on (see the warnings); check the files under {self.root}'))
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
 
-    def _record_bad(self, path: str, error: Exception) -> None:
+    def _read(self, position: int) -> Tuple[Image.Image, int]:
+        path, target = self.samples[position]
+        return self.loader(path), target
+
+    def _record_bad(self, position: int, error: Exception) -> None:
+        path = self.samples[position][0]
         if path in self._warned:
             return
         self._warned.add(path)
@@ -274,7 +246,7 @@ CIFAR_LAYOUTS = {
 }
 
 
-class _InMemoryImages(_ClassesMixin, Dataset):
+class _InMemoryImages(ClassesMixin, Dataset):
     """Images held in one array, (N, H, W) or (N, H, W, 3), with labels beside them."""
 
     native_mode = 'RGB'
@@ -284,7 +256,7 @@ class _InMemoryImages(_ClassesMixin, Dataset):
         self.targets = targets
         self.classes = classes
         self.transform = transform
-        self.mode = _pil_mode(in_chans)
+        self.mode = pil_mode(in_chans)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -430,7 +402,7 @@ def _build_idx(name: str, root: Path, split: str, transform, in_chans: int) -> I
 # Synthetic data for smoke tests
 
 
-class FakeDataset(_ClassesMixin, Dataset):
+class FakeDataset(ClassesMixin, Dataset):
     """Deterministic synthetic images that a tiny model can learn.
 
     Sample i depends only on (seed, split, i): its label is drawn from that seed, and its pixels are a
@@ -444,7 +416,7 @@ class FakeDataset(_ClassesMixin, Dataset):
         self.image_size = image_size
         self.split = split
         self.transform = transform
-        self.mode = _pil_mode(in_chans)
+        self.mode = pil_mode(in_chans)
         self.seed = seed
         self._split_id = 0 if split == 'train' else 1
         steps = np.arange(num_classes)
@@ -525,11 +497,9 @@ def build_dataset(
     if root is None or str(root) == '':
         raise DataError(f'dataset {name!r} needs its folder: pass root (--data on the command line)')
     if name == 'hfds':  # a folder or a hub name; test and val stay apart where the store has both
-        from .streaming import build_hfds
         return build_hfds(str(root), asked_split, transform, in_chans, on_bad_image)
     root = Path(root).expanduser()
     if name == 'wds':
-        from .streaming import build_wds
         if transform is not None:
             raise DataError('a WebDataset split is a stream: pass its transform to WdsDataset.stream()')
         return build_wds(root, asked_split, in_chans, on_bad_image)

@@ -11,7 +11,7 @@ from typing import Any, List, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from .datasets import DataError
+from .readers import DataError
 
 __all__ = ['HoldoutSubset', 'holdout_indices', 'holdout_split']
 
@@ -53,7 +53,7 @@ def holdout_indices(num_samples: int, size: int, seed: int) -> Tuple[List[int], 
 
 def holdout_split(train_set: Dataset, size: int, seed: int) -> Tuple[HoldoutSubset, HoldoutSubset]:
     """(train, val): `size` samples of `train_set` held out for validation, the rest kept for training."""
-    if isinstance(train_set, IterableDataset):
+    if isinstance(train_set, IterableDataset) or getattr(train_set, 'streaming', False):
         raise DataError('val_holdout needs random access to the training images, which a stream (--dataset wds) '
                         'does not give: pass --val-holdout 0 to validate on its own validation split')
     try:

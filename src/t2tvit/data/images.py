@@ -14,12 +14,11 @@ from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..options import not_regular_file
-from .datasets import _UNREADABLE_IMAGE_ERRORS, DataError
+from .readers import UNREADABLE_IMAGE_ERRORS, DataError
 
 __all__ = ['load_image', 'find_images', 'IMAGE_SUFFIXES', 'UNREADABLE_IMAGE_ERRORS']
 
 IMAGE_SUFFIXES = tuple(sorted(set(IMG_EXTENSIONS) | {'.gif', '.jfif'}))
-UNREADABLE_IMAGE_ERRORS = _UNREADABLE_IMAGE_ERRORS
 PathLike = Union[str, 'os.PathLike[str]']
 
 

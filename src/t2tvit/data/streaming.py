@@ -18,10 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from .datasets import _UNREADABLE_IMAGE_ERRORS, MAX_BAD_IMAGES_IN_A_ROW, DataError, _ClassesMixin, _pil_mode
+from .readers import UNREADABLE_IMAGE_ERRORS, ClassesMixin, DataError, pil_mode, read_skipping_unreadable
 
 __all__ = ['WdsDataset', 'HfdsDataset', 'build_wds', 'build_hfds', 'resolve_split', 'WDS_INFO_FILES',
-           'STORED_SPLITS', 'stored_source']
+           'STORED_SPLITS', 'stored_source', 'check_bad_samples']
 
 _logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _load_info(root: Path) -> Tuple[Dict[str, Any], Path]:
                     f'file naming each split\'s shards and sample counts; t2tvit convert-data --to wds writes one')
 
 
-class WdsDataset(_ClassesMixin):
+class WdsDataset(ClassesMixin):
     """One split of a folder of WebDataset shards, read through timm's `wds/` reader.
 
     `len()` is the split's sample count from the info file; `stream()` gives timm's `IterableImageDataset` for one
@@ -159,7 +159,7 @@ class WdsDataset(_ClassesMixin):
                 raise DataError(f'{info_path} names no classes ("classes" or "num_classes"); add them or write the '
                                 f'store again with t2tvit convert-data')
             self.classes = [str(i) for i in range(count)]
-        self.mode = _pil_mode(in_chans)
+        self.mode = pil_mode(in_chans)
         self.on_bad_image = on_bad_image
         self.bad_samples = BadSampleCounter()
 
@@ -209,6 +209,15 @@ class WdsDataset(_ClassesMixin):
         return _CountedStream(dataset, self.bad_samples)
 
 
+def check_bad_samples(dataset, policy: str) -> None:
+    """A stream skips unreadable samples as it goes (timm warns about each); 'fail' stops at the first."""
+    counter = getattr(dataset, 'bad_samples', None)
+    if counter is not None and policy == 'fail' and counter.count:
+        raise DataError(f'{counter.count} unreadable sample(s) in split {dataset.split!r} of {dataset.root} (timm '
+                        f'warns about each above); write the store again with t2tvit convert-data, or pass '
+                        f'--on-bad-image skip to skip and count them')
+
+
 def build_wds(root: Path, split: str, in_chans: int, on_bad_image: str) -> WdsDataset:
     return WdsDataset(root, split, in_chans=in_chans, on_bad_image=on_bad_image)
 
@@ -221,7 +230,7 @@ def _looks_local(data: str) -> bool:
     return Path(data).expanduser().exists() or data.startswith(('/', '.', '~'))
 
 
-class HfdsDataset(_ClassesMixin, Dataset):
+class HfdsDataset(ClassesMixin, Dataset):
     """One split of a Hugging Face dataset with an image column and a ClassLabel column, through timm's `hfds/`.
 
     Random access: `ds[i] -> (transform(pil_image), label)`. A sample whose image cannot be decoded fails naming
@@ -264,7 +273,7 @@ class HfdsDataset(_ClassesMixin, Dataset):
                             f'are unknown; cast the column to datasets.ClassLabel (convert-data --to hfds does)')
         self.classes = [name for name, _ in names]
         self.transform = transform
-        self.mode = _pil_mode(in_chans)
+        self.mode = pil_mode(in_chans)
         self.on_bad_image = on_bad_image
         self.bad_files: List[str] = []
 
@@ -279,29 +288,27 @@ class HfdsDataset(_ClassesMixin, Dataset):
         return f'{self.data} split {self.split} row {index}'
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f'index {index} out of range for {len(self)} samples')
-        index %= len(self)
-        tries = min(len(self), MAX_BAD_IMAGES_IN_A_ROW)
-        for attempt in range(tries):
-            row = (index + attempt) % len(self)
-            try:
-                file, target = self.reader[row][:2]
-                with Image.open(file) as raw:
-                    image = raw.convert(self.mode)  # decodes every pixel, so a corrupt image fails here
-            except (*_UNREADABLE_IMAGE_ERRORS, AssertionError) as e:
-                if self.on_bad_image == 'fail':
-                    raise DataError(f'cannot read the image of {self._name(row)}: {e}. Write the data set again, or '
-                                    f"pass on_bad_image='skip' (--on-bad-image skip) to skip unreadable images") \
-                        from e
-                if self._name(row) not in self.bad_files:
-                    self.bad_files.append(self._name(row))
-                    _logger.warning('skipping unreadable image of %s (%s)', self._name(row), e)
-                continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return image, int(target)
-        raise DataError(f'{tries} images in a row are unreadable, from {self._name(index)} on; check the data set')
+        image, target = read_skipping_unreadable(
+            index, len(self), self._read, skip=self.on_bad_image != 'fail', on_skip=self._record_bad,
+            errors=(*UNREADABLE_IMAGE_ERRORS, AssertionError), unit='samples',
+            fail_message=lambda row, e: (f'cannot read the image of {self._name(row)}: {e}. Write the data set '
+                                         f"again, or pass on_bad_image='skip' (--on-bad-image skip) to skip "
+                                         f'unreadable images'),
+            give_up_message=lambda row, tries: (f'{tries} images in a row are unreadable, from {self._name(row)} '
+                                                f'on; check the data set'))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+    def _read(self, row: int) -> Tuple[Image.Image, Any]:
+        file, target = self.reader[row][:2]
+        with Image.open(file) as raw:
+            return raw.convert(self.mode), target  # decodes every pixel, so a corrupt image fails here
+
+    def _record_bad(self, row: int, error: Exception) -> None:
+        if self._name(row) not in self.bad_files:
+            self.bad_files.append(self._name(row))
+            _logger.warning('skipping unreadable image of %s (%s)', self._name(row), error)
 
 
 def build_hfds(data: str, split: str, transform, in_chans: int, on_bad_image: str) -> HfdsDataset:

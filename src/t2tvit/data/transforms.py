@@ -7,7 +7,7 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torchvision import transforms
 
-from .datasets import DataError
+from .readers import DataError
 
 __all__ = ['build_transform', 'INTERPOLATIONS', 'ConvertImageMode', 'posterize_allowing_zero_bits']
 

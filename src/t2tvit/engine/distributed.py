@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,26 @@ def init_distributed(requested_device: str = 'auto') -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
+                                **_restart_store(rank, world_size))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restart_store(rank: int, world_size: int) -> Dict[str, Any]:
+    """On one machine under torchrun, the store of torchrun's agent with a prefix of its own for each restart.
+
+    torchrun keeps the same store across restarts of the group, so a restarted process could read the addresses the
+    processes before the restart left there, and wait for a peer that is gone. The restart count tells the rounds
+    apart where one agent starts every process; with several machines each agent counts its own restarts, so
+    torch's own set-up is kept there.
+    """
+    env = os.environ
+    if env.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or env.get('GROUP_WORLD_SIZE') != '1':
+        return {}
+    store = dist.TCPStore(env['MASTER_ADDR'], int(env['MASTER_PORT']), world_size, is_master=False,
+                         timeout=dist.default_pg_timeout)
+    restart = env.get('TORCHELASTIC_RESTART_COUNT', '0')
+    return {'store': dist.PrefixStore(f't2tvit/restart-{restart}', store), 'rank': rank, 'world_size': world_size}
 
 
 def barrier(info: DistInfo) -> None:

@@ -19,7 +19,7 @@ from ..data.labels import class_names_for
 from ..models import CheckpointError, extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ConfigError
 from .preflight import check_memory, check_model_kwargs
-from .train import eval_transform_for
+from .build import eval_transform_for
 
 __all__ = ['RestoredModel', 'restore_model', 'checkpoint_facts', 'architecture_of', 'SAFETENSORS_METADATA_KEY']
 
@@ -217,11 +217,7 @@ def restore_model(
     kwargs.pop('drop_path_rate', None)
     for key in kwargs:
         sources[key] = 'flag' if key in (model_kwargs or {}) else found.get('model_kwargs', 'checkpoint')
-    for key, value in (('img_size', img_size), ('in_chans', in_chans)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f'{key} {value!r}: give a whole number >= 1, or None to take the checkpoint\'s')
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ConfigError(f'crop_pct {crop_pct!r}: give a number in (0, 1], or None to take the checkpoint\'s')
+    _check_preprocess_args(img_size, in_chans, crop_pct)
     for key, flag in (('img_size', img_size), ('in_chans', in_chans)):
         if flag:
             kwargs[key], sources[key] = flag, 'flag'
@@ -231,27 +227,7 @@ def restore_model(
         kwargs['num_classes'], sources['num_classes'] = facts['num_classes'], found['num_classes']
     if kwargs.get('img_size'):
         check_memory(kwargs['img_size'], kwargs.get('in_chans', 3), 1)
-    if pretrained and name not in timm.list_pretrained():
-        base = name.partition('.')[0]
-        tags = timm.list_pretrained(f'{base}.*')
-        released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {base} were released'
-        raise ConfigError(f"{name} has no weights to download ({released}; timm.list_pretrained('t2t*') lists "
-                          f"every tag with weights)")
-    try:
-        net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'unknown model {name!r}; `t2tvit info` lists the registered ones') from e
-        raise
-    except TypeError as e:
-        raise ConfigError(f'{name} does not take these arguments {kwargs}: {e}') from e
-    except ValueError as e:  # the model refuses a value: its message names it and the allowed ones
-        if isinstance(e, CheckpointError):
-            raise
-        raise ConfigError(f'cannot build {name}: {e}') from e
-    if not hasattr(net, 'img_size') or not hasattr(net, 'in_chans'):
-        raise ConfigError(f'{name} is a {type(net).__name__}, not a T2T-ViT model; t2tvit commands take T2T-ViT '
-                          f'checkpoints (`t2tvit info` lists the models)')
+    net = _create_t2t_model(name, pretrained, kwargs)
     if raw is not None:
         try:
             load_checkpoint(net, raw)
@@ -280,6 +256,40 @@ def restore_model(
     where = checkpoint if checkpoint is not None else (f"{name} released weights ({cfg.get('url')})"
                                                         if pretrained else None)
     return RestoredModel(net, name, kwargs, preprocess, classes, where, facts, sources)
+
+
+def _check_preprocess_args(img_size: Optional[int], in_chans: Optional[int], crop_pct: Optional[float]) -> None:
+    for key, value in (('img_size', img_size), ('in_chans', in_chans)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f'{key} {value!r}: give a whole number >= 1, or None to take the checkpoint\'s')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ConfigError(f'crop_pct {crop_pct!r}: give a number in (0, 1], or None to take the checkpoint\'s')
+
+
+def _create_t2t_model(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    """timm's model `name` (with its released weights when `pretrained`); refuses anything but a T2T-ViT."""
+    if pretrained and name not in timm.list_pretrained():
+        base = name.partition('.')[0]
+        tags = timm.list_pretrained(f'{base}.*')
+        released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {base} were released'
+        raise ConfigError(f"{name} has no weights to download ({released}; timm.list_pretrained('t2t*') lists "
+                          f"every tag with weights)")
+    try:
+        net = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ConfigError(f'unknown model {name!r}; `t2tvit info` lists the registered ones') from e
+        raise
+    except TypeError as e:
+        raise ConfigError(f'{name} does not take these arguments {kwargs}: {e}') from e
+    except ValueError as e:  # the model refuses a value: its message names it and the allowed ones
+        if isinstance(e, CheckpointError):
+            raise
+        raise ConfigError(f'cannot build {name}: {e}') from e
+    if not hasattr(net, 'img_size') or not hasattr(net, 'in_chans'):
+        raise ConfigError(f'{name} is a {type(net).__name__}, not a T2T-ViT model; t2tvit commands take T2T-ViT '
+                          f'checkpoints (`t2tvit info` lists the models)')
+    return net
 
 
 def _dataset_of(cfg: Mapping[str, Any]) -> Optional[str]:
