@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
+from ..outputs import command_outputs
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
@@ -418,7 +419,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     restored = _restore(args)
     if args.format == 'hf':
-        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance)
+        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance,
+                        force=args.force)
         _print_settings(restored)
         print(f'wrote {hub.folder}: ' + ', '.join(p.name for p in hub.files))
         for shape, diff in hub.checks:
@@ -689,7 +691,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         command = next((a for a in argv if not a.startswith('-')), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-        return args.func(args)
+        with command_outputs():  # an output name claimed twice in one command is refused
+            return args.func(args)
     except UsageError as e:
         return _error(str(e))
     except KeyboardInterrupt:
