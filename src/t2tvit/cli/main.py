@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
-from ..outputs import command_outputs
+from ..outputs import command_outputs, unique_stems
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
@@ -81,13 +81,15 @@ TRAIN = (
     _O('config', 'str', 'fashion_mnist', 'recipe name or YAML file', flags=('-c',), metavar='RECIPE'),
     _O('resume', 'file', None, 'resume from this checkpoint (default: RUN_DIR/last.pth when it exists)'),
     _O('no_resume', 'flag', help='start afresh; refuse an existing run folder'),
+    replace(FORCE, help="replace the run folder's files instead of resuming it (with --no-resume), or those of a "
+            "run that saved no last.pth"),
 )
 FINETUNE = (
     _O('config', 'str', None, "recipe name or YAML file over the finetune recipe (default: none)", flags=('-c',),
        metavar='RECIPE'),
     _O('checkpoint', 'file', None, 'checkpoint to start from; its architecture is used unless --model or the '
        'recipe names one (or --model TAG --pretrained: its released weights)'),
-    PRETRAINED, TRAIN[1], TRAIN[2],
+    PRETRAINED, TRAIN[1], TRAIN[2], TRAIN[3],
 )
 
 EVAL = (
@@ -179,6 +181,7 @@ ABLATE = (
        high=3600),
     _O('set', 'setting', None, 'any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
        '(t2tvit train --help lists the keys)', metavar='KEY=VALUE'),
+    replace(FORCE, help="replace files of an ablation or variant folder that is not being resumed"),
 )
 
 BENCHMARK = (
@@ -258,10 +261,10 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in RECIPE_OPTIONS if hasattr(args, k)}
 
 
-def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
+def _run_training(config: Dict[str, Any], resume: Optional[str], force: bool = False) -> int:
     from ..engine.train import TrainingDiverged, train
     try:
-        result = train(config, resume=resume)
+        result = train(config, resume=resume, force=force)
     except TrainingDiverged as e:
         return _error(str(e), EXIT_DIVERGED)
     print(f'\nrun folder: {result.run_dir}')
@@ -285,7 +288,7 @@ def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..engine.config import resolve_config
     config = resolve_config(args.config, _overrides(args), keep_null=True)
-    return _run_training(config, _resume_arg(args))
+    return _run_training(config, _resume_arg(args), args.force)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -298,7 +301,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, overrides, base=base, keep_null=True)
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
-    return _run_training(config, _resume_arg(args))
+    return _run_training(config, _resume_arg(args), args.force)
 
 
 def _weights_source(args: argparse.Namespace, model: Optional[str]) -> str:
@@ -449,7 +452,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.model is None:
         raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
                           '(--model TAG --pretrained: its released weights)')
-    stems = [Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS)
+    stems = unique_stems([Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS))  # the names visualize writes
     out = Path(args.output)
     check_outputs([out / f'{stem}_{kind}.png' for stem in stems
                    for kind in ('feature_maps', 'attention', 'rollout', 't2t_attention')],
@@ -475,7 +478,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
         img_size=args.img_size, name=args.name, output=args.output, device=args.device,
         throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
-        overrides=dict(args.set or []))
+        overrides=dict(args.set or []), force=args.force)
     if result.files:
         print()
         print((result.folder / 'results.md').read_text())

@@ -38,7 +38,7 @@ from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, rea
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from ..errors import TrainingDiverged
-from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
+from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer, check_run_folder
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 
@@ -415,20 +415,21 @@ def run_dir_for(config: Dict[str, Any]) -> Path:
     return Path(config['output']) / name
 
 
-def train(config: Dict[str, Any], resume: Optional[str] = 'auto') -> RunResult:
+def train(config: Dict[str, Any], resume: Optional[str] = 'auto', force: bool = False) -> RunResult:
     """Train (or fine-tune, when `config['pretrained']` is set) as `config` says; returns where and how it ended.
 
     `resume='auto'` continues from `RUN_DIR/last.pth` when it exists, a path resumes from that checkpoint, None
-    starts afresh (refusing to overwrite an existing run).
+    starts afresh (refusing to overwrite an existing run). Outside a resumed run, files of the run folder that
+    exist already are replaced only with `force` (`preflight.check_run_folder`).
     """
     info = init_distributed(config['device'])
     try:
-        return _train(config, resume, info)
+        return _train(config, resume, info, force)
     finally:
         cleanup(info)
 
 
-def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> RunResult:
+def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo, force: bool = False) -> RunResult:
     start_time = time.time()
     device = info.device
     if config['amp'] == 'fp16' and device.type != 'cuda':
@@ -445,8 +446,10 @@ def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> Run
     last_path, best_path = run_dir / 'last.pth', run_dir / 'best.pth'
     if resume == 'auto':
         resume = str(last_path) if last_path.exists() else None
-    elif resume is None and last_path.exists():
-        raise ConfigError(f'{run_dir} already holds a run; resume it (--resume) or choose another --run-name')
+    elif resume is None and last_path.exists() and not force:
+        raise ConfigError(f'{run_dir} already holds a run; resume it (--resume), start it afresh replacing its '
+                          f'files (--force) or choose another --run-name')
+    check_run_folder(run_dir, resume, force)
     if info.is_main:
         check_writable(run_dir)
     barrier(info)
