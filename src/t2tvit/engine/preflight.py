@@ -194,10 +194,13 @@ RUN_FILES = ('last.pth', 'best.pth', 'metrics.jsonl', 'config.yaml', 'curves.png
 
 
 def check_run_folder(run_dir: PathLike, resume: Optional[PathLike], force: bool = False) -> None:
-    """A run folder's own files may be replaced only by a command that resumes that run (from its last.pth);
-    a fresh start (or one resumed from another run's checkpoint) claims them like any output."""
+    """A run folder's own files may be replaced only by a command that resumes that run (from its last.pth, or
+    restarted by torchrun --max-restarts, maybe before its first last.pth); a fresh start (or one resumed from
+    another run's checkpoint) claims them like any output."""
     run_dir = Path(run_dir)
     if resume is not None and _same(Path(resume).parent, run_dir):
+        return
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0) > 0:  # torchrun restarted this same command
         return
     claim_all([run_dir / name for name in RUN_FILES], force=force)
 
