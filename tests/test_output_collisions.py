@@ -130,8 +130,7 @@ def _workspace(ready: Path, tmp_path: Path) -> Path:
     ws = tmp_path / 'ws'
     ws.mkdir()
     for name in ('model.pth', 'image.png'):
-        os.link(ready / name, ws / name) if os.stat(ready).st_dev == os.stat(ws).st_dev else \
-            shutil.copy(ready / name, ws / name)
+        shutil.copy(ready / name, ws / name)
     return ws
 
 
@@ -268,3 +267,31 @@ def test_free_stem_skips_names_taken_on_disk_or_claimed(tmp_path):
     with command_outputs():
         claim(tmp_path / 'r-2.json')
         assert free_stem(tmp_path, 'r', ('.json', '.png')) == 'r-3'
+
+
+def test_train_with_force_starts_afresh_in_a_folder_without_last_pth(ready, tmp_path, capsys):
+    ws = _workspace(ready, tmp_path)
+    _, base, existing, _ = _train_cases(ws, 'train')[0]
+    existing.parent.mkdir(parents=True)
+    (existing.parent / 'config.yaml').write_text('from a run that stopped before its first checkpoint\n')
+    tiny = ['--model-kwargs', '{embed_dim: 32, depth: 1, num_heads: 2, token_dim: 8}', '--fake-num-samples', '16',
+            '--batch-size', '8', '--workers', '0', '--val-holdout', '0']
+    assert main(['train'] + base + tiny + ['--force']) == 0, capsys.readouterr().err
+    assert 'model: t2t_vit_mini' in (existing.parent / 'config.yaml').read_text()
+    assert (existing.parent / 'last.pth').is_file()
+    capsys.readouterr()
+    assert main(['train'] + base + tiny) == 0  # the same command again resumes the run: no --force needed
+    assert f'resuming {existing.parent} at epoch 2' in capsys.readouterr().out
+
+
+def test_a_torchrun_restart_continues_its_own_run_folder(tmp_path, monkeypatch):
+    from t2tvit.engine.preflight import check_run_folder
+    (tmp_path / 'config.yaml').write_text('written by the first attempt\n')
+    with pytest.raises(OutputError, match='config.yaml exists already; pass --force'):
+        check_run_folder(tmp_path, None)
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    check_run_folder(tmp_path, None)
+    check_run_folder(tmp_path, str(tmp_path / 'last.pth'))  # resuming this run's own checkpoint
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    with pytest.raises(OutputError):
+        check_run_folder(tmp_path, str(tmp_path / 'other' / 'last.pth'))

@@ -144,6 +144,13 @@ def _top1_of_run(config: Dict[str, Any], run_dir: Path, result, log: Callable[[s
     return top1
 
 
+def _claim_tables(folder: Path, variants: Sequence[str], force: bool) -> None:
+    """The tables of a fresh ablation are outputs like any other; those of one being resumed (a variant folder
+    holds last.pth) are its own, rewritten as it goes."""
+    if not any((folder / v / 'last.pth').exists() for v in variants):
+        claim_all([folder / f'results{suffix}' for suffix in ('.json', '.md', '.png')], force=force)
+
+
 def run_ablation(
         variants: Sequence[str] = DEFAULT_VARIANTS,
         dataset: str = 'fashion_mnist',
@@ -178,8 +185,7 @@ def run_ablation(
         name: Results go to OUTPUT/ablate-NAME (default: the data set's name), each run to its VARIANT folder.
         throughput_batch, throughput_seconds: The timed inference loop.
         overrides: Any other recipe keys (e.g. {'lr': 1e-3}).
-        force: Replace the tables of an ablation folder that is not being resumed, and the files of a variant
-            folder that holds no last.pth.
+        force: Replace the files of an ablation (or variant) folder that is not being resumed.
     """
     chosen = _check_variants(variants)
     if dataset not in DATASET_DEFAULTS and dataset not in STREAMING_DATASETS:
@@ -204,8 +210,7 @@ def run_ablation(
         raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
     size = img_size or (224 if scale == 'paper' and dataset == 'imagefolder' else facts['img_size'])
     folder = Path(output) / f'ablate-{name or dataset}'
-    if not any((folder / v / 'last.pth').exists() for v in chosen):  # a fresh ablation: its tables are outputs
-        claim_all([folder / f'results{suffix}' for suffix in ('.json', '.md', '.png')], force=force)
+    _claim_tables(folder, chosen, force)
 
     shared = dict(
         dataset=dataset, data=data, img_size=size, in_chans=facts['in_chans'], mean=list(facts['mean']),
