@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,22 @@ def test_a_one_channel_model_round_trips_through_transformers(tmp_path, monkeypa
     print(f'1-channel: max |transformers - timm local-dir| = {diff:.2e}')
     assert diff <= 1e-6
     assert model.config.num_labels == restored.model.num_classes == 10
+
+
+def test_the_folder_is_a_hub_repository(hub_folder, tmp_path, monkeypatch):
+    """Uploaded as is, `hf-hub:ORG/REPO` (timm) and `ORG/REPO` (transformers) load it: here from a hub cache
+    holding the folder as the repository's main revision, offline."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForImageClassification
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    cache, revision = tmp_path / 'hub-cache', '0' * 40
+    repo = cache / 'models--org--t2t-tiny'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    shutil.copytree(hub_folder, repo / 'snapshots' / revision)
+    from_timm = timm.create_model('hf-hub:org/t2t-tiny', pretrained=True, cache_dir=cache).eval()
+    from_transformers = AutoModelForImageClassification.from_pretrained('org/t2t-tiny', cache_dir=cache).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_transformers(pixel_values=x).logits, from_timm(x))
+    assert from_timm.num_classes == from_transformers.config.num_labels == 4
