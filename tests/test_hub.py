@@ -14,12 +14,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification  # the dev extra installs it
 
 import t2tvit  # noqa: F401  (registers the architectures transformers builds through timm)
 from t2tvit.cli.main import main as cli
 from t2tvit.engine.restore import restore_model
 
-transformers = pytest.importorskip('transformers', reason='transformers is in the dev extra: pip install -e ".[dev]"')
 
 
 def _photo(size=(45, 37), mode='RGB', seed=0) -> Image.Image:
@@ -45,7 +45,6 @@ def test_config_names_num_classes_once_and_the_classes(hub_folder, tiny_run):
 
 
 def test_transformers_and_timm_give_the_same_logits_and_input(hub_folder, tiny_run):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
     model = AutoModelForImageClassification.from_pretrained(hub_folder).eval()
     processor = AutoImageProcessor.from_pretrained(hub_folder)
     reference = timm.create_model(f'local-dir:{hub_folder}', pretrained=True).eval()
@@ -89,8 +88,7 @@ def test_the_model_card_snippets_run(hub_folder, tiny_run, tmp_path, monkeypatch
     assert tuple(scope['logits'].shape) == (1, 4)
 
 
-def test_a_one_channel_model_round_trips_through_transformers(tmp_path, monkeypatch):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def test_a_one_channel_model_round_trips_through_transformers(tmp_path):
     restored = restore_model(None, 't2t_vit_mini.fmnist', dict(embed_dim=32, depth=1, num_heads=2, token_dim=8))
     out = tmp_path / 'gray'
     assert cli(['export', '--format', 'hf', '--model', 't2t_vit_mini.fmnist', '--model-kwargs',
@@ -115,7 +113,6 @@ def test_the_folder_is_a_hub_repository(hub_folder, tmp_path, monkeypatch):
     """Uploaded as is, `hf-hub:ORG/REPO` (timm) and `ORG/REPO` (transformers) load it: here from a hub cache
     holding the folder as the repository's main revision, offline."""
     import huggingface_hub.constants
-    from transformers import AutoModelForImageClassification
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     cache, revision = tmp_path / 'hub-cache', '0' * 40
     repo = cache / 'models--org--t2t-tiny'
