@@ -19,6 +19,7 @@ from t2tvit.data.datasets import FASHION_MNIST_CLASSES
 from t2tvit.data.streaming import HfdsDataset, WdsDataset
 from t2tvit.engine import resolve_config, train
 from t2tvit.models import read_checkpoint
+from t2tvit.outputs import OutputError
 
 N_TRAIN, N_TEST = 48, 12
 TINY_MODEL = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'token_dim': 8, 't2t_drop_rate': 0.0}
@@ -162,7 +163,7 @@ def test_conversion_is_atomic_and_keeps_what_exists(stores, tmp_path, monkeypatc
 
     out.mkdir()
     (out / 'keep.txt').write_text('mine')
-    with pytest.raises(DataError, match='already exists.*--force'):
+    with pytest.raises(OutputError, match='exists already; pass --force'):
         convert_module.convert_data('fashion_mnist', stores['idx'], 'hfds', out)
     assert (out / 'keep.txt').read_text() == 'mine'
     result = convert_module.convert_data('fashion_mnist', stores['idx'], 'hfds', out, force=True, shard_size=100)

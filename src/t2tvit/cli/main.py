@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..errors import InputError, TrainingDiverged
 from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
                        check_weights_source)
+from ..outputs import command_outputs, unique_stems
 from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
@@ -84,13 +85,15 @@ TRAIN = (
     _O('config', 'str', 'fashion_mnist', 'recipe name or YAML file', flags=('-c',), metavar='RECIPE'),
     _O('resume', 'file', None, 'resume from this checkpoint (default: RUN_DIR/last.pth when it exists)'),
     _O('no_resume', 'flag', help='start afresh; refuse an existing run folder'),
+    replace(FORCE, help="replace the run folder's files instead of resuming it (with --no-resume), or those of a "
+            "run that saved no last.pth"),
 )
 FINETUNE = (
     _O('config', 'str', None, "recipe name or YAML file over the finetune recipe (default: none)", flags=('-c',),
        metavar='RECIPE'),
     _O('checkpoint', 'file', None, 'checkpoint to start from; its architecture is used unless --model or the '
        'recipe names one (or --model TAG --pretrained: its released weights)'),
-    PRETRAINED, TRAIN[1], TRAIN[2],
+    PRETRAINED, TRAIN[1], TRAIN[2], TRAIN[3],
 )
 
 EVAL = (
@@ -183,6 +186,7 @@ ABLATE = (
        high=3600),
     _O('set', 'setting', None, 'any other recipe key, repeatable, e.g. --set lr=1e-3 --set workers=2 '
        '(t2tvit train --help lists the keys)', metavar='KEY=VALUE'),
+    replace(FORCE, help="replace files of an ablation or variant folder that is not being resumed"),
 )
 
 BENCHMARK = (
@@ -262,9 +266,9 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in RECIPE_OPTIONS if hasattr(args, k)}
 
 
-def _run_training(config: Dict[str, Any], resume: Optional[str]) -> int:
+def _run_training(config: Dict[str, Any], resume: Optional[str], force: bool = False) -> int:
     from ..engine.train import train
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, force=force)
     print(f'\nrun folder: {result.run_dir}')
     for name in ('last.pth', 'best.pth', 'metrics.jsonl', 'config.yaml', 'curves.png', 'confusion_matrix.png',
                  'eval.json'):
@@ -287,7 +291,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..engine.config import resolve_config
     config = resolve_config(args.config, _overrides(args), keep_null=True)
     _device(config['device'])
-    return _run_training(config, _resume_arg(args))
+    return _run_training(config, _resume_arg(args), args.force)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -301,7 +305,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if config['recipe'] is None:
         config['recipe'] = 'finetune'
     _device(config['device'])
-    return _run_training(config, _resume_arg(args))
+    return _run_training(config, _resume_arg(args), args.force)
 
 
 def _weights_source(args: argparse.Namespace, model: Optional[str]) -> str:
@@ -430,7 +434,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     restored = _restore(args)
     if args.format == 'hf':
-        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance)
+        hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance,
+                        force=args.force)
         _print_settings(restored)
         print(f'wrote {hub.folder}: ' + ', '.join(p.name for p in hub.files))
         for shape, diff in hub.checks:
@@ -457,7 +462,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     from ..tools.visualize import SKIMAGE_PHOTOS, visualize
     check_weights_source(args.checkpoint, args.pretrained, args.model, random_use='look at')
-    stems = [Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS)
+    stems = unique_stems([Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS))  # the names visualize writes
     out = Path(args.output)
     check_outputs([out / f'{stem}_{kind}.png' for stem in stems
                    for kind in ('feature_maps', 'attention', 'rollout', 't2t_attention')],
@@ -484,7 +489,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
         img_size=args.img_size, name=args.name, output=args.output, device=args.device,
         throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
-        overrides=dict(args.set or []))
+        overrides=dict(args.set or []), force=args.force)
     if result.files:
         print()
         print((result.folder / 'results.md').read_text())
@@ -703,7 +708,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         command = next((a for a in argv if not a.startswith('-')), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-        return args.func(args)
+        with command_outputs():  # an output name claimed twice in one command is refused
+            return args.func(args)
     except UsageError as e:
         return _error(str(e))
     except KeyboardInterrupt:

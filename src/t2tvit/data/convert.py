@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ..outputs import claim
 from .datasets import ImageFolderDataset, build_dataset
 from .readers import UNREADABLE_IMAGE_ERRORS, DataError
 
@@ -190,6 +191,15 @@ def _publish(partial: Path, output: Path) -> None:
         os.replace(partial, output)
 
 
+def _check_output(output: Path, data: Union[str, Path, None], force: bool) -> Path:
+    """An existing OUT is replaced only with --force, and never when it is (or holds) the source folder."""
+    if data is not None:
+        source = Path(data).expanduser().resolve()
+        if source == output.resolve() or output.resolve() in source.parents:
+            raise DataError(f'--output {output} is or holds the source --data {data}; choose another --output')
+    return claim(output, force, 'the converted data set')
+
+
 def convert_data(
         dataset: str,
         data: Union[str, Path, None],
@@ -210,9 +220,7 @@ def convert_data(
         raise DataError(f'cannot convert dataset {dataset!r}; choose one of {", ".join(SOURCE_DATASETS)}')
     if not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f'shard size {shard_size!r}; give a positive number of samples per shard')
-    output = Path(output).expanduser()
-    if output.exists() and not force:
-        raise DataError(f'{output} already exists; choose another --output, or pass --force to replace it')
+    output = _check_output(Path(output).expanduser(), data, force)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

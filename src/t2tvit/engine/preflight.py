@@ -13,16 +13,13 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from .config import ConfigError
 from ..errors import InputError
+from ..outputs import OutputError, claim_all
 
 __all__ = ['OutputError', 'NonFiniteOutputError', 'available_memory', 'input_memory_bytes', 'check_bytes',
            'check_memory',
-           'check_model_kwargs', 'check_optimizer', 'check_outputs', 'check_finite']
+           'check_model_kwargs', 'check_optimizer', 'check_outputs', 'check_run_folder', 'check_finite', 'RUN_FILES']
 
 PathLike = Union[str, 'os.PathLike[str]']
-
-
-class OutputError(ConfigError):
-    """An output that would overwrite an input or an earlier result, or that cannot be written."""
 
 
 class NonFiniteOutputError(InputError, ValueError):
@@ -167,7 +164,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[PathLike]] = (), force: bool = False) -> None:
-    """Before any work: no output is an input, none exists already (unless `force`), all can be written.
+    """Before any work: no output is an input, none exists already (unless `force`) or is named twice, all can be
+    written. Each output is claimed (`t2tvit.outputs.claim`), so a later claim of it in the same command is refused.
 
     `force` allows replacing an earlier result, never an input.
     """
@@ -180,8 +178,6 @@ def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[PathLik
                                   f'another output (-o/--output)')
         if out.is_dir():
             raise OutputError(f'output {out} is a folder; name a file, or a folder ending in /')
-        if out.exists() and not force:
-            raise OutputError(f'{out} exists already; pass --force to replace it, or choose another output')
         if out.exists() and not out.is_file():
             raise OutputError(f'{out} is not a regular file; choose another output')
         parent = _nearest_existing(out.parent)
@@ -189,6 +185,24 @@ def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[Optional[PathLik
             raise OutputError(f'cannot write {out}: {parent} is a file, not a folder')
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f'cannot write {out}: folder {parent} is not writable; choose another output')
+    claim_all(outputs, force=force)
+
+
+# the files `t2tvit train` writes into its run folder
+RUN_FILES = ('last.pth', 'best.pth', 'metrics.jsonl', 'config.yaml', 'curves.png', 'confusion_matrix.png',
+             'eval.json', 'tensorboard')
+
+
+def check_run_folder(run_dir: PathLike, resume: Optional[PathLike], force: bool = False) -> None:
+    """A run folder's own files may be replaced only by a command that resumes that run (from its last.pth, or
+    restarted by torchrun --max-restarts, maybe before its first last.pth); a fresh start (or one resumed from
+    another run's checkpoint) claims them like any output."""
+    run_dir = Path(run_dir)
+    if resume is not None and _same(Path(resume).parent, run_dir):
+        return
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0) > 0:  # torchrun restarted this same command
+        return
+    claim_all([run_dir / name for name in RUN_FILES], force=force)
 
 
 def check_finite(logits: Any, what: str) -> None:

@@ -42,7 +42,7 @@ from .config import ConfigError, save_config
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
 from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
-from .preflight import NonFiniteOutputError
+from .preflight import NonFiniteOutputError, check_run_folder
 from .sampling import (RankBatches, SeededTransform, StreamTransform, derived_seed, epoch_micro_batches,
                        first_batches, seed_everything)
 
@@ -106,15 +106,16 @@ def run_dir_for(config: Dict[str, Any]) -> Path:
     return Path(config['output']) / name
 
 
-def train(config: Dict[str, Any], resume: Optional[str] = 'auto') -> RunResult:
+def train(config: Dict[str, Any], resume: Optional[str] = 'auto', force: bool = False) -> RunResult:
     """Train (or fine-tune, when `config['pretrained']` is set) as `config` says; returns where and how it ended.
 
     `resume='auto'` continues from `RUN_DIR/last.pth` when it exists, a path resumes from that checkpoint, None
-    starts afresh (refusing to overwrite an existing run).
+    starts afresh (refusing to overwrite an existing run). Outside a resumed run, files of the run folder that
+    exist already are replaced only with `force` (`preflight.check_run_folder`).
     """
     info = init_distributed(config['device'])
     try:
-        return Trainer(config, resume, info).run()
+        return Trainer(config, resume, info, force).run()
     finally:
         cleanup(info)
 
@@ -132,14 +133,14 @@ class Trainer:
     """One run: everything is built in `__init__` (data, model, optimizer, the state to resume), then `run` trains
     epoch by epoch, each a sequence of steps followed by evaluation and a checkpoint."""
 
-    def __init__(self, config: Dict[str, Any], resume: Optional[str], info: DistInfo):
+    def __init__(self, config: Dict[str, Any], resume: Optional[str], info: DistInfo, force: bool = False):
         self.start_time = time.time()
         self.config, self.info, self.device, self.world = config, info, info.device, info.world_size
         self.check_batching()
         preflight(config, self.micro_local, self.device)
         self.run_dir = run_dir_for(config)
         self.last_path, self.best_path = self.run_dir / 'last.pth', self.run_dir / 'best.pth'
-        self.resume = self.resume_from(resume)
+        self.resume = self.resume_from(resume, force)
         if info.is_main:
             check_writable(self.run_dir)
         barrier(info)
@@ -171,12 +172,15 @@ class Trainer:
         self.micro_global = config['batch_size'] // config['accum_steps']
         self.micro_local = self.micro_global // self.world
 
-    def resume_from(self, resume: Optional[str]) -> Optional[str]:
-        """The checkpoint to resume from, or None to start afresh."""
+    def resume_from(self, resume: Optional[str], force: bool) -> Optional[str]:
+        """The checkpoint to resume from, or None to start afresh; a fresh start replaces the run folder's files
+        only with `force` (`preflight.check_run_folder`)."""
         if resume == 'auto':
-            return str(self.last_path) if self.last_path.exists() else None
-        if resume is None and self.last_path.exists():
-            raise ConfigError(f'{self.run_dir} already holds a run; resume it (--resume) or choose another --run-name')
+            resume = str(self.last_path) if self.last_path.exists() else None
+        elif resume is None and self.last_path.exists() and not force:
+            raise ConfigError(f'{self.run_dir} already holds a run; resume it (--resume), start it afresh replacing '
+                              f'its files (--force) or choose another --run-name')
+        check_run_folder(self.run_dir, resume, force)
         return resume
 
     def build_data(self) -> None:

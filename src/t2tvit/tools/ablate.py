@@ -30,6 +30,7 @@ from ..data.streaming import stored_source
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
 from ..models import count_parameters
+from ..outputs import claim_all
 from . import complexity
 from .ablate_variants import (  # noqa: F401  (part of this module's interface)
     ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS, SMALL_BASE, AblationVariant)
@@ -143,6 +144,13 @@ def _top1_of_run(config: Dict[str, Any], run_dir: Path, result, log: Callable[[s
     return top1
 
 
+def _claim_tables(folder: Path, variants: Sequence[str], force: bool) -> None:
+    """The tables of a fresh ablation are outputs like any other; those of one being resumed (a variant folder
+    holds last.pth) are its own, rewritten as it goes."""
+    if not any((folder / v / 'last.pth').exists() for v in variants):
+        claim_all([folder / f'results{suffix}' for suffix in ('.json', '.md', '.png')], force=force)
+
+
 def run_ablation(
         variants: Sequence[str] = DEFAULT_VARIANTS,
         dataset: str = 'fashion_mnist',
@@ -161,6 +169,7 @@ def run_ablation(
         throughput_seconds: float = 3.0,
         overrides: Optional[Dict[str, Any]] = None,
         log: Callable[[str], None] = print,
+        force: bool = False,
 ) -> AblationResult:
     """Train every variant with the same recipe, data, seed and budget; measure them; write the tables.
 
@@ -176,6 +185,7 @@ def run_ablation(
         name: Results go to OUTPUT/ablate-NAME (default: the data set's name), each run to its VARIANT folder.
         throughput_batch, throughput_seconds: The timed inference loop.
         overrides: Any other recipe keys (e.g. {'lr': 1e-3}).
+        force: Replace the files of an ablation (or variant) folder that is not being resumed.
     """
     chosen = _check_variants(variants)
     if dataset not in DATASET_DEFAULTS and dataset not in STREAMING_DATASETS:
@@ -200,6 +210,7 @@ def run_ablation(
         raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
     size = img_size or (224 if scale == 'paper' and dataset == 'imagefolder' else facts['img_size'])
     folder = Path(output) / f'ablate-{name or dataset}'
+    _claim_tables(folder, chosen, force)
 
     shared = dict(
         dataset=dataset, data=data, img_size=size, in_chans=facts['in_chans'], mean=list(facts['mean']),
@@ -234,7 +245,7 @@ def run_ablation(
         log(f'--- {variant}: {ABLATION_VARIANTS[variant].idea} -> {run_dir}')
         status, top1, global_step = 'finished', None, 0
         try:
-            result = train(config, resume='auto')
+            result = train(config, resume='auto', force=force)
         except TrainingDiverged as e:
             log(f'{variant} diverged: {e}')
             status = 'diverged'

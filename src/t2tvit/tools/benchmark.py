@@ -40,6 +40,7 @@ from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
 from ..cpu_kernels import CPU_KERNELS, fused_linear, onednn_available, use_cpu_kernels
 from ..errors import InputError
+from ..outputs import claim_all, free_stem
 from .complexity import (
     TRAIN_STEP_FACTOR, ComplexityRow, complexity_rows, create_at_size, format_complexity_table, model_complexity)
 
@@ -616,6 +617,20 @@ def environment(device: torch.device) -> Dict[str, Any]:
     return env
 
 
+def _results_stem(config: 'BenchConfig', device: torch.device, log: Callable[[str], None]) -> str:
+    """The results' file name without suffix: --name, or DEVICE-DATE. An earlier result is never replaced: STEM-1,
+    STEM-2, ... when STEM.json or STEM.png exists (a second run on the same day); the names are claimed."""
+    stem = config.stem or (f'{_slug(device_name(device).split(",")[0])}-{datetime.date.today().isoformat()}'
+                           + ('-smoke' if config.smoke else ''))
+    if not config.output:
+        return stem
+    free = free_stem(config.output, stem, ('.json', '.png'))
+    if free != stem:
+        log(f'{Path(config.output) / stem}.json or .png exists already: this run writes {free}.json')
+    claim_all([Path(config.output) / f'{free}{suffix}' for suffix in ('.json', '.png')])
+    return free
+
+
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Time every run of `config`, write JSON (after each run) and a PNG, and return the results."""
     validate(config)
@@ -645,8 +660,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
                        ' during one step + the model\'s weights, buffers and optimizer state'),
         memory_method='torch.cuda.max_memory_allocated' if rss is None else rss.method,
         runs=[], agreement={}, variants=[])
-    stem = config.stem or (f'{_slug(device_name(device).split(",")[0])}-{datetime.date.today().isoformat()}'
-                           + ('-smoke' if config.smoke else ''))
+    stem = _results_stem(config, device, log)
     json_path = Path(config.output) / f'{stem}.json' if config.output else None
 
     def save() -> None:

@@ -341,11 +341,7 @@ def model_card(restored: RestoredModel, model: nn.Module) -> Dict[str, Any]:
     if restored.facts.get('recorded_top1') is not None:
         details['Recorded top-1'] = f"{restored.facts['recorded_top1']:.2f}% (stored in the source checkpoint)"
     name = release and restored.facts['release'] or restored.name
-    usage = (
-        "```python\nimport timm\nimport t2tvit  # registers the T2T-ViT architectures with timm\n\n"
-        "model = timm.create_model('hf-hub:ORG/REPO', pretrained=True).eval()  # or 'local-dir:PATH'\n"
-        "config = timm.data.resolve_data_config({}, model=model)\n"
-        "transform = timm.data.create_transform(**config)\n```\n")
+    usage = _card_usage(model.in_chans)
     return {
         'license': license_name,
         'description': f'{name}: a Tokens-to-Token ViT (T2T-ViT) image classifier, {model.num_classes} classes. '
@@ -356,18 +352,56 @@ def model_card(restored: RestoredModel, model: nn.Module) -> Dict[str, Any]:
     }
 
 
+def _card_usage(in_chans: int) -> str:
+    """The model card's loading snippets: timm, and transformers through its TimmWrapper. ORG/REPO, FOLDER and
+    image.png are the placeholders a reader (and the test that runs the snippets) replaces."""
+    mode = 'L' if in_chans == 1 else 'RGB'
+    return (
+        "With timm:\n\n"
+        "```python\nimport timm\nimport t2tvit  # registers the T2T-ViT architectures with timm\n\n"
+        "model = timm.create_model('hf-hub:ORG/REPO', pretrained=True).eval()  # or 'local-dir:FOLDER'\n"
+        "config = timm.data.resolve_data_config({}, model=model)\n"
+        "transform = timm.data.create_transform(**config)\n```\n\n"
+        "With Hugging Face transformers (its TimmWrapper builds the model through timm):\n\n"
+        "```python\nimport torch\nfrom PIL import Image\n"
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
+        "import t2tvit  # registers the T2T-ViT architectures with timm\n\n"
+        "processor = AutoImageProcessor.from_pretrained('ORG/REPO')  # or a local folder\n"
+        "model = AutoModelForImageClassification.from_pretrained('ORG/REPO').eval()\n"
+        f"image = Image.open('image.png').convert('{mode}')\n"
+        "with torch.no_grad():\n"
+        "    logits = model(**processor(image, return_tensors='pt')).logits\n"
+        "print(model.config.id2label[int(logits.argmax(-1))])\n```\n")
+
+
+def _hub_config(folder: Path, classes: Optional[List[str]], num_classes: int) -> None:
+    """Make timm's config.json one that transformers reads too: transformers' TimmWrapper passes `num_classes`
+    itself (from the top-level key, which timm reads as well), so `model_args` must not repeat it; and without
+    `label_names` it would name the classes after ImageNet's."""
+    path = folder / 'config.json'
+    config = json.loads(path.read_text())
+    config.get('model_args', {}).pop('num_classes', None)
+    if classes and len(classes) == num_classes:
+        config['label_names'] = list(classes)
+    else:  # transformers' own names for classes it is not told
+        config['label_names'] = [f'LABEL_{i}' for i in range(num_classes)]
+    path.write_text(json.dumps(config, indent=2))
+
+
 def export_hf(
         restored: RestoredModel,
         output: Union[str, Path],
         tolerance: float = 1e-5,
         seed: int = 0,
+        force: bool = False,
 ) -> HubExport:
     """Write a Hugging Face hub model folder in timm's layout: `config.json` (architecture, num_classes, model_args,
     pretrained cfg with the preprocessing), `model.safetensors` and a model card `README.md`.
 
     The folder is built beside `output`, loaded back with `timm.create_model('local-dir:...', pretrained=True)` and
-    run on random inputs; only when the outputs match the source model within `tolerance` do the three files replace
-    those in `output` (other files there are kept).
+    run on random inputs; only when the outputs match the source model within `tolerance` are the three files moved
+    into `output` (other files there are kept). Any of the three that exists there already (a repository's own
+    README.md, say) is replaced only with `force`, and never when it is the checkpoint read.
     """
     import shutil
     import tempfile
@@ -376,6 +410,7 @@ def export_hf(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ExportError(f'{output} is a file; --format hf writes a folder, choose another --output')
+    check_outputs([output / name for name in HF_FILES], [restored.checkpoint], force=force)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(restored.model).cpu().eval()
     if not restored.facts.get('release'):  # the cfg's release notes, tag and license describe other weights
@@ -391,6 +426,7 @@ def export_hf(
             save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
         except (ValueError, TypeError) as e:
             raise ExportError(f'cannot describe {restored.name} for the hub: {e}') from e
+        _hub_config(tmp, restored.classes, model.num_classes)
         card = model_card(restored, model)
         (tmp / 'README.md').write_text(generate_readme(card, restored.facts.get('release') or restored.name))
         checks = _check_hub_folder(tmp, model, seed)

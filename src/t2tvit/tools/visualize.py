@@ -26,6 +26,7 @@ from PIL import Image
 from ..data import DataError
 from ..data.images import UNREADABLE_IMAGE_ERRORS, load_image
 from ..engine.checkpointing import atomic_write
+from ..outputs import unique_stems
 from ..engine.restore import RestoredModel
 from ..models import TokenPerformer, TokenTransformer
 
@@ -356,6 +357,7 @@ def visualize(
         except UNREADABLE_IMAGE_ERRORS as e:
             raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}); give a JPEG, PNG, ... file') from e
     named = named or default_images()
+    named = list(zip(unique_stems([n for n, _ in named]), [image for _, image in named]))  # a/x.png, b/x.png: x, x-1
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)  # only once every image has been read
     files: List[Path] = []
