@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import InputError, TrainingDiverged
+from ..errors import InputError, PeerLost, TrainingDiverged
 from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
                        check_weights_source)
 from ..outputs import command_outputs, unique_stems
@@ -33,6 +33,7 @@ from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
 EXIT_UNEXPECTED = 1
 EXIT_DIVERGED = 3
+EXIT_PEER_LOST = 4  # a process of the torchrun group stopped: torchrun restarts the group
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -719,6 +720,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(_one_line(e))
     except TrainingDiverged as e:
         return _error(str(e), EXIT_DIVERGED)
+    except PeerLost as e:
+        return _error(_one_line(e), EXIT_PEER_LOST)
     except Exception as e:  # noqa: BLE001  (the boundary: every failure becomes one line)
         if _out_of_memory(e):
             return _error(f'out of memory ({_one_line(e)}); lower --batch-size or --img-size')

@@ -39,7 +39,7 @@ from .build import (autocast_for, build_model, eval_transform_for, load_pretrain
                     train_transform_for, training_sets)
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
-from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast_flag, cleanup, collectives, init_distributed
 from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 from .preflight import NonFiniteOutputError, check_run_folder
@@ -404,7 +404,7 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         last_micro = micro == config['accum_steps'] - 1
         sync = contextlib.nullcontext() if (last_micro or not info.distributed) else self.train_model.no_sync()
-        with sync:
+        with sync, collectives(info, "DDP's forward and backward (buffer and gradient exchange)"):
             with autocast_for(config['amp'], self.device):
                 loss = self.criterion(self.train_model(images), targets)
             scaled = loss / config['accum_steps']
