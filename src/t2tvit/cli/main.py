@@ -7,8 +7,9 @@ Adding an option is one entry in its command's table (train/finetune take every 
 
 Errors are told apart by class alone (t2tvit.errors): an `InputError` (a bad value, file or checkpoint) is one line
 `error: ...` naming the problem and the fix, exit status 2, as is running out of memory (with the fix); a diverged
-run (`TrainingDiverged`) exits 3; any other exception is a bug: one line saying where its traceback was written
-(`--debug` prints it instead), exit 1. Library errors whose meaning is known are wrapped where they are raised.
+run (`TrainingDiverged`) exits 3, a process whose torchrun peer stopped (`PeerLost`) 4; any other exception is a
+bug: one line saying where its traceback was written (`--debug` prints it instead), exit 1. Library errors whose
+meaning is known are wrapped where they are raised.
 """
 from __future__ import annotations
 
