@@ -1,9 +1,13 @@
 """Ordinary mistakes and failures of the machine end in a named error, never on the bug path: a model checkpoint
-given to --resume, a missing GPU, a full disk under the files a run or a conversion writes, a lost torchrun peer."""
+given to --resume, a missing GPU, a full disk under the files a run or a conversion writes, a lost torchrun peer;
+and a stop in an epoch's last step loses nothing."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
+import os
+import signal
 
 import pytest
 import timm
@@ -20,9 +24,9 @@ from t2tvit.engine.config import save_config
 from t2tvit.engine.distributed import DeviceUnavailable, DistInfo, collectives, pick_device
 from t2tvit.engine.metrics import plot_curves, write_eval_json
 from t2tvit.errors import InputError, PeerLost, TrainingDiverged
-from t2tvit.models import CheckpointError
+from t2tvit.models import CheckpointError, read_checkpoint
 from t2tvit.models.t2t_vit import NoReleasedWeights
-from test_engine import TINY_MODEL, cli_args, tiny_config
+from test_engine import TINY_MODEL, assert_same_weights, cli_args, tiny_config, weights
 
 
 @pytest.fixture
@@ -82,7 +86,6 @@ def test_a_failed_collective_under_torchrun_is_a_lost_peer():
 
 
 def test_the_cli_gives_a_lost_peer_its_own_exit_status(tmp_path, monkeypatch, capsys):
-    import importlib
     engine_train = importlib.import_module('t2tvit.engine.train')  # the module: t2tvit.engine.train is the function
 
     def lost(*args, **kwargs):
@@ -134,3 +137,25 @@ def test_a_full_disk_during_a_conversion_is_an_input_error_and_leaves_nothing(tm
                                         'behind. Free disk space or choose another --output'):
         convert_data('fake', None, 'wds', out, fake_num_samples=8, fake_image_size=8, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_in_an_epochs_last_step_saves_that_step_and_the_rerun_ends_as_an_uninterrupted_run(
+        tmp_path, monkeypatch):
+    """SIGTERM arriving while the epoch's last step is logged: that step is saved (the run stops before the epoch's
+    own save), and the rerun evaluates and saves the epoch, then ends with an uninterrupted run's weights."""
+    engine_train = importlib.import_module('t2tvit.engine.train')
+    reference = engine_train.train(tiny_config(tmp_path, 'reference'))  # 2 epochs of 4 steps
+    log_step = engine_train.Trainer.log_step
+
+    def log_then_sigterm(self, epoch, step, loss_value, bar):
+        log_step(self, epoch, step, loss_value, bar)
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(engine_train.Trainer, 'log_step', log_then_sigterm)
+    stopped = engine_train.train(tiny_config(tmp_path, 'preempted'))
+    assert (stopped.status, stopped.global_step) == ('interrupted', 4)
+    assert read_checkpoint(tmp_path / 'preempted' / 'last.pth')['global_step'] == 4  # the last step logged
+    monkeypatch.setattr(engine_train.Trainer, 'log_step', log_step)
+    resumed = engine_train.train(tiny_config(tmp_path, 'preempted'))
+    assert (resumed.status, resumed.global_step) == ('finished', 8)
+    assert_same_weights(weights(tmp_path / 'preempted'), weights(reference.run_dir))

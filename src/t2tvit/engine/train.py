@@ -463,7 +463,9 @@ class Trainer:
         budget_spent = self.budget_spent()
         stop_now = broadcast_flag(stop.signal is not None, self.info)
         mid_epoch = step < self.steps_per_epoch
-        if mid_epoch and (stop_now or budget_spent or self.global_step % self.config['ckpt_interval'] == 0):
+        # a stop in the epoch's last step saves it too: the run ends before end_epoch would; the rerun resumes
+        # after the epoch's last step and evaluates and saves the epoch as usual
+        if stop_now or (mid_epoch and (budget_spent or self.global_step % self.config['ckpt_interval'] == 0)):
             self.save(epoch, step)
         if stop_now or (budget_spent and mid_epoch):
             self.status = 'interrupted' if stop_now else 'budget'
