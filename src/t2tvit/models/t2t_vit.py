@@ -21,8 +21,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Attention, Block
 
-from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from ..errors import InputError
+from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from .checkpoint import CheckpointError, checkpoint_filter_fn, download_checkpoint, extract_state_dict, read_checkpoint
 from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
 
