@@ -57,18 +57,45 @@ def test_every_recipe_default_and_shipped_recipe_passes_its_own_checks():
         resolve_config(name)
 
 
-def test_static_name_lists_match_the_library_and_timm():
-    import timm.scheduler
+def test_static_name_lists_match_the_library():
     from t2tvit.data import DATASETS
     from t2tvit.models.t2t_vit import SMALL_IMAGE_SOFT_SPLITS
     from t2tvit.tools.ablate_variants import SMALL_IMAGE_SOFT_SPLITS as listed
     assert tuple(DATASET_NAMES) == tuple(DATASETS)
     assert listed == SMALL_IMAGE_SOFT_SPLITS
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    for name in SCHEDULERS:  # each builds, and the loop's per-update stepping works
-        scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched=name, num_epochs=2, warmup_epochs=0,
-                                                          step_on_epochs=False, updates_per_epoch=3)
-        scheduler.step_update(num_updates=1)
+
+
+def test_each_scheduler_gives_its_formulas_learning_rate_per_update():
+    """Built as the training loop builds it (stepped per update, no warm-up), each scheduler sets the learning rate
+    its formula gives at every update of the run; step and multistep first decay after timm's 90 epochs."""
+    import math
+    import timm.scheduler
+    lr, lr_min, epochs, per_epoch = 0.1, 1e-5, 4, 3
+    total = epochs * per_epoch
+
+    def expected(name: str, t: int) -> float:
+        if name == 'cosine':
+            return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))
+        if name == 'tanh':  # timm's bounds: tanh from -7 to 3
+            return lr_min + 0.5 * (lr - lr_min) * (1 - math.tanh(-7 * (1 - t / total) + 3 * t / total))
+        if name == 'poly':  # timm passes decay_rate 0.1 as the power
+            return lr_min + (lr - lr_min) * (1 - t / total) ** 0.1
+        return lr if t < 90 * per_epoch else lr * 0.1  # step, multistep: x0.1 at epoch 90; constant: never
+
+    for name in SCHEDULERS:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=name, num_epochs=epochs, warmup_epochs=0, warmup_lr=1e-6, min_lr=lr_min,
+            step_on_epochs=False, updates_per_epoch=per_epoch)
+        updates = list(range(total)) + ([90 * per_epoch] if name in ('step', 'multistep') else [])
+        seen = []
+        for t in updates:
+            scheduler.step_update(num_updates=t)
+            seen.append(optimizer.param_groups[0]['lr'])
+            assert seen[-1] == pytest.approx(expected(name, t), rel=1e-9), (name, t)
+        assert seen[0] == pytest.approx(lr, rel=1e-6)  # every schedule starts at the base rate (no warm-up)
+        if name in ('cosine', 'tanh', 'poly'):  # these fall at every update
+            assert all(a > b for a, b in zip(seen, seen[1:])), (name, seen)
 
 
 def test_help_shows_each_option_with_its_range_and_default(capsys):

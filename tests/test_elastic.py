@@ -66,9 +66,12 @@ def test_rank_killed_mid_epoch_restarts_and_ends_with_the_uninterrupted_weights(
     assert proc.returncode == 0, err
     # one restart: the restarted group connects at once (it does not read the addresses of the killed one)
     assert err.count('failed (exitcode: -9)') == 1 and 'connectFullMesh failed' not in err, err
+    # the survivor's failed collective is a lost peer, not a bug: no "unexpected", no traceback file
+    assert 'unexpected' not in err and 'the full traceback is in' not in err, err
     assert killed_at < 16  # killed in the first epoch: the restart resumes mid-epoch
     resumed = [line for line in out.splitlines() if line.startswith('resuming')]
     assert resumed and 'at epoch 1, step ' in resumed[0] and 'at epoch 1, step 0 ' not in resumed[0], out
     print(f'\nkilled rank {rank} after global step {killed_at}; {resumed[0]}')
+    print(*(line for line in err.splitlines() if line.startswith('error:')), sep='\n')  # the survivor's, if any
     assert read_checkpoint(run_dir / 'last.pth')['global_step'] == 32
     assert_same_weights(weights(run_dir), weights(tmp_path / 'reference'))

@@ -24,6 +24,7 @@ from t2tvit.engine.config import RECIPES, load_recipe
 from t2tvit.engine.distributed import cleanup, init_distributed
 from t2tvit.engine.evaluate import evaluate_checkpoint
 from t2tvit.models import read_checkpoint
+from t2tvit.options import OptionError
 
 TINY_MODEL = {'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'token_dim': 8, 't2t_drop_rate': 0.0}
 
@@ -377,7 +378,7 @@ def test_eval_agreement_compares_reduced_precision_with_fp32(reference_run, tmp_
     assert 0 < agreement['mean_abs_logit_diff'] <= agreement['max_abs_logit_diff'] < 1  # bf16 moved the logits
     expected = json.loads((reference_run.run_dir / 'eval.json').read_text())
     assert agreement['fp32_top1'] == pytest.approx(expected['top1'])  # the fp32 side is the plain evaluation
-    with pytest.raises(ConfigError, match='give amp bf16 or fp16'):
+    with pytest.raises(OptionError, match='--agreement compares a reduced precision with fp32: give --amp bf16'):
         evaluate_checkpoint(checkpoint, None, workers=0, agreement=True)
 
 

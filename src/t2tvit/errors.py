@@ -20,3 +20,8 @@ class InputError(T2TViTError):
 
 class TrainingDiverged(T2TViTError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept (exit status 3)."""
+
+
+class PeerLost(T2TViTError):
+    """Under torchrun, a collective failed because another process of the group stopped; `torchrun --max-restarts`
+    restarts the group, which resumes from the last checkpoint (exit status 4)."""

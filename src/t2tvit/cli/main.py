@@ -7,8 +7,9 @@ Adding an option is one entry in its command's table (train/finetune take every 
 
 Errors are told apart by class alone (t2tvit.errors): an `InputError` (a bad value, file or checkpoint) is one line
 `error: ...` naming the problem and the fix, exit status 2, as is running out of memory (with the fix); a diverged
-run (`TrainingDiverged`) exits 3; any other exception is a bug: one line saying where its traceback was written
-(`--debug` prints it instead), exit 1. Library errors whose meaning is known are wrapped where they are raised.
+run (`TrainingDiverged`) exits 3, a process whose torchrun peer stopped (`PeerLost`) 4; any other exception is a
+bug: one line saying where its traceback was written (`--debug` prints it instead), exit 1. Library errors whose
+meaning is known are wrapped where they are raised.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import InputError, TrainingDiverged
+from ..errors import InputError, PeerLost, TrainingDiverged
 from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
                        check_weights_source)
 from ..outputs import command_outputs, unique_stems
@@ -33,6 +34,7 @@ from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
 EXIT_UNEXPECTED = 1
 EXIT_DIVERGED = 3
+EXIT_PEER_LOST = 4  # a process of the torchrun group stopped: torchrun restarts the group
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -719,6 +721,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(_one_line(e))
     except TrainingDiverged as e:
         return _error(str(e), EXIT_DIVERGED)
+    except PeerLost as e:
+        return _error(_one_line(e), EXIT_PEER_LOST)
     except Exception as e:  # noqa: BLE001  (the boundary: every failure becomes one line)
         if _out_of_memory(e):
             return _error(f'out of memory ({_one_line(e)}); lower --batch-size or --img-size')

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
 from ..outputs import claim
 from .datasets import ImageFolderDataset, build_dataset
 from .readers import UNREADABLE_IMAGE_ERRORS, DataError
@@ -67,8 +68,12 @@ def _encoded(image: Image.Image) -> Tuple[str, bytes]:
 
 def _file_sample(path: str) -> Tuple[str, bytes]:
     """An image file's own bytes (no re-encoding) when timm reads its format, else PNG; fails on a corrupt file."""
-    with open(path, 'rb') as f:
-        data = f.read()
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f'cannot read {path} ({e.strerror or e}); make it readable or remove it, then convert '
+                        'again') from e
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: a corrupt file fails here, not in training
@@ -191,6 +196,13 @@ def _publish(partial: Path, output: Path) -> None:
         os.replace(partial, output)
 
 
+def _write_failed(e: OSError, output: Path) -> DataError:
+    """A write into the hidden folder beside OUT failed (a full disk, a folder made read-only): what to do."""
+    where = e.filename or output.parent
+    return DataError(f'could not write {where} ({e.strerror or e}) while converting into {output}; nothing was '
+                     'left behind. Free disk space or choose another --output')
+
+
 def _check_output(output: Path, data: Union[str, Path, None], force: bool) -> Path:
     """An existing OUT is replaced only with --force, and never when it is (or holds) the source folder."""
     if data is not None:
@@ -236,7 +248,10 @@ def convert_data(
     show = progress in (True, 'on') or (progress == 'auto' and sys.stderr.isatty())
     partial = output.parent / f'.{output.name}.partial-{os.getpid()}'
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    try:
+        partial.mkdir()
+    except OSError as e:
+        raise _write_failed(e, output) from e
     result = ConvertResult(output=output, format=to, samples={}, shards={}, classes=classes)
     info_splits: Dict[str, Dict] = {}
     hf_progress = None
@@ -265,8 +280,10 @@ def convert_data(
         _write_info(partial, to, dataset, facts, info_splits)
         result.bytes = _fsync_tree(partial)
         _publish(partial, output)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, InputError):  # the reads above raise DataError
+            raise _write_failed(e, output) from e
         raise
     finally:
         if hf_progress:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from .._create import check_model_name
 from ..data import build_dataset, build_transform, holdout_split
 from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, read_weights
 from .config import ConfigError
@@ -23,13 +24,10 @@ __all__ = ['build_model', 'preflight', 'load_pretrained_weights', 'resolve_norm'
 def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
     kwargs = dict(config['model_kwargs'])
     kwargs.setdefault('drop_path_rate', config['drop_path'])
+    check_model_name(config['model'])
     try:
         return timm.create_model(config['model'], num_classes=num_classes, img_size=config['img_size'],
                                  in_chans=config['in_chans'], **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f"unknown model {config['model']!r}; `t2tvit info` lists the registered ones") from e
-        raise
     except (TypeError, ValueError) as e:  # the builder refuses an argument: its message names it
         raise ConfigError(f"cannot build {config['model']} with model_kwargs {config['model_kwargs']}: {e}") from e
 

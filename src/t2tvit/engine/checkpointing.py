@@ -8,7 +8,7 @@ from typing import Any, BinaryIO, Callable, Dict
 
 import torch
 
-from ..models import read_checkpoint
+from ..models import CheckpointError, read_checkpoint
 from ..errors import InputError
 
 
@@ -28,7 +28,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = 'che
     A failure leaves no temporary file behind and whatever `path` held before intact.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:  # the folder is missing, not a folder, or not writable
+        raise CheckpointSaveError(e.errno, f'could not write {what} {path}: {e.strerror or e}; choose a writable '
+                                  'place (--output)') from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
         with os.fdopen(fd, 'wb') as f:
@@ -66,8 +70,9 @@ def load_training_state(path: Path) -> Dict[str, Any]:
     state = read_checkpoint(path)
     missing = [k for k in ('state_dict', 'optimizer', 'epoch', 'global_step') if k not in state]
     if missing:
-        raise ValueError(f'{path} is not a t2tvit training checkpoint to resume from (lacks {", ".join(missing)}); '
-                         f'to start from its weights use --pretrained {path}')
+        raise CheckpointError(f'{path} is not a t2tvit training checkpoint to resume from (lacks '
+                              f'{", ".join(missing)}); to start from its weights, pass --pretrained {path} instead of '
+                              f'--resume')
     return state
 
 

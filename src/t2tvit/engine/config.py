@@ -6,7 +6,6 @@ A recipe is a flat YAML mapping over the keys of `DEFAULTS`; every key is also a
 """
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..options import RECIPE_OPTIONS as OPTIONS
+from .checkpointing import atomic_write
 from ..options import OptionError, parse_yaml
 
 __all__ = ['DEFAULTS', 'HELP', 'OPTIONS', 'RECIPES', 'ConfigError', 'load_recipe', 'resolve_config', 'save_config',
@@ -114,7 +114,5 @@ def _validate(c: Dict[str, Any]) -> None:
 
 def save_config(config: Dict[str, Any], path: Path) -> None:
     """Write the resolved config next to the run's outputs, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    text = yaml.safe_dump(config, sort_keys=False)
+    atomic_write(Path(path), lambda f: f.write(text.encode()), 'config')

@@ -4,12 +4,22 @@ Single-process runs need nothing: every helper here degrades to the obvious one-
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 import torch.distributed as dist
+
+from ..errors import InputError, PeerLost, T2TViTError
+
+__all__ = ['DistInfo', 'DeviceUnavailable', 'PeerLost', 'pick_device', 'init_distributed', 'collectives', 'barrier',
+           'all_reduce_sum', 'all_reduce_max', 'broadcast_flag', 'cleanup']
+
+
+class DeviceUnavailable(InputError, RuntimeError):
+    """The device asked for is not there (`--device cuda` without a visible GPU)."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class DistInfo:
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == 'cuda' or (requested == 'auto' and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError('device=cuda asked for, but no CUDA GPU is visible; use --device cpu')
+            raise DeviceUnavailable('device=cuda asked for, but no CUDA GPU is visible; use --device cpu')
         return torch.device('cuda', local_rank)
     return torch.device('cpu')
 
@@ -67,22 +77,46 @@ def _restart_store(rank: int, world_size: int) -> Dict[str, Any]:
     return {'store': dist.PrefixStore(f't2tvit/restart-{restart}', store), 'rank': rank, 'world_size': world_size}
 
 
+@contextlib.contextmanager
+def collectives(info: DistInfo, what: str) -> Iterator[None]:
+    """Code that communicates with the other processes (DDP's gradient and buffer exchange, the helpers below):
+    under torchrun, its RuntimeError becomes `PeerLost`.
+
+    gloo and NCCL report a peer that stopped mid-collective ("Connection reset by peer", a closed pair, a timeout)
+    as a RuntimeError with no finer class, so the place it comes from is what says it is a lost peer. Our own
+    errors and running out of memory pass unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not info.distributed or isinstance(e, (T2TViTError, torch.OutOfMemoryError)):
+            raise
+        cause = ' '.join(str(e).split())[:160]
+        raise PeerLost(
+            f'rank {info.rank}: a peer process of the torchrun group stopped during {what} ({type(e).__name__}: '
+            f'{cause}); under torchrun --max-restarts N the group restarts and resumes from the last checkpoint '
+            f'(RUN_DIR/last.pth); without it, run the same command again to resume') from e
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
-        dist.barrier()
+        with collectives(info, 'a barrier'):
+            dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum over processes, in place; a no-op in a single process."""
     if info.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with collectives(info, 'an all-reduce'):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Maximum over processes, in place; a no-op in a single process."""
     if info.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        with collectives(info, 'an all-reduce'):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
@@ -91,7 +125,8 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     if not info.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with collectives(info, 'an all-reduce'):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..cpu_kernels import for_device
 from ..data import build_dataset
 from ..data.streaming import check_bad_samples
+from ..options import check_agreement
 from .build import autocast_for, fake_split_size
 from .config import ConfigError
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, cleanup, init_distributed
@@ -33,8 +34,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     `agreement` (with `amp`): also run every batch in fp32 and report how often the two agree on the top-1 class,
     the fp32 top-1, and how far the logits move (`result['agreement']`).
     """
-    if agreement and amp == 'none':
-        raise ConfigError('agreement compares a reduced precision with fp32: give amp bf16 or fp16 as well')
+    check_agreement(agreement, amp)
     info = info or DistInfo(device=device)
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from .checkpointing import CheckpointSaveError, atomic_write
 
 
 class MetricsLog:
@@ -20,17 +21,20 @@ class MetricsLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # a full disk or a folder made read-only during the run
+            raise CheckpointSaveError(e.errno, f'could not append to {self.path}: {e.strerror or e}; free disk '
+                                      'space, then rerun the same command to resume') from e
 
     def truncate_after(self, global_step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get('global_step', 0) <= global_step]
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        tmp.write_text(''.join(line + '\n' for line in kept))
-        os.replace(tmp, self.path)
+        text = ''.join(line + '\n' for line in kept)
+        atomic_write(self.path, lambda f: f.write(text.encode()), 'metrics log')
 
 
 def write_eval_json(path: Path, result: Dict[str, Any], classes: Sequence[str]) -> None:
@@ -38,7 +42,8 @@ def write_eval_json(path: Path, result: Dict[str, Any], classes: Sequence[str]) 
     payload = {k: v for k, v in result.items() if k not in ('confusion', 'per_class_top1')}
     payload['per_class_top1'] = dict(zip(classes, result['per_class_top1']))
     payload['confusion'] = result['confusion'].tolist()
-    Path(path).write_text(json.dumps(payload, indent=1))
+    text = json.dumps(payload, indent=1)
+    atomic_write(Path(path), lambda f: f.write(text.encode()), 'evaluation')
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -82,10 +87,18 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str = '') -> Optional[
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out_png, 'training curves')
     return Path(out_png)
+
+
+def _save_figure(fig, out_png: Path, what: str) -> None:
+    """PNG through `atomic_write`: a full disk gives a named error and leaves no half-written picture."""
+    import matplotlib.pyplot as plt
+    try:
+        fig.tight_layout()
+        atomic_write(Path(out_png), lambda f: fig.savefig(f, format='png', dpi=100), what)
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_png: Path, title: str = '') -> Path:
@@ -111,7 +124,5 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_png: Pat
                     ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
                             color='white' if rates[i, j] > 0.5 else 'black')
     ax.set(xlabel='predicted', ylabel='true', title=title or 'confusion matrix')
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out_png, 'confusion matrix')
     return Path(out_png)

@@ -16,7 +16,9 @@ import torch.nn as nn
 from torchvision import transforms as T
 
 from ..data.labels import class_names_for
-from ..models import CheckpointError, extract_state_dict, load_checkpoint, read_checkpoint
+from .._create import check_model_name
+from ..models import CheckpointError, extract_state_dict, load_checkpoint, read_checkpoint, read_weights
+from ..options import check_pretrained_flags
 from .config import ConfigError
 from .preflight import check_memory, check_model_kwargs
 from .build import eval_transform_for
@@ -195,10 +197,7 @@ def restore_model(
     timm ones their `args`; safetensors files written by `t2tvit export` store it as metadata), then from the
     model's pretrained_cfg. `RestoredModel.sources` says where each setting came from.
     """
-    if pretrained and checkpoint is not None:
-        raise ConfigError('give either --checkpoint FILE or --pretrained (the released weights of --model), not both')
-    if pretrained and not model:
-        raise ConfigError("--pretrained needs --model TAG, e.g. t2t_vit_14.in1k (timm.list_pretrained('t2t*'))")
+    check_pretrained_flags(checkpoint, pretrained, model)
     raw: Any = None
     facts: Dict[str, Any] = {}
     if checkpoint is not None:
@@ -227,7 +226,8 @@ def restore_model(
         kwargs['num_classes'], sources['num_classes'] = facts['num_classes'], found['num_classes']
     if kwargs.get('img_size'):
         check_memory(kwargs['img_size'], kwargs.get('in_chans', 3), 1)
-    net = _create_t2t_model(name, pretrained, kwargs)
+    release = _read_release(name) if pretrained else None
+    net = _create_t2t_model(name, release, kwargs)
     if raw is not None:
         try:
             load_checkpoint(net, raw)
@@ -251,8 +251,10 @@ def restore_model(
             sources[key] = cfg_name
     kwargs.update(img_size=built_size, in_chans=net.in_chans, num_classes=net.num_classes)
     classes = class_names_for(net.num_classes, facts.get('classes'), facts.get('dataset') or _dataset_of(cfg), labels)
-    if pretrained:
+    if release is not None:
         facts['release'] = f"{cfg.get('architecture', name)}.{cfg.get('tag')}"
+        # the release file's own record of its accuracy, as a checkpoint file's is read above
+        facts.update({k: v for k, v in checkpoint_facts(release).items() if k == 'recorded_top1'})
     where = checkpoint if checkpoint is not None else (f"{name} released weights ({cfg.get('url')})"
                                                         if pretrained else None)
     return RestoredModel(net, name, kwargs, preprocess, classes, where, facts, sources)
@@ -266,20 +268,31 @@ def _check_preprocess_args(img_size: Optional[int], in_chans: Optional[int], cro
         raise ConfigError(f'crop_pct {crop_pct!r}: give a number in (0, 1], or None to take the checkpoint\'s')
 
 
-def _create_t2t_model(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
-    """timm's model `name` (with its released weights when `pretrained`); refuses anything but a T2T-ViT."""
-    if pretrained and name not in timm.list_pretrained():
+def _read_release(name: str) -> Any:
+    """The release file of pretrained tag `name` (downloaded once), read weights-only; refuses a tag without one."""
+    if name not in timm.list_pretrained():
         base = name.partition('.')[0]
         tags = timm.list_pretrained(f'{base}.*')
         released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {base} were released'
         raise ConfigError(f"{name} has no weights to download ({released}; timm.list_pretrained('t2t*') lists "
                           f"every tag with weights)")
+    where, raw = read_weights(name)
     try:
-        net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'unknown model {name!r}; `t2tvit info` lists the registered ones') from e
-        raise
+        extract_state_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f'{where}: {e}') from e
+    return raw
+
+
+def _create_t2t_model(name: str, release: Any, kwargs: Dict[str, Any]) -> nn.Module:
+    """timm's model `name`, loaded with the weights of `release` (a release file as read) when given; refuses
+    anything but a T2T-ViT."""
+    check_model_name(name)
+    # timm's loader takes the weights from the cfg: its filter, classifier swap and strict load apply as usual
+    extra = {} if release is None else dict(
+        pretrained=True, pretrained_cfg_overlay=dict(state_dict=extract_state_dict(release)))
+    try:
+        net = timm.create_model(name, **extra, **kwargs)
     except TypeError as e:
         raise ConfigError(f'{name} does not take these arguments {kwargs}: {e}') from e
     except ValueError as e:  # the model refuses a value: its message names it and the allowed ones

@@ -39,7 +39,7 @@ from .build import (autocast_for, build_model, eval_transform_for, load_pretrain
                     train_transform_for, training_sets)
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
-from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast_flag, cleanup, collectives, init_distributed
 from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
 from .preflight import NonFiniteOutputError, check_run_folder
@@ -404,7 +404,7 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         last_micro = micro == config['accum_steps'] - 1
         sync = contextlib.nullcontext() if (last_micro or not info.distributed) else self.train_model.no_sync()
-        with sync:
+        with sync, collectives(info, "DDP's forward and backward (buffer and gradient exchange)"):
             with autocast_for(config['amp'], self.device):
                 loss = self.criterion(self.train_model(images), targets)
             scaled = loss / config['accum_steps']
@@ -463,7 +463,9 @@ class Trainer:
         budget_spent = self.budget_spent()
         stop_now = broadcast_flag(stop.signal is not None, self.info)
         mid_epoch = step < self.steps_per_epoch
-        if mid_epoch and (stop_now or budget_spent or self.global_step % self.config['ckpt_interval'] == 0):
+        # a stop in the epoch's last step saves it too: the run ends before end_epoch would; the rerun resumes
+        # after the epoch's last step and evaluates and saves the epoch as usual
+        if stop_now or (mid_epoch and (budget_spent or self.global_step % self.config['ckpt_interval'] == 0)):
             self.save(epoch, step)
         if stop_now or (budget_spent and mid_epoch):
             self.status = 'interrupted' if stop_now else 'budget'

@@ -21,6 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Attention, Block
 
+from ..errors import InputError
 from .blocks import DenseBlock, DenseTransition, GhostAttention, GhostMlp, SEAttention
 from .checkpoint import CheckpointError, checkpoint_filter_fn, download_checkpoint, extract_state_dict, read_checkpoint
 from .layers import SOFT_SPLITS, SoftSplits, TokenPerformer, TokenTransformer, sinusoid_table, token_grid_size
@@ -525,30 +526,23 @@ def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
     out_indices = kwargs.pop('out_indices', (0, 1, -1))
     if pretrained:
         kwargs = _read_pretrained(variant, kwargs)
-    try:
-        model = build_model_with_cfg(
-            T2TViT,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
-    except RuntimeError as e:
-        if 'No pretrained weights exist' in str(e):
-            tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg')).tag
-            tags = list_pretrained(f'{variant}.*')
-            released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {variant} were released'
-            raise RuntimeError(
-                f'{variant}.{tag} has no weights to download ({released}). Or pass a local file: '
-                f"create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH.pth.tar'))"
-            ) from e
-        raise
+    model = build_model_with_cfg(
+        T2TViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
     for m in (model, getattr(model, 'model', None)):  # the weights are loaded: keep the cfg small (features_only)
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict):
             cfg.pop('state_dict', None)
     return model
+
+
+class NoReleasedWeights(InputError, RuntimeError):
+    """`pretrained=True` for a tag with no weight source; a RuntimeError too, as timm's own refusal is."""
 
 
 def _read_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -569,7 +563,11 @@ def _read_pretrained(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     elif cfg.url:
         where, raw = download_checkpoint(cfg.url, cache_dir=kwargs.get('cache_dir'))
     else:
-        return kwargs  # timm raises 'No pretrained weights exist', reworded above
+        tags = list_pretrained(f'{variant}.*')
+        released = f"released weights: {', '.join(tags)}" if tags else f'no weights of {variant} were released'
+        raise NoReleasedWeights(
+            f'{variant}.{cfg.tag} has no weights to download ({released}). Or pass a local file: '
+            f"create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH.pth.tar'))")
     try:
         state_dict = extract_state_dict(raw)
     except CheckpointError as e:
