@@ -172,8 +172,14 @@ def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
     kwargs = dict(config['model_kwargs'])
     kwargs.setdefault('drop_path_rate', config['drop_path'])
     try:
-        return timm.create_model(config['model'], num_classes=num_classes, img_size=config['img_size'],
-                                 in_chans=config['in_chans'], **kwargs)
+        try:
+            return timm.create_model(config['model'], num_classes=num_classes, img_size=config['img_size'],
+                                     in_chans=config['in_chans'], **kwargs)
+        except TypeError as e:
+            if "'img_size'" not in str(e):
+                raise
+            # CNN builders (resnet18, mobilenetv2_100) take any image size and have no img_size argument
+            return timm.create_model(config['model'], num_classes=num_classes, in_chans=config['in_chans'], **kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ConfigError(f"unknown model {config['model']!r}; `t2tvit info` lists the registered ones") from e
