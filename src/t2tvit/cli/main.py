@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..options import DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError
-from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
+from ..tools.ablate_variants import (ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_VARIANTS,
+                                     SIZE_SWEEP_VARIANTS, NamedMappingOption)
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
 EXIT_UNEXPECTED = 1
@@ -156,17 +157,27 @@ VISUALIZE = (
 )
 
 ABLATE = (
-    _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below)',
-       choices=tuple(ABLATION_VARIANTS), metavar='A,B,...'),
+    _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below) or any timm model '
+       'name (built with the data set\'s image size, channels and classes)', metavar='A,B,...'),
     _O('dataset', 'choice', 'fashion_mnist', 'data set; image size, channels, normalisation and classes follow it '
        '(wds, hfds: those of the data set convert-data wrote them from)', choices=(*DATASET_DEFAULTS, 'wds', 'hfds')),
     _O('data', 'path', None, 'data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)',
        metavar='DIR'),
     _O('recipe', 'str', 'fashion_mnist', 'training recipe every variant shares', metavar='RECIPE'),
-    _O('epochs', 'int', DEFAULT_EPOCHS, 'epochs per variant', low=1),
-    _O('max_steps', 'int', None, 'optimizer steps per variant (a budget below --epochs)', low=1),
+    _O('max_steps', 'int', DEFAULT_STEPS, 'optimizer steps of every run: the same budget for every variant, seed and '
+       'training-set size', low=1),
     _O('batch_size', 'int', None, "global batch size (default: the recipe's: 64 for fashion_mnist)", low=1),
-    _O('seed', 'int', 0, 'seed of every run (data order, augmentation, dropout)', low=0, high=2 ** 63 - 1),
+    _O('seeds', 'ints', None, 'seeds, one run of every variant each; two or more give intervals (default: '
+       + ','.join(map(str, DEFAULT_SEEDS)) + ')', low=0, high=2 ** 63 - 1, metavar='S,T,...'),
+    _O('seed', 'int', None, 'one seed instead of --seeds (then every verdict is inconclusive)', low=0,
+       high=2 ** 63 - 1),
+    _O('train_images', 'str', 'all', 'training-set sizes, comma-separated: seeded subsets of the training split, or '
+       'all; the test split stays whole', metavar='N,M,...'),
+    _O('sweep_variants', 'names', None, 'the variants that train at every --train-images size (default: all; the '
+       'tokenizer comparison: ' + ','.join(SIZE_SWEEP_VARIANTS) + '); the others train at the largest only',
+       metavar='A,B,...'),
+    NamedMappingOption('model_kwargs', 'str', None, 'builder arguments of one variant, repeatable, e.g. '
+                       'deit_tiny_patch16_224="{patch_size: 4}"'),
     _O('scale', 'choice', 'small', 'small: every idea at the common small scale (28-32 px); paper: the registered '
        'builders', choices=('small', 'paper')),
     _O('img_size', 'int', None, "image size (default: the data set's)", low=1),
@@ -467,20 +478,25 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 # --- ablate -------------------------------------------------------------------------------------------------------
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    import shlex
     from ..tools.ablate import run_ablation
+    if args.seed is not None and args.seeds:
+        raise OptionError('give --seed N (one seed) or --seeds S,T,... , not both')
+    kwargs = dict(args.model_kwargs or [])
     result = run_ablation(
-        variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
-        img_size=args.img_size, name=args.name, output=args.output, device=args.device,
+        variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, max_steps=args.max_steps,
+        batch_size=args.batch_size, seeds=[args.seed] if args.seed is not None else (args.seeds or DEFAULT_SEEDS),
+        train_images=args.train_images.split(','), sweep_variants=args.sweep_variants, model_kwargs=kwargs,
+        scale=args.scale, img_size=args.img_size, name=args.name, output=args.output, device=args.device,
         throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
-        overrides=dict(args.set or []))
+        overrides=dict(args.set or []), command=shlex.join(['t2tvit', *sys.argv[1:]]))
     if result.files:
         print()
         print((result.folder / 'results.md').read_text())
         for path in result.files:
             print(f'wrote {path}')
     if result.interrupted:
-        print('interrupted: run the same command again to resume (finished variants are not trained again)',
+        print('interrupted: run the same command again to resume (finished runs are not trained again)',
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
@@ -488,13 +504,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _ablate_help() -> Tuple[str, str]:
     description = (
-        "Train a set of variants with one recipe on one data set (same seed, same budget), then measure each:\n"
-        "parameters (frozen tensors included, as the paper counts), MACs of one image (FLOPs / 2 from\n"
-        "torch.utils.flop_counter), inference images/s (a short timed loop) and top-1 on the validation/test\n"
-        "split. Writes OUTPUT/ablate-NAME/results.{json,md,png} with the paper's ImageNet numbers (Tables 6 and 7)\n"
-        "beside ours; each variant trains into OUTPUT/ablate-NAME/VARIANT, so rerunning resumes.\n\n"
+        "Train every variant once per seed with the same recipe, data and budget (the same number of optimizer\n"
+        "steps), score each run's final weights on the validation (test) split, and measure each variant:\n"
+        "parameters, MACs of one image (FLOPs / 2 from torch.utils.flop_counter) and inference images/s.\n"
+        "Writes OUTPUT/ablate-NAME/results.{json,md} and PNG figures: per variant the mean top-1 with its 95%\n"
+        "t-interval, the paired difference against t2t_vit_14, and a verdict (holds / does not hold /\n"
+        "inconclusive) on each claim of the paper's Tables 6-7. --train-images 2000,10000,all adds a\n"
+        "training-set-size sweep. Each run trains into OUTPUT/ablate-NAME/VARIANT/seedS-SIZE: rerunning resumes.\n\n"
         "Default: the 8 ideas below on Fashion-MNIST (data/fashion-mnist, 28 px, 1 channel), recipe fashion_mnist,\n"
-        "1 epoch each (937 steps of 64 images), small-scale builds; measured at 11.5 minutes on 2 CPU cores.")
+        f"seeds {','.join(map(str, DEFAULT_SEEDS))}, {DEFAULT_STEPS} steps of 64 images per run, small-scale builds "
+        "(docs/ablation.md: about 30 minutes on 2 CPU cores).")
     lines = ['variants (small-scale build; * = run by default):']
     for name, variant in ABLATION_VARIANTS.items():
         mark = '*' if name in DEFAULT_VARIANTS else ' '
