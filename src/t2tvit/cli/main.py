@@ -153,6 +153,10 @@ VISUALIZE = (
     _O('blocks', 'ints', None, 'blocks to show, counted from 0 (default: first, middle, last)', low=0,
        metavar='I,J,...'),
     _O('channels', 'int', 16, 'channels per feature map', low=1, high=4096),
+    _O('compare', 'str', None, "NAME[=CHECKPOINT],...: instead, the feature maps of several models side by side at "
+       "comparable depths (timm names, pretrained tags such as resnet50.a1_in1k, checkpoints or run folders), with "
+       "the share of invalid (zero or near-constant) channels of every layer in IMAGE_compare.json",
+       metavar='NAME[=CKPT],...'),
     FORCE,
 )
 
@@ -455,6 +459,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     from ..tools.visualize import SKIMAGE_PHOTOS, visualize
+    if args.compare is not None:
+        from ..tools.compare import compare, parse_compare
+        if len(args.images) != 1:
+            raise OptionError('--compare draws one image: give exactly one IMAGE')
+        stem, out = Path(args.images[0]).stem, Path(args.output)
+        check_outputs([out / f'{stem}_compare.png', out / f'{stem}_compare.json'], args.images, force=args.force)
+        record, files = compare(args.images[0], parse_compare(args.compare), args.output, channels=args.channels,
+                                command=' '.join(['t2tvit', *sys.argv[1:]]))
+        for row in record['models']:
+            print(f"{row['label']}: " + ', '.join(f"{layer['layer']} {100 * layer['invalid_share']:.0f}% invalid"
+                                               for layer in row['layers'] if layer['shown']))
+        for path in files:
+            print(f'wrote {path}')
+        return 0
     if args.checkpoint is None and args.model is None:
         raise OptionError('give --checkpoint FILE, or --model NAME to look at a randomly initialised model '
                           '(--model TAG --pretrained: its released weights)')

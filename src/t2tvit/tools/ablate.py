@@ -370,21 +370,11 @@ def run_ablation(
     return AblationResult(folder=study.folder, runs=runs, record=record, files=files, interrupted=interrupted)
 
 
-def _host() -> str:
-    """The CPU's model name (what `lscpu` prints), or the platform's processor string."""
-    import platform
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _setup(study: _Study, seeds: List[int], sizes: List[Any], sweep_variants: Optional[Sequence[str]], scale: str,
            throughput_batch: int, command: Optional[str]) -> Dict[str, Any]:
     import datetime
+
+    from .ablate_report import host_name
     shared = study.shared
     return dict(
         dataset=shared['dataset'], data=str(shared['data']) if shared['data'] else None, recipe=study.recipe,
@@ -396,6 +386,6 @@ def _setup(study: _Study, seeds: List[int], sizes: List[Any], sweep_variants: Op
         overrides={k: v for k, v in shared.items() if k not in ('dataset', 'data', 'img_size', 'in_chans', 'mean',
                                                                  'std', 'batch_size', 'device')},
         model_kwargs=study.kwargs, scale=scale, device=str(study.device), torch_threads=torch.get_num_threads(),
-        throughput_batch=throughput_batch, macs_convention=MACS_CONVENTION, host=_host(),
+        throughput_batch=throughput_batch, macs_convention=MACS_CONVENTION, host=host_name(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d'), command=command,
         paper='Yuan et al., ICCV 2021, Tables 6 and 7: ImageNet-1k top-1 at 224 px, trained from scratch')

@@ -21,7 +21,7 @@ from .ablate_build import idea_of
 from .paper import CLAIMS, DESIGN_STUDY
 from .stats import CONFIDENCE, EQUAL_MARGIN, paired_difference, summarize, verdict
 
-__all__ = ['build_record', 'write_tables', 'format_markdown', 'findings_table', 'study_table', 'sweep_table']
+__all__ = ['host_name', 'build_record', 'write_tables', 'format_markdown', 'findings_table', 'study_table', 'sweep_table']
 
 
 def _top1s(runs: Sequence[Any], variant: str, size: Any) -> Dict[int, float]:
@@ -71,6 +71,18 @@ def build_record(setup: Dict[str, Any], runs: Sequence[Any], measured: Dict[str,
                                   top1=[top1[k] for k in sorted(top1)], **summarize(list(top1.values()))))
     return dict(setup=dict(setup, confidence=CONFIDENCE, equal_margin=EQUAL_MARGIN), variants=list(rows.values()),
                 claims=_claims(rows, baseline), size_sweep=sweep, runs=[asdict(r) for r in runs])
+
+
+def host_name() -> str:
+    """The CPU's model name (what `lscpu` prints), or the platform's processor string."""
+    import platform
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --- tables ----------------------------------------------------------------------------------------------------------
