@@ -31,6 +31,7 @@ from ..data.datasets import STREAMING_DATASETS
 from ..data.streaming import stored_source
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
+from ..engine.preflight import check_memory
 from ..models import count_parameters
 from . import complexity
 from .ablate_build import build_variant, check_variant_input, check_variants, idea_of, variant_kwargs
@@ -278,6 +279,8 @@ def _prepare(variants, dataset, data, recipe, max_steps, batch_size, seeds, trai
     shared.update(overrides)
     probe = resolve_config(recipe, dict(shared, model=chosen[0]))
     shared['batch_size'] = probe['batch_size']
+    # an image size or batch too large for memory is refused before any model or data set is built
+    check_memory(probe['img_size'], probe['in_chans'], probe['batch_size'], pick_device(device).type)
     # fail before any training when the data is not there (the message names the files and where to put them)
     train_set = build_dataset(dataset, data, 'train', in_chans=probe['in_chans'], fake_image_size=probe['img_size'],
                               seed=0, fake_num_samples=probe['fake_num_samples'])

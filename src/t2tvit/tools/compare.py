@@ -29,6 +29,7 @@ from ..data.images import UNREADABLE_IMAGE_ERRORS, load_image
 from ..engine.config import ConfigError
 
 __all__ = ['CompareModel', 'parse_compare', 'load_compare_model', 'feature_maps', 'invalid_channels', 'compare',
+           'invalid_table',
            'ZERO_ABS', 'CONSTANT_REL', 'DEFAULT_DEPTHS']
 
 ZERO_ABS = 1e-6
@@ -178,6 +179,18 @@ def invalid_channels(fmap: torch.Tensor) -> Dict[str, Any]:
     channels = int(flat.shape[0])
     return dict(channels=channels, zero=int(zero.sum()), near_constant=int(constant.sum()),
                 invalid_share=float((zero | constant).sum()) / channels, median_spatial_std=median)
+
+
+def invalid_table(record: Dict[str, Any]) -> str:
+    """Markdown: per model and shown layer, its map shape and the zero / near-constant / invalid channels."""
+    lines = ['| model | weights | layer | depth | channels x h x w | zero | near-constant | invalid |',
+             '|---|---|---|---:|---|---:|---:|---:|']
+    for m in record['models']:
+        for layer in (x for x in m['layers'] if x['shown']):
+            lines.append(f"| `{m['model']}` | {m['weights']} | {layer['layer']} | {layer['depth']:.0%} "
+                         f"| {' x '.join(map(str, layer['shape']))} | {layer['zero']} | {layer['near_constant']} "
+                         f"| {layer['invalid_share']:.1%} |")
+    return '\n'.join(lines)
 
 
 def _mosaic(fmap: torch.Tensor, channels: int) -> np.ndarray:
