@@ -196,6 +196,7 @@ def test_macs_follow_the_papers_convention():
     (dict(variants=['test_vit']), r'test_vit cannot take 1x28x28 input .*patch_size: 4'),
     (dict(variants=['t2t_vit_14'], model_kwargs={'resnet18': {}}), 'names resnet18, which is not among --variants'),
     (dict(variants=['t2t_vit_14'], seeds=[]), 'give at least one seed'),
+    (dict(variants=['t2t_vit_14'], sweep_variants=['t2t_vit_p_14']), 'names t2t_vit_p_14, which is not among'),
 ])
 def test_bad_input_stops_before_any_training(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message) as raised:

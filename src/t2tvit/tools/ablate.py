@@ -352,6 +352,10 @@ def run_ablation(
     """
     from .ablate_report import build_record, write_tables
     seeds = [int(s) for s in dict.fromkeys(seeds)]
+    stray = [v for v in sweep_variants or [] if v not in variants]
+    if stray:
+        raise ConfigError(f'--sweep-variants names {", ".join(stray)}, which is not among --variants; give a subset '
+                          f'of --variants')
     study, chosen, sizes = _prepare(variants, dataset, data, recipe, max_steps, batch_size, seeds, train_images,
                                     model_kwargs, scale, img_size, name, output, device, overrides, log)
     setup = _setup(study, seeds, sizes, sweep_variants, scale, throughput_batch, command)

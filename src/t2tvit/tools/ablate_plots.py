@@ -100,12 +100,18 @@ def plot_sizes(record: Dict[str, Any], path: Path) -> Path:
     setup = record['setup']
     full = setup['train_split_images']
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for variant in dict.fromkeys(r['variant'] for r in record['size_sweep']):
+    sizes = []
+    for k, variant in enumerate(dict.fromkeys(r['variant'] for r in record['size_sweep'])):
         rows = [r for r in record['size_sweep'] if r['variant'] == variant]
         x = [full if r['train_images'] == 'all' else r['train_images'] for r in rows]
-        ax.errorbar(x, [r['mean'] for r in rows], yerr=_errors(rows), fmt='o-', capsize=3, label=variant)
+        sizes += x
+        dodge = 1.0 + 0.04 * (k - 1)  # side by side, so the intervals do not hide each other
+        ax.errorbar([v * dodge for v in x], [r['mean'] for r in rows], yerr=_errors(rows), fmt='o-', capsize=3,
+                    label=variant)
     ax.set_xscale('log')
-    ax.set_xlabel(f"training images (log scale; {full} = all)")
+    ax.set_xticks(sorted(set(sizes)), [str(v) for v in sorted(set(sizes))])
+    ax.minorticks_off()
+    ax.set_xlabel(f"training images (log scale; {full} = all; points of a size drawn side by side)")
     ax.set_ylabel(f"top-1 (%), mean and {setup['confidence']:.0%} t-interval")
     ax.set_title(f"top-1 against training-set size, {setup['max_steps']} steps per run")
     ax.legend(fontsize=8)
