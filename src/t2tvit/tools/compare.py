@@ -122,8 +122,9 @@ def _layers(model: nn.Module) -> List[Tuple[str, nn.Module, int]]:
         t2t = getattr(model, 'tokens_to_token', None)
         early = [(f'tokens_to_token.{n}', getattr(t2t, n), 0) for n in ('attention1', 'attention2')
                  if t2t is not None and hasattr(t2t, n)]
-        if not early and isinstance(getattr(model, 'patch_embed', None), nn.Module):
-            early = [('patch_embed', model.patch_embed, 0)]
+        for name in ('tokens_to_token', 'patch_embed'):  # else the tokenizer itself: patches or convolutions
+            if not early and isinstance(getattr(model, name, None), nn.Module):
+                early = [(name, getattr(model, name), 0)]
         return early + [(f'blocks.{i}', b, prefix) for i, b in enumerate(blocks)]
     info = getattr(model, 'feature_info', None)
     if info:
