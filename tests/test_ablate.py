@@ -257,3 +257,11 @@ def test_cli_runs_a_tiny_one_seed_study(capsys, tmp_path):
     record = _results(tmp_path)
     assert record['setup']['command'].startswith('t2tvit ') and record['setup']['seeds'] == [5]
     assert record['setup']['model_kwargs']['test_vit'] == {'patch_size': 7}
+
+
+def test_a_cnn_without_an_img_size_argument_builds_for_the_data_set():
+    """resnet18's builder has no img_size: the training engine builds it without one, at 1 channel, 10 classes."""
+    from t2tvit.tools.ablate_build import build_variant, check_variant_input
+    check_variant_input('resnet18', {}, 28, 1, 10)
+    model = build_variant('resnet18', {}, 28, 1, 10)
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 10
