@@ -274,6 +274,26 @@ def ablation_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
+def study_table(record: dict) -> str:
+    from t2tvit.tools.ablate_report import study_table as table
+    return table(record)
+
+
+def findings_table(record: dict) -> str:
+    from t2tvit.tools.ablate_report import findings_table as table
+    return table(record)
+
+
+def size_sweep_table(record: dict) -> str:
+    from t2tvit.tools.ablate_report import sweep_table as table
+    return table(record)
+
+
+def compare_table(record: dict) -> str:
+    from t2tvit.tools.compare import invalid_table
+    return invalid_table(record)
+
+
 def models_table(_: object = None) -> str:
     """The README's models table: every tag `t2tvit info` prints, its parameters and MACs recomputed from the code,
     and, for the tags with released weights (`RELEASES`, what `pretrained=True` downloads), their file and the
@@ -304,6 +324,8 @@ def models_table(_: object = None) -> str:
     return '\n'.join(rows)
 
 
+# the seeded design study behind docs/ablation.md's findings (`t2tvit ablate`, then `visualize --compare`)
+STUDY = 'ablate-fashion_mnist-2026-12-06.json'
 # name in docs -> (document, function, benchmark file)
 TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
@@ -311,6 +333,10 @@ TABLES = {
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
+    'study': ('docs/ablation.md', study_table, STUDY),
+    'findings': ('docs/ablation.md', findings_table, STUDY),
+    'size-sweep': ('docs/ablation.md', size_sweep_table, STUDY),
+    'compare': ('docs/ablation.md', compare_table, STUDY.replace('.json', '-compare.json')),
     'models': ('README.md', models_table, None),
 }
 

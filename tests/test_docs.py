@@ -151,3 +151,21 @@ def test_design_study_small_builds_table_is_the_codes():
                                       **ABLATION_VARIANTS[name].small_kwargs)
         total, _ = count_parameters(model)
         assert (f'{total / 1e6:.3f}', f'{count_macs(model, (1, 28, 28)) / 1e6:.1f}') == (cells[3], cells[4]), name
+
+
+def test_design_study_record_is_complete_and_its_verdicts_are_computed():
+    """The committed study behind docs/ablation.md: its budget, host, date and command are recorded, and every
+    verdict is what `stats.verdict` gives for the recorded interval (none typed by hand)."""
+    from t2tvit.tools.paper import CLAIMS
+    from t2tvit.tools.stats import summarize, verdict
+
+    record = docs_check.load_benchmark(docs_check.STUDY)
+    setup = record['setup']
+    assert setup['host'] and setup['date'] and setup['command'].startswith('t2tvit ablate')
+    assert len(setup['seeds']) >= 3 and len(setup['train_images']) >= 3 and setup['max_steps'] >= 1
+    assert {c['variant'] for c in record['claims']} == {c.variant for c in CLAIMS}
+    for claim in record['claims']:
+        assert verdict(claim['paper_difference'], claim['ci95'], claim['n']) == \
+            {'verdict': claim['verdict'], 'reason': claim['reason']}, claim['claim']
+    for row in record['variants']:
+        assert summarize(row['top1'])['ci95'] == row['ci95'], row['variant']

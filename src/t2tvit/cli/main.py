@@ -29,7 +29,8 @@ from ..errors import InputError, PeerLost, TrainingDiverged
 from ..options import (DATASET_NAMES, MESSAGE_MARK, RECIPE_OPTIONS, Option, OptionError, check_agreement,
                        check_weights_source)
 from ..outputs import command_outputs, unique_stems
-from ..tools.ablate_variants import ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS
+from ..tools.ablate_variants import (ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_VARIANTS,
+                                     SIZE_SWEEP_VARIANTS, NamedMappingOption)
 
 EXIT_ERROR = 2  # bad input: option, config, data, checkpoint
 EXIT_UNEXPECTED = 1
@@ -162,21 +163,35 @@ VISUALIZE = (
     _O('blocks', 'ints', None, 'blocks to show, counted from 0 (default: first, middle, last)', low=0,
        metavar='I,J,...'),
     _O('channels', 'int', 16, 'channels per feature map', low=1, high=4096),
+    _O('compare', 'str', None, "NAME[=CHECKPOINT],...: instead, the feature maps of several models side by side at "
+       "comparable depths (timm names, pretrained tags such as resnet50.a1_in1k, checkpoints or run folders), with "
+       "the share of invalid (zero or near-constant) channels of every layer in IMAGE_compare.json",
+       metavar='NAME[=CKPT],...'),
     FORCE,
 )
 
 ABLATE = (
-    _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below)',
-       choices=tuple(ABLATION_VARIANTS), metavar='A,B,...'),
+    _O('variants', 'names', list(DEFAULT_VARIANTS), 'comma-separated variant names (listed below) or any timm model '
+       'name (built with the data set\'s image size, channels and classes)', metavar='A,B,...'),
     _O('dataset', 'choice', 'fashion_mnist', 'data set; image size, channels, normalisation and classes follow it '
        '(wds, hfds: those of the data set convert-data wrote them from)', choices=(*DATASET_DEFAULTS, 'wds', 'hfds')),
     _O('data', 'path', None, 'data set folder (default: data/fashion-mnist for fashion_mnist; needed for the others)',
        metavar='DIR'),
     _O('recipe', 'str', 'fashion_mnist', 'training recipe every variant shares', metavar='RECIPE'),
-    _O('epochs', 'int', DEFAULT_EPOCHS, 'epochs per variant', low=1),
-    _O('max_steps', 'int', None, 'optimizer steps per variant (a budget below --epochs)', low=1),
+    _O('max_steps', 'int', DEFAULT_STEPS, 'optimizer steps of every run: the same budget for every variant, seed and '
+       'training-set size', low=1),
     _O('batch_size', 'int', None, "global batch size (default: the recipe's: 64 for fashion_mnist)", low=1),
-    _O('seed', 'int', 0, 'seed of every run (data order, augmentation, dropout)', low=0, high=2 ** 63 - 1),
+    _O('seeds', 'ints', None, 'seeds, one run of every variant each; two or more give intervals (default: '
+       + ','.join(map(str, DEFAULT_SEEDS)) + ')', low=0, high=2 ** 63 - 1, metavar='S,T,...'),
+    _O('seed', 'int', None, 'one seed instead of --seeds (then every verdict is inconclusive)', low=0,
+       high=2 ** 63 - 1),
+    _O('train_images', 'str', 'all', 'training-set sizes, comma-separated: seeded subsets of the training split, or '
+       'all; the test split stays whole', metavar='N,M,...'),
+    _O('sweep_variants', 'names', None, 'the variants that train at every --train-images size (default: all; the '
+       'tokenizer comparison: ' + ','.join(SIZE_SWEEP_VARIANTS) + '); the others train at the largest only',
+       metavar='A,B,...'),
+    NamedMappingOption('model_kwargs', 'str', None, 'builder arguments of one variant, repeatable, e.g. '
+                       'deit_tiny_patch16_224="{patch_size: 4}"'),
     _O('scale', 'choice', 'small', 'small: every idea at the common small scale (28-32 px); paper: the registered '
        'builders', choices=('small', 'paper')),
     _O('img_size', 'int', None, "image size (default: the data set's)", low=1),
@@ -460,9 +475,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visualize_compare(args: argparse.Namespace) -> int:
+    """`visualize IMAGE --compare A,B,...`: the models' feature maps side by side, with their invalid channels."""
+    from ..engine.preflight import check_outputs
+    from ..tools.compare import compare, parse_compare
+    if len(args.images) != 1:
+        raise OptionError('--compare draws one image: give exactly one IMAGE')
+    stem, out = Path(args.images[0]).stem, Path(args.output)
+    check_outputs([out / f'{stem}_compare.png', out / f'{stem}_compare.json'], args.images, force=args.force)
+    record, files = compare(args.images[0], parse_compare(args.compare), args.output, channels=args.channels,
+                            command=' '.join(['t2tvit', *sys.argv[1:]]))
+    for row in record['models']:
+        print(f"{row['label']}: " + ', '.join(f"{layer['layer']} {100 * layer['invalid_share']:.0f}% invalid"
+                                           for layer in row['layers'] if layer['shown']))
+    for path in files:
+        print(f'wrote {path}')
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ..engine.preflight import check_outputs
     from ..tools.visualize import SKIMAGE_PHOTOS, visualize
+    if args.compare is not None:
+        return _visualize_compare(args)
     check_weights_source(args.checkpoint, args.pretrained, args.model, random_use='look at')
     stems = unique_stems([Path(p).stem for p in args.images] or list(SKIMAGE_PHOTOS))  # the names visualize writes
     out = Path(args.output)
@@ -484,21 +519,26 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 # --- ablate -------------------------------------------------------------------------------------------------------
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    import shlex
     from ..tools.ablate import run_ablation
     _device(args.device)
+    if args.seed is not None and args.seeds:
+        raise OptionError('give --seed N (one seed) or --seeds S,T,... , not both')
+    kwargs = dict(args.model_kwargs or [])
     result = run_ablation(
-        variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, scale=args.scale,
-        img_size=args.img_size, name=args.name, output=args.output, device=args.device,
+        variants=args.variants, dataset=args.dataset, data=args.data, recipe=args.recipe, max_steps=args.max_steps,
+        batch_size=args.batch_size, seeds=[args.seed] if args.seed is not None else (args.seeds or DEFAULT_SEEDS),
+        train_images=args.train_images.split(','), sweep_variants=args.sweep_variants, model_kwargs=kwargs,
+        scale=args.scale, img_size=args.img_size, name=args.name, output=args.output, device=args.device,
         throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
-        overrides=dict(args.set or []), force=args.force)
+        overrides=dict(args.set or []), command=shlex.join(['t2tvit', *sys.argv[1:]]), force=args.force)
     if result.files:
         print()
         print((result.folder / 'results.md').read_text())
         for path in result.files:
             print(f'wrote {path}')
     if result.interrupted:
-        print('interrupted: run the same command again to resume (finished variants are not trained again)',
+        print('interrupted: run the same command again to resume (finished runs are not trained again)',
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
@@ -506,13 +546,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _ablate_help() -> Tuple[str, str]:
     description = (
-        "Train a set of variants with one recipe on one data set (same seed, same budget), then measure each:\n"
-        "parameters (frozen tensors included, as the paper counts), MACs of one image (FLOPs / 2 from\n"
-        "torch.utils.flop_counter), inference images/s (a short timed loop) and top-1 on the validation/test\n"
-        "split. Writes OUTPUT/ablate-NAME/results.{json,md,png} with the paper's ImageNet numbers (Tables 6 and 7)\n"
-        "beside ours; each variant trains into OUTPUT/ablate-NAME/VARIANT, so rerunning resumes.\n\n"
+        "Train every variant once per seed with the same recipe, data and budget (the same number of optimizer\n"
+        "steps), score each run's final weights on the validation (test) split, and measure each variant:\n"
+        "parameters, MACs of one image (FLOPs / 2 from torch.utils.flop_counter) and inference images/s.\n"
+        "Writes OUTPUT/ablate-NAME/results.{json,md} and PNG figures: per variant the mean top-1 with its 95%\n"
+        "t-interval, the paired difference against t2t_vit_14, and a verdict (holds / does not hold /\n"
+        "inconclusive) on each claim of the paper's Tables 6-7. --train-images 2000,10000,all adds a\n"
+        "training-set-size sweep. Each run trains into OUTPUT/ablate-NAME/VARIANT/seedS-SIZE: rerunning resumes.\n\n"
         "Default: the 8 ideas below on Fashion-MNIST (data/fashion-mnist, 28 px, 1 channel), recipe fashion_mnist,\n"
-        "1 epoch each (937 steps of 64 images), small-scale builds; measured at 11.5 minutes on 2 CPU cores.")
+        f"seeds {','.join(map(str, DEFAULT_SEEDS))}, {DEFAULT_STEPS} steps of 64 images per run, small-scale builds "
+        "(docs/ablation.md: about 30 minutes on 2 CPU cores).")
     lines = ['variants (small-scale build; * = run by default):']
     for name, variant in ABLATION_VARIANTS.items():
         mark = '*' if name in DEFAULT_VARIANTS else ' '

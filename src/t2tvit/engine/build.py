@@ -25,9 +25,14 @@ def build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
     kwargs = dict(config['model_kwargs'])
     kwargs.setdefault('drop_path_rate', config['drop_path'])
     check_model_name(config['model'])
+    args = dict(num_classes=num_classes, in_chans=config['in_chans'], **kwargs)
     try:
-        return timm.create_model(config['model'], num_classes=num_classes, img_size=config['img_size'],
-                                 in_chans=config['in_chans'], **kwargs)
+        try:
+            return timm.create_model(config['model'], img_size=config['img_size'], **args)
+        except TypeError:
+            # CNN builders (resnet18, mobilenetv2_100) take any image size and have no img_size argument; any
+            # other refused argument fails again below, and its message names it
+            return timm.create_model(config['model'], **args)
     except (TypeError, ValueError) as e:  # the builder refuses an argument: its message names it
         raise ConfigError(f"cannot build {config['model']} with model_kwargs {config['model_kwargs']}: {e}") from e
 

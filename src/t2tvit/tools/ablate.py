@@ -1,9 +1,12 @@
-"""`t2tvit ablate`: the paper's design study (Tables 6 and 7) rerun on one small data set, one recipe, one budget.
+"""`t2tvit ablate`: the paper's design study (Tables 6 and 7) rerun on one small data set, one recipe, one budget,
+with several seeds, training-set sizes and timm baselines.
 
-Each variant is trained by the ordinary training engine into `OUTPUT/ablate-NAME/VARIANT` (so an interrupted
-ablation resumes where it stopped), then measured the same way: parameters, MACs of one image, inference images/s
-and top-1 on the validation (test) split. The results go to `results.json`, `results.md` and `results.png` beside
-the runs, with the paper's ImageNet numbers for each idea printed next to ours for reference.
+Every run (variant, seed, training-set size) is trained by the ordinary training engine into
+`OUTPUT/ablate-NAME/VARIANT/seedS-SIZE` for the same number of optimizer steps, and its final weights are scored on
+the validation (test) split; nothing is selected on it. Rerunning the same command skips finished runs and resumes
+the one it stopped in. Each variant is measured once: parameters, MACs of one image, inference images/s.
+`t2tvit.tools.ablate_report` turns the runs into `results.json` / `results.md` / PNG figures: per-variant means
+with t-intervals, paired differences against the baseline, and a verdict on each claim of the paper.
 
 Small scale: the paper's models are built for 224 px ImageNet. For 28-32 px images every idea is built at one
 common small scale (the `small_kwargs` of each entry of `ABLATION_VARIANTS`): the T2T-ViT-14 baseline becomes
@@ -16,11 +19,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -29,17 +31,21 @@ from ..data.datasets import STREAMING_DATASETS
 from ..data.streaming import stored_source
 from ..engine.config import ConfigError, resolve_config
 from ..engine.distributed import pick_device
+from ..engine.checkpointing import atomic_write
+from ..engine.preflight import check_memory
 from ..models import count_parameters
 from ..outputs import claim_all
 from . import complexity
+from .ablate_build import build_variant, check_variant_input, check_variants, idea_of, variant_kwargs
 from .ablate_variants import (  # noqa: F401  (part of this module's interface)
-    ABLATION_VARIANTS, DATASET_DEFAULTS, DEFAULT_EPOCHS, DEFAULT_VARIANTS, SMALL_BASE, AblationVariant)
-from .paper import DESIGN_STUDY, PaperResult
+    ABLATION_VARIANTS, BASELINE, DATASET_DEFAULTS, DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_VARIANTS, SMALL_BASE,
+    WARMUP_FRACTION, AblationVariant)
 
-__all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DATASET_DEFAULTS', 'VariantResult',
-           'AblationResult', 'run_ablation', 'count_macs', 'images_per_second', 'write_tables']
+__all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DATASET_DEFAULTS', 'RunRecord',
+           'AblationResult', 'run_ablation', 'count_macs', 'images_per_second', 'parse_sizes']
 
-_SET_BY_ABLATE = ('model', 'model_kwargs', 'run_name', 'output', 'pretrained')
+_SET_BY_ABLATE = ('model', 'model_kwargs', 'run_name', 'output', 'pretrained', 'seed', 'max_steps', 'epochs',
+                  'val_holdout', 'eval_interval')
 
 MACS_CONVENTION = ('MACs = FLOPs / 2 from torch.utils.flop_counter over one forward pass of one image: matrix '
                    'products and convolutions, attention included (t2tvit.tools.complexity, convention "all"); '
@@ -49,26 +55,23 @@ MACS_CONVENTION = ('MACs = FLOPs / 2 from torch.utils.flop_counter over one forw
 
 
 @dataclass
-class VariantResult:
+class RunRecord:
+    """One training run and the top-1 of its final weights on the validation (test) split."""
     variant: str
-    idea: str
-    params_total: int
-    params_trainable: int
-    macs: int
-    images_per_s: float
+    seed: int
+    train_images: Union[int, str]  # a seeded subset of the training split, or 'all' of it
     top1: Optional[float]
-    status: str  # 'finished', 'budget' (max_steps), 'diverged'
+    status: str  # 'budget' (max_steps reached), 'finished', 'diverged'
     global_step: int
     run_dir: str
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    paper: Optional[Dict[str, Any]] = None
+    seconds: Optional[float] = None
 
 
 @dataclass
 class AblationResult:
     folder: Path
-    results: List[VariantResult]
-    setup: Dict[str, Any]
+    runs: List[RunRecord]
+    record: Dict[str, Any]  # what results.json holds
     files: List[Path]
     interrupted: bool = False
 
@@ -102,102 +105,151 @@ def images_per_second(model: nn.Module, input_size: Sequence[int], batch_size: i
                 return images / elapsed
 
 
-# --- the run ---------------------------------------------------------------------------------------------------------
 
-def _check_variants(variants: Sequence[str]) -> List[str]:
-    chosen = list(dict.fromkeys(v.strip() for v in variants if v.strip()))
+def parse_sizes(sizes: Sequence[Union[int, str]], available: int, batch_size: int) -> List[Union[int, str]]:
+    """Training-set sizes, smallest first, 'all' (the whole training split) last; each checked against the data."""
+    chosen: List[Union[int, str]] = []
+    for size in sizes:
+        text = str(size).strip().lower()
+        if text == 'all':
+            value: Union[int, str] = 'all'
+        elif text.isdigit() and int(text) > 0:
+            value = int(text)
+        else:
+            raise ConfigError(f'--train-images {size!r}: give whole numbers of training images or all, e.g. '
+                              f'2000,10000,all')
+        if isinstance(value, int) and value > available:
+            raise ConfigError(f'--train-images {value} is more than the {available} training images of the data set; '
+                              f'give sizes up to {available}, or all')
+        if isinstance(value, int) and value < batch_size:
+            raise ConfigError(f'--train-images {value} is fewer than one batch ({batch_size} images); give at least '
+                              f'{batch_size}, or lower --batch-size')
+        if value not in chosen:
+            chosen.append(value)
     if not chosen:
-        raise ConfigError(f'no variants given; choose from: {", ".join(ABLATION_VARIANTS)}')
-    unknown = [v for v in chosen if v not in ABLATION_VARIANTS]
-    if unknown:
-        raise ConfigError(f'unknown variant(s) {", ".join(unknown)}; the ablation knows {", ".join(ABLATION_VARIANTS)} '
-                          f'(pass them comma-separated to --variants)')
-    return chosen
+        raise ConfigError('--train-images: give at least one size, e.g. all')
+    return sorted(chosen, key=lambda v: available + 1 if v == 'all' else v)
 
 
-def _model_kwargs(variant: str, scale: str) -> Dict[str, Any]:
-    if scale == 'paper':
-        return {}
-    kwargs = dict(ABLATION_VARIANTS[variant].small_kwargs)
-    if 'soft_splits' in kwargs:  # as YAML-friendly lists, the way the run's config.yaml stores them
-        kwargs['soft_splits'] = [list(split) for split in kwargs['soft_splits']]
-    if 'block_config' in kwargs:
-        kwargs['block_config'] = list(kwargs['block_config'])
-    return kwargs
+@dataclass
+class _Study:
+    """What every run of one study shares."""
+    folder: Path
+    recipe: str
+    shared: Dict[str, Any]  # recipe keys of every run
+    train_size: int  # images in the whole training split
+    num_classes: int
+    max_steps: int
+    kwargs: Dict[str, Dict[str, Any]]  # builder arguments per variant
+    device: torch.device
+    log: Callable[[str], None]
+    force: bool = False  # replace the files of runs that are not being resumed
 
 
-def _top1_of_run(config: Dict[str, Any], run_dir: Path, result, log: Callable[[str], None]) -> float:
-    """The final weights' top-1: from the run's own last evaluation, or (budget stop, resumed run) by evaluating
-    last.pth; cached per global step so a rerun of a finished ablation does not evaluate again."""
-    cache = run_dir / 'ablation_top1.json'
-    if result.final_eval:
-        top1 = result.final_eval['top1']
-    elif cache.is_file() and json.loads(cache.read_text()).get('global_step') == result.global_step:
-        return json.loads(cache.read_text())['top1']
+def _run_config(study: _Study, variant: str, seed: int, size: Union[int, str]) -> Dict[str, Any]:
+    """The recipe of one run: a seeded subset is the training split minus `val_holdout` images held out by seed
+    (never read: evaluation during training is off), so the test split stays whole and untouched until scoring."""
+    images = study.train_size if size == 'all' else int(size)
+    steps_per_epoch = max(1, images // study.shared['batch_size'])
+    overrides = dict(
+        study.shared, model=variant, model_kwargs=study.kwargs[variant], seed=seed, max_steps=study.max_steps,
+        output=str(study.folder / variant), run_name=f'seed{seed}-{size}',
+        val_holdout=study.train_size - images,
+        epochs=study.max_steps // steps_per_epoch + 1,  # the step budget, not the epoch count, ends every run
+        eval_interval=10 ** 9)
+    overrides.setdefault('sched', 'constant')
+    overrides.setdefault('warmup_epochs', WARMUP_FRACTION * study.max_steps / steps_per_epoch)
+    config = resolve_config(study.recipe, overrides)
+    config['num_classes'] = study.num_classes
+    return config
+
+
+def _score(config: Dict[str, Any], run_dir: Path, num_classes: int, device: torch.device) -> float:
+    """Top-1 of the run's final weights (last.pth) on the data set's validation (test) split."""
+    from torch.utils.data import DataLoader
+
+    from ..engine.build import eval_transform_for, fake_split_size
+    from ..engine.evaluate import evaluate
+    from ..models import read_checkpoint
+    model = build_variant(config['model'], config['model_kwargs'], config['img_size'], config['in_chans'],
+                          num_classes)
+    model.load_state_dict(read_checkpoint(run_dir / 'last.pth')['state_dict'])
+    test_set = build_dataset(
+        config['dataset'], config['data'], 'val', transform=eval_transform_for(config, model),
+        in_chans=config['in_chans'], fake_num_samples=fake_split_size(config['fake_num_samples'], 'val'),
+        fake_num_classes=num_classes, fake_image_size=config['img_size'], seed=config['seed'])
+    loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=0)
+    return evaluate(model.to(device), loader, device, num_classes)['top1']
+
+
+def _train_run(config: Dict[str, Any], force: bool = False):
+    """The training engine's `train` (a seam for tests that interrupt a study)."""
+    from ..engine.train import train
+    return train(config, resume='auto', force=force)
+
+
+def _run_one(study: _Study, variant: str, seed: int, size: Union[int, str]) -> Optional[RunRecord]:
+    """Train (or resume, or skip when done) one run and score it; None when it was interrupted."""
+    from ..errors import TrainingDiverged
+    config = _run_config(study, variant, seed, size)
+    run_dir = Path(config['output']) / config['run_name']
+    done = run_dir / 'ablation_run.json'
+    if done.is_file():
+        record = RunRecord(**json.loads(done.read_text()))
+        if record.global_step == study.max_steps or record.status == 'diverged':
+            return record
+    study.log(f'--- {variant}, seed {seed}, {size} training images -> {run_dir}')
+    start = time.time()
+    try:
+        result = _train_run(config, study.force)
+    except TrainingDiverged as e:
+        study.log(f'{variant} diverged: {e}')
+        record = RunRecord(variant, seed, size, None, 'diverged', 0, str(run_dir))
     else:
-        from ..engine.evaluate import evaluate_checkpoint
-        log(f'evaluating {run_dir / "last.pth"} (global step {result.global_step})')
-        top1 = evaluate_checkpoint(
-            str(run_dir / 'last.pth'), config['data'], dataset=config['dataset'], split='val',
-            batch_size=config['batch_size'], workers=config['workers'], device=config['device'])['top1']
-    cache.write_text(json.dumps({'global_step': result.global_step, 'top1': top1}))
-    return top1
+        if result.status == 'interrupted':
+            return None
+        top1 = _score(config, run_dir, study.num_classes, study.device)
+        record = RunRecord(variant, seed, size, top1, result.status, result.global_step, str(run_dir),
+                           round(time.time() - start, 1))
+        study.log(f'{variant}, seed {seed}, {size}: top-1 {top1:.2f}% after {result.global_step} steps')
+    done.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(done, asdict(record))
+    return record
 
 
-def _claim_tables(folder: Path, variants: Sequence[str], force: bool) -> None:
-    """The tables of a fresh ablation are outputs like any other; those of one being resumed (a variant folder
-    holds last.pth) are its own, rewritten as it goes."""
-    if not any((folder / v / 'last.pth').exists() for v in variants):
-        claim_all([folder / f'results{suffix}' for suffix in ('.json', '.md', '.png')], force=force)
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(value).encode()), 'study record')
 
 
-def run_ablation(
-        variants: Sequence[str] = DEFAULT_VARIANTS,
-        dataset: str = 'fashion_mnist',
-        data: Optional[str] = None,
-        recipe: str = 'fashion_mnist',
-        epochs: int = DEFAULT_EPOCHS,
-        max_steps: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        seed: int = 0,
-        scale: str = 'small',
-        img_size: Optional[int] = None,
-        name: Optional[str] = None,
-        output: str = 'runs',
-        device: str = 'auto',
-        throughput_batch: int = 64,
-        throughput_seconds: float = 3.0,
-        overrides: Optional[Dict[str, Any]] = None,
-        log: Callable[[str], None] = print,
-        force: bool = False,
-) -> AblationResult:
-    """Train every variant with the same recipe, data, seed and budget; measure them; write the tables.
+def _measure(study: _Study, variant: str, throughput_batch: int, throughput_seconds: float) -> Dict[str, Any]:
+    """Params, MACs and inference images/s of one variant; kept in VARIANT/measure.json so a rerun reuses them."""
+    shared = study.shared
+    key = dict(kwargs=study.kwargs[variant], img_size=shared['img_size'], in_chans=shared['in_chans'],
+               num_classes=study.num_classes, throughput_batch=throughput_batch, device=str(study.device))
+    cache = study.folder / variant / 'measure.json'
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get('key') == key:
+            return cached['measured']
+    model = build_variant(variant, study.kwargs[variant], shared['img_size'], shared['in_chans'],
+                          study.num_classes).to(study.device)
+    input_size = (shared['in_chans'], shared['img_size'], shared['img_size'])
+    total, trainable = count_parameters(model)
+    measured = dict(params_total=total, params_trainable=trainable, macs=count_macs(model, input_size),
+                    images_per_s=images_per_second(model, input_size, throughput_batch, throughput_seconds,
+                                                   study.device))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(cache, {'key': key, 'measured': measured})
+    return measured
 
-    Args:
-        variants: Names from `ABLATION_VARIANTS`.
-        dataset, data: A data set of `DATASET_DEFAULTS` and its folder (Fashion-MNIST defaults to
-            data/fashion-mnist); image size, channels, normalisation and class count follow the data set.
-        recipe: The training recipe every variant shares (the small-image demo recipe by default).
-        epochs, max_steps, batch_size, seed: The shared budget and seed (batch size: the recipe's when None).
-        scale: 'small' (the common small-scale builds, for 28-32 px) or 'paper' (the registered builders as they
-            are, for 224 px data).
-        img_size: Overrides the data set's image size.
-        name: Results go to OUTPUT/ablate-NAME (default: the data set's name), each run to its VARIANT folder.
-        throughput_batch, throughput_seconds: The timed inference loop.
-        overrides: Any other recipe keys (e.g. {'lr': 1e-3}).
-        force: Replace the files of an ablation (or variant) folder that is not being resumed.
-    """
-    chosen = _check_variants(variants)
+
+def _data_facts(dataset: str, data: Optional[str], scale: str, img_size: Optional[int]) -> Tuple[Dict[str, Any], Any]:
+    """(image size, channels, normalisation, classes, folder) of the data set, and its folder."""
     if dataset not in DATASET_DEFAULTS and dataset not in STREAMING_DATASETS:
         raise ConfigError(f'unknown dataset {dataset!r}; choose one of '
                           f'{", ".join([*DATASET_DEFAULTS, *STREAMING_DATASETS])}')
     if scale not in ('small', 'paper'):
         raise ConfigError(f"scale must be 'small' or 'paper', got {scale!r}")
-    overrides = dict(overrides or {})
-    clash = sorted(set(overrides) & set(_SET_BY_ABLATE))
-    if clash:
-        raise ConfigError(f'the ablation sets {", ".join(clash)} itself for every variant; use --variants, --scale, '
-                          f'--name and --output instead')
     if dataset in STREAMING_DATASETS:
         if data is None:
             raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
@@ -208,146 +260,153 @@ def run_ablation(
     data = data or facts['data']
     if data is None and dataset != 'fake':
         raise ConfigError(f'--dataset {dataset} needs its folder: pass --data DIR')
-    size = img_size or (224 if scale == 'paper' and dataset == 'imagefolder' else facts['img_size'])
-    folder = Path(output) / f'ablate-{name or dataset}'
-    _claim_tables(folder, chosen, force)
+    facts['img_size'] = img_size or (224 if scale == 'paper' and dataset == 'imagefolder' else facts['img_size'])
+    return facts, data
 
-    shared = dict(
-        dataset=dataset, data=data, img_size=size, in_chans=facts['in_chans'], mean=list(facts['mean']),
-        std=list(facts['std']), epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
-        device=device, output=str(folder),
-        val_holdout=0)  # the table reports final weights on the validation split: nothing is selected on it
+
+def _prepare(variants, dataset, data, recipe, max_steps, batch_size, seeds, train_images, model_kwargs, scale,
+             img_size, name, output, device, overrides, log) -> Tuple[_Study, List[str], List[Any]]:
+    """Check every input and the data before anything trains; the study's shared settings."""
+    chosen = check_variants(variants, model_kwargs)
+    if not seeds:
+        raise ConfigError('--seeds: give at least one seed, e.g. 0,1,2')
+    overrides = dict(overrides or {})
+    clash = sorted(set(overrides) & set(_SET_BY_ABLATE))
+    if clash:
+        raise ConfigError(f'the ablation sets {", ".join(clash)} itself for every run; use --variants, --seeds, '
+                          f'--max-steps, --train-images, --model-kwargs, --name and --output instead')
+    facts, data = _data_facts(dataset, data, scale, img_size)
+    shared = dict(dataset=dataset, data=data, img_size=facts['img_size'], in_chans=facts['in_chans'],
+                  mean=list(facts['mean']), std=list(facts['std']), batch_size=batch_size, device=device)
     shared.update(overrides)
     probe = resolve_config(recipe, dict(shared, model=chosen[0]))
+    shared['batch_size'] = probe['batch_size']
+    # an image size or batch too large for memory is refused before any model or data set is built
+    check_memory(probe['img_size'], probe['in_chans'], probe['batch_size'], pick_device(device).type)
     # fail before any training when the data is not there (the message names the files and where to put them)
-    train_set = build_dataset(dataset, data, 'train', in_chans=probe['in_chans'], fake_image_size=size, seed=seed,
-                              fake_num_samples=probe['fake_num_samples'])
-    build_dataset(dataset, data, 'val', in_chans=probe['in_chans'], fake_image_size=size, seed=seed,
+    train_set = build_dataset(dataset, data, 'train', in_chans=probe['in_chans'], fake_image_size=probe['img_size'],
+                              seed=0, fake_num_samples=probe['fake_num_samples'])
+    build_dataset(dataset, data, 'val', in_chans=probe['in_chans'], fake_image_size=probe['img_size'], seed=0,
                   fake_num_samples=probe['fake_num_samples'])
-    num_classes = overrides.get('num_classes', facts['num_classes'])  # None: the data set's count
-
-    measure_device = pick_device(device)
-    setup = dict(
-        dataset=dataset, data=str(data) if data else None, recipe=recipe, img_size=size, in_chans=probe['in_chans'],
-        epochs=probe['epochs'], max_steps=probe['max_steps'], batch_size=probe['batch_size'], seed=seed,
-        scale=scale, device=str(measure_device), torch_threads=torch.get_num_threads(),
-        throughput_batch=throughput_batch, macs_convention=MACS_CONVENTION,
-        paper='Yuan et al., ICCV 2021, Tables 6 and 7: ImageNet-1k top-1 at 224 px, trained from scratch')
-    results: List[VariantResult] = []
-    interrupted = False
-
-    from ..engine.train import TrainingDiverged, train
+    sizes = parse_sizes(train_images, len(train_set), probe['batch_size'])
+    num_classes = overrides.get('num_classes') or facts['num_classes'] or train_set.num_classes
+    kwargs = {v: variant_kwargs(v, scale, model_kwargs) for v in chosen}
     for variant in chosen:
-        kwargs = _model_kwargs(variant, scale)
-        config = resolve_config(recipe, dict(shared, model=variant, model_kwargs=kwargs, run_name=variant))
-        config['num_classes'] = num_classes  # set after resolving: the recipe's 10 must give way to None too
-        run_dir = folder / variant
-        log(f'--- {variant}: {ABLATION_VARIANTS[variant].idea} -> {run_dir}')
-        status, top1, global_step = 'finished', None, 0
-        try:
-            result = train(config, resume='auto', force=force)
-        except TrainingDiverged as e:
-            log(f'{variant} diverged: {e}')
-            status = 'diverged'
-        else:
-            if result.status == 'interrupted':
-                interrupted = True
-                break
-            status, global_step = result.status, result.global_step
-            top1 = _top1_of_run(config, run_dir, result, log)
-
-        model = timm.create_model(variant, num_classes=num_classes or train_set.num_classes, img_size=size,
-                                  in_chans=config['in_chans'], **kwargs).to(measure_device)
-        input_size = (config['in_chans'], size, size)
-        total, trainable = count_parameters(model)
-        paper: Optional[PaperResult] = DESIGN_STUDY.get(variant)
-        results.append(VariantResult(
-            variant=variant, idea=ABLATION_VARIANTS[variant].idea, params_total=total, params_trainable=trainable,
-            macs=count_macs(model, input_size),
-            images_per_s=images_per_second(model, input_size, throughput_batch, throughput_seconds, measure_device),
-            top1=top1, status=status, global_step=global_step, run_dir=str(run_dir), model_kwargs=kwargs,
-            paper=asdict(paper) if paper else None))
-        r = results[-1]
-        log(f'{variant}: {r.params_total / 1e6:.3f}M params, {r.macs / 1e6:.1f}M MACs, {r.images_per_s:.0f} images/s, '
-            f'top-1 {"-" if top1 is None else f"{top1:.2f}%"}')
-
-    files = write_tables(folder, results, setup) if results else []
-    return AblationResult(folder=folder, results=results, setup=setup, files=files, interrupted=interrupted)
+        check_variant_input(variant, kwargs[variant], probe['img_size'], probe['in_chans'], num_classes)
+    study = _Study(folder=Path(output) / f'ablate-{name or dataset}', recipe=recipe, shared=shared,
+                   train_size=len(train_set), num_classes=num_classes, max_steps=max_steps, kwargs=kwargs,
+                   device=pick_device(device), log=log)
+    return study, chosen, sizes
 
 
-# --- the tables ------------------------------------------------------------------------------------------------------
-
-def _fmt(value: Optional[float], digits: int) -> str:
-    return '-' if value is None else f'{value:.{digits}f}'
-
-
-def format_markdown(results: Sequence[VariantResult], setup: Dict[str, Any]) -> str:
-    steps = f"max {setup['max_steps']} steps" if setup['max_steps'] else f"{setup['epochs']} epoch(s)"
-    lines = [
-        f"# T2T-ViT design study on {setup['dataset']}",
-        '',
-        f"Same recipe (`{setup['recipe']}`), seed {setup['seed']} and budget ({steps}, batch {setup['batch_size']}) "
-        f"for every variant; {setup['img_size']} px, {setup['in_chans']} channel(s); {setup['scale']}-scale builds. "
-        f"Top-1 is on the validation (test) split after the budget. Params count the frozen tensors too, as the "
-        f"paper does. images/s: inference, batch {setup['throughput_batch']}, on {setup['device']} with "
-        f"{setup['torch_threads']} thread(s). {setup['macs_convention']}",
-        '',
-        f"Paper columns: {setup['paper']}; a different data set and scale, for reference only.",
-        '',
-        '| variant | idea | params (M) | MACs (M) | images/s | top-1 (%) | paper model | paper top-1 (%) '
-        '| paper params (M) | paper MACs (G) |',
-        '|---|---|---:|---:|---:|---:|---|---:|---:|---:|',
-    ]
-    for r in results:
-        p = r.paper or {}
-        top1 = _fmt(r.top1, 2) if r.status != 'diverged' else 'diverged'
-        lines.append(
-            f"| `{r.variant}` | {r.idea} | {r.params_total / 1e6:.3f} | {r.macs / 1e6:.1f} | {r.images_per_s:.0f} "
-            f"| {top1} | {p.get('model', '-')} | {_fmt(p.get('top1'), 1)} | {_fmt(p.get('params_m'), 1)} "
-            f"| {_fmt(p.get('macs_g'), 1)} |")
-    return '\n'.join(lines) + '\n'
+def _claim_tables(folder: Path, force: bool) -> None:
+    """The tables of a fresh study are outputs like any other; those of one being resumed (a run folder exists)
+    are its own, rewritten as it goes."""
+    if not any(folder.glob('*/seed*/last.pth')) and not any(folder.glob('*/seed*/ablation_run.json')):
+        claim_all([folder / name for name in ('results.json', 'results.md', 'results.png', 'results_macs.png',
+                                              'results_sizes.png')], force=force)
 
 
-def plot_results(results: Sequence[VariantResult], setup: Dict[str, Any], out_png: Path) -> Path:
-    """Four bar charts side by side, one bar per variant: our top-1, MACs, images/s, and the paper's top-1."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    names = [r.variant for r in results]
-    panels = [
-        (f"top-1 on {setup['dataset']} (%)", [r.top1 for r in results], 'tab:blue'),
-        ('MACs per image (M)', [r.macs / 1e6 for r in results], 'tab:orange'),
-        (f"images/s ({setup['device']})", [r.images_per_s for r in results], 'tab:green'),
-        ('paper: ImageNet top-1 (%)', [(r.paper or {}).get('top1') for r in results], 'tab:gray'),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 1.0 + 0.45 * len(names)), sharey=True)
-    positions = list(range(len(names)))
-    for ax, (title, values, color) in zip(axes, panels):
-        shown = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        bars = ax.barh(positions, shown, color=color)
-        for bar, value in zip(bars, values):
-            label = '-' if value is None else (f'{value:.1f}' if value < 1000 else f'{value:.0f}')
-            ax.annotate(label, (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
-                        textcoords='offset points', va='center', fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.margins(x=0.25)
-    axes[0].set_yticks(positions, names)
-    axes[0].invert_yaxis()
-    fig.suptitle(f"T2T-ViT design study: {setup['dataset']}, {setup['img_size']} px, {setup['scale']} scale")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+def plan_runs(variants: Sequence[str], seeds: Sequence[int], sizes: Sequence[Union[int, str]],
+              sweep_variants: Optional[Sequence[str]]) -> List[Tuple[str, int, Union[int, str]]]:
+    """Every (variant, seed, size), seed by seed: all variants at the largest size, then the sweep variants at the
+    smaller sizes. A study cut short then has whole seeds of every comparison."""
+    sweep = list(variants) if sweep_variants is None else [v for v in variants if v in sweep_variants]
+    runs = []
+    for seed in seeds:
+        runs += [(v, seed, sizes[-1]) for v in variants]
+        runs += [(v, seed, size) for size in reversed(sizes[:-1]) for v in sweep]
+    return runs
 
 
-def write_tables(folder: Path, results: Sequence[VariantResult], setup: Dict[str, Any]) -> List[Path]:
-    """results.json (everything), results.md (the table) and results.png (the bar charts) in `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = folder / 'results.json', folder / 'results.md', folder / 'results.png'
-    json_path.write_text(json.dumps({'setup': setup, 'results': [asdict(r) for r in results]}, indent=1))
-    md_path.write_text(format_markdown(results, setup))
-    plot_results(results, setup, png_path)
-    return [json_path, md_path, png_path]
+def run_ablation(
+        variants: Sequence[str] = DEFAULT_VARIANTS,
+        dataset: str = 'fashion_mnist',
+        data: Optional[str] = None,
+        recipe: str = 'fashion_mnist',
+        max_steps: int = DEFAULT_STEPS,
+        batch_size: Optional[int] = None,
+        seeds: Sequence[int] = DEFAULT_SEEDS,
+        train_images: Sequence[Union[int, str]] = ('all',),
+        sweep_variants: Optional[Sequence[str]] = None,
+        model_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        scale: str = 'small',
+        img_size: Optional[int] = None,
+        name: Optional[str] = None,
+        output: str = 'runs',
+        device: str = 'auto',
+        throughput_batch: int = 64,
+        throughput_seconds: float = 3.0,
+        overrides: Optional[Dict[str, Any]] = None,
+        command: Optional[str] = None,
+        log: Callable[[str], None] = print,
+        force: bool = False,
+) -> AblationResult:
+    """Train every (variant, seed, training-set size) for `max_steps` optimizer steps; score, measure, report.
 
+    Args:
+        variants: Names from `ABLATION_VARIANTS` (their small-scale builds) or any timm model name.
+        dataset, data: A data set of `DATASET_DEFAULTS` and its folder (Fashion-MNIST defaults to
+            data/fashion-mnist); image size, channels, normalisation and class count follow the data set.
+        recipe: The training recipe every run shares; its epochs and schedule give way to the step budget.
+        max_steps, batch_size: The budget of every run (batch size: the recipe's when None).
+        seeds: One run per seed; two or more give intervals.
+        train_images: Training-set sizes (seeded subsets; 'all': the whole split). Every variant trains at the
+            largest; `sweep_variants` (default: every variant) also at the others. The test split stays whole.
+        model_kwargs: Builder arguments per variant, e.g. {'deit_tiny_patch16_224': {'patch_size': 4}}.
+        scale: 'small' (the common small-scale builds, for 28-32 px) or 'paper' (the registered builders).
+        img_size: Overrides the data set's image size.
+        name: Results go to OUTPUT/ablate-NAME (default: the data set's name), each run to VARIANT/seedS-SIZE.
+        throughput_batch, throughput_seconds: The timed inference loop.
+        overrides: Any other recipe keys (e.g. {'lr': 1e-3}).
+        command: The command line, recorded in results.json.
+        force: Replace the files of a study (or of its runs) that is not being resumed.
+    """
+    from .ablate_report import build_record, write_tables
+    seeds = [int(s) for s in dict.fromkeys(seeds)]
+    stray = [v for v in sweep_variants or [] if v not in variants]
+    if stray:
+        raise ConfigError(f'--sweep-variants names {", ".join(stray)}, which is not among --variants; give a subset '
+                          f'of --variants')
+    study, chosen, sizes = _prepare(variants, dataset, data, recipe, max_steps, batch_size, seeds, train_images,
+                                    model_kwargs, scale, img_size, name, output, device, overrides, log)
+    study.force = force
+    _claim_tables(study.folder, force)
+    setup = _setup(study, seeds, sizes, sweep_variants, scale, throughput_batch, command)
+    runs: List[RunRecord] = []
+    measured: Dict[str, Dict[str, Any]] = {}
+    interrupted = False
+    for variant, seed, size in plan_runs(chosen, seeds, sizes, sweep_variants):
+        record = _run_one(study, variant, seed, size)
+        if record is None:
+            interrupted = True
+            break
+        runs.append(record)
+        if variant not in measured:
+            measured[variant] = _measure(study, variant, throughput_batch, throughput_seconds)
+        # the tables after every run (the figures at the end): a study cut short still reports what it has
+        write_tables(study.folder, build_record(setup, runs, measured, chosen), figures=False)
+    record = build_record(setup, runs, measured, chosen)
+    files = write_tables(study.folder, record) if runs else []
+    return AblationResult(folder=study.folder, runs=runs, record=record, files=files, interrupted=interrupted)
+
+
+def _setup(study: _Study, seeds: List[int], sizes: List[Any], sweep_variants: Optional[Sequence[str]], scale: str,
+           throughput_batch: int, command: Optional[str]) -> Dict[str, Any]:
+    import datetime
+
+    from .ablate_report import host_name
+    shared = study.shared
+    return dict(
+        dataset=shared['dataset'], data=str(shared['data']) if shared['data'] else None, recipe=study.recipe,
+        img_size=shared['img_size'], in_chans=shared['in_chans'], num_classes=study.num_classes,
+        max_steps=study.max_steps, batch_size=shared['batch_size'], seeds=seeds, train_images=sizes,
+        train_split_images=study.train_size, sweep_variants=list(sweep_variants) if sweep_variants else None,
+        baseline=BASELINE, schedule=f"{shared.get('sched', 'constant')} learning rate after a linear warm-up over "
+        f"{WARMUP_FRACTION:.0%} of the steps" if 'sched' not in shared else f"{shared['sched']} (--set)",
+        overrides={k: v for k, v in shared.items() if k not in ('dataset', 'data', 'img_size', 'in_chans', 'mean',
+                                                                 'std', 'batch_size', 'device')},
+        model_kwargs=study.kwargs, scale=scale, device=str(study.device), torch_threads=torch.get_num_threads(),
+        throughput_batch=throughput_batch, macs_convention=MACS_CONVENTION, host=host_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d'), command=command,
+        paper='Yuan et al., ICCV 2021, Tables 6 and 7: ImageNet-1k top-1 at 224 px, trained from scratch')

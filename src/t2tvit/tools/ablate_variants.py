@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
-__all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DEFAULT_EPOCHS', 'DATASET_DEFAULTS',
-           'SMALL_BASE', 'SMALL_IMAGE_SOFT_SPLITS']
+from ..options import Option, OptionError, parse_yaml
+
+__all__ = ['AblationVariant', 'ABLATION_VARIANTS', 'DEFAULT_VARIANTS', 'DEFAULT_STEPS', 'DEFAULT_SEEDS',
+           'BASELINE', 'SIZE_SWEEP_VARIANTS', 'WARMUP_FRACTION', 'DATASET_DEFAULTS', 'SMALL_BASE',
+           'SMALL_IMAGE_SOFT_SPLITS', 'NamedMappingOption']
 
 # t2tvit.models.t2t_vit.SMALL_IMAGE_SOFT_SPLITS (a test keeps the two equal): (kernel, stride, padding) per split
 SMALL_IMAGE_SOFT_SPLITS = ((7, 2, 3), (3, 2, 1), (3, 2, 1))
@@ -58,7 +61,16 @@ ABLATION_VARIANTS: Dict[str, AblationVariant] = {
 DEFAULT_VARIANTS: Tuple[str, ...] = (
     't2t_vit_14', 't2t_vit_14_wide', 't2t_vit_dense', 't2t_vit_14_se', 't2t_vit_14_resnext', 't2t_vit_16_ghost',
     't2t_vit_p_14', 't2t_vit_c_14')
-DEFAULT_EPOCHS = 1
+# The budget of every run, in optimizer steps (64 images each with the fashion_mnist recipe): 8 variants x 3 seeds
+# of it take about half an hour on 2 CPU cores (docs/ablation.md gives the measured step times).
+DEFAULT_STEPS = 400
+DEFAULT_SEEDS = (0, 1, 2)
+BASELINE = 't2t_vit_14'
+# The tokenizers at equal depth that the data-size sweep compares: T2T (Performer), plain patches, convolutions.
+SIZE_SWEEP_VARIANTS = ('t2t_vit_14', 't2t_vit_p_14', 't2t_vit_c_14')
+# Linear warm-up over this share of the budget, then a constant learning rate: the schedule is the same number of
+# steps whatever the training-set size (an epoch-based cosine would anneal a small subset and not the full set).
+WARMUP_FRACTION = 0.1
 
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # Per data set: image size, channels, normalisation, classes (None: the data set's count), default folder.
@@ -73,3 +85,29 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     'imagefolder': dict(img_size=32, in_chans=3, num_classes=None, data=None, **_IMAGENET),
     'fake': dict(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), num_classes=10, data=None),
 }
+
+
+@dataclass(frozen=True)
+class NamedMappingOption(Option):
+    """NAME=YAML mapping, repeatable: `--model-kwargs deit_tiny_patch16_224="{patch_size: 4}"` gives the builder
+    arguments of one variant. Read as text (kind 'str') and checked here."""
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, tuple):  # already read
+            return value
+        name, sep, text = value.partition('=') if isinstance(value, str) else ('', '', '')
+        why = 'give NAME="{key: value, ...}", e.g. deit_tiny_patch16_224="{patch_size: 4}"'
+        if not sep or not name.strip() or not text.strip():
+            raise self.fail(value, why)
+        try:
+            mapping = parse_yaml(text)
+        except OptionError as e:
+            raise self.fail(value, f'{e}; {why}') from None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+            raise self.fail(value, why)
+        return name.strip(), mapping
+
+    def add_to(self, parser: Any, default: Any = None) -> None:
+        parser.add_argument(self.flag, dest=self.name, type=self.argparse_type(), action='append',
+                            default=self.default if default is None else default, help=self.help_text(),
+                            metavar=self.metavar or 'NAME=YAML')

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'PAPER_MACS_G', 'DESIGN_STUDY', 'or_dash']
+__all__ = ['PaperResult', 'PAPER_PARAMS_M', 'PAPER_MACS_G', 'DESIGN_STUDY', 'PaperClaim', 'CLAIMS', 'or_dash']
 
 # Parameter counts (millions) in Table 4; the paper counts the frozen tensors too.
 PAPER_PARAMS_M: Dict[str, float] = {
@@ -53,6 +53,32 @@ DESIGN_STUDY: Dict[str, PaperResult] = {
     't2t_vit_14_resnext': PaperResult('T2T-ViT-ResNeXt', 'Table 6', 81.5, 21.5, 4.8),
     't2t_vit_16_ghost': PaperResult('T2T-ViT-Ghost', 'Table 6', 79.5, 16.3, 3.7),
 }
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    """One comparison of the design study: `variant` against `baseline`, as the paper measured it."""
+    claim: str  # what the paper concludes, in words
+    variant: str
+    baseline: str = 't2t_vit_14'
+
+    @property
+    def paper_difference(self) -> float:
+        """variant - baseline, ImageNet top-1 points, from the paper's own rows (DESIGN_STUDY)."""
+        return round(DESIGN_STUDY[self.variant].top1 - DESIGN_STUDY[self.baseline].top1, 2)
+
+
+# The conclusions of Tables 6 and 7 that the small-scale study can test; the direction and size of each come from
+# DESIGN_STUDY, never from here.
+CLAIMS = (
+    PaperClaim('the T2T module beats a plain patch tokenizer', 't2t_vit_p_14'),
+    PaperClaim('the T2T module beats a convolution tokenizer', 't2t_vit_c_14'),
+    PaperClaim('a deep-narrow backbone beats a shallow-wide one', 't2t_vit_14_wide'),
+    PaperClaim('dense connections hurt', 't2t_vit_dense'),
+    PaperClaim('SE channel attention changes little', 't2t_vit_14_se'),
+    PaperClaim('more, thinner heads (ResNeXt) change nothing', 't2t_vit_14_resnext'),
+    PaperClaim('Ghost operations cost accuracy', 't2t_vit_16_ghost'),
+)
 
 
 def or_dash(value: Optional[float], spec: str) -> str:
