@@ -120,12 +120,12 @@ def test_an_interrupted_study_resumes_at_the_run_it_stopped_in(tmp_path, monkeyp
     real = ablate._train_run
     calls = []
 
-    def stop_third(config):
+    def stop_third(config, force=False):
         calls.append((config['model'], config['seed']))
         if len(calls) == 3:
-            result = real(dict(config, max_steps=1))  # one step, saved to last.pth, then "interrupted"
+            result = real(dict(config, max_steps=1), force)  # one step, saved to last.pth, then "interrupted"
             return type(result)(**{**result.__dict__, 'status': 'interrupted'})
-        return real(config)
+        return real(config, force)
 
     monkeypatch.setattr(ablate, '_train_run', stop_third)
     variants = ['t2t_vit_14', 't2t_vit_p_14']
@@ -138,7 +138,8 @@ def test_an_interrupted_study_resumes_at_the_run_it_stopped_in(tmp_path, monkeyp
 
     capsys.readouterr()
     calls.clear()
-    monkeypatch.setattr(ablate, '_train_run', lambda config: calls.append(config['run_name']) or real(config))
+    monkeypatch.setattr(ablate, '_train_run',
+                        lambda config, force=False: calls.append(config['run_name']) or real(config, force))
     second = run_ablation(variants, seeds=[0, 1], output=str(tmp_path), **TINY_RUN)
     assert not second.interrupted and calls == ['seed1-all', 'seed1-all']  # only the third and fourth run train
     assert [p.stat().st_mtime_ns for p in done] == before

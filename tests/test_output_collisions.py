@@ -67,9 +67,10 @@ def _ablate_cases(ws: Path) -> List[Case]:
     base = ['--dataset', 'fake', '--output', str(ws / 'runs'), '--name', 'n', '--variants', 't2t_vit_14',
             '--max-steps', '1']
     folder = ws / 'runs' / 'ablate-n'
-    cases = [(f'results{s}', base, folder / f'results{s}', folder / f'results{s}') for s in ('.json', '.md', '.png')]
-    cases.append(('variant config.yaml', base, folder / 't2t_vit_14' / 'config.yaml',
-                  folder / 't2t_vit_14' / 'config.yaml'))
+    cases = [(f'results{s}', base, folder / f'results{s}', folder / f'results{s}')
+             for s in ('.json', '.md', '.png', '_macs.png')]
+    run = folder / 't2t_vit_14' / 'seed0-all'  # the first run of the study: seed 0, every training image
+    cases.append(('run config.yaml', base, run / 'config.yaml', run / 'config.yaml'))
     return cases
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -484,7 +485,7 @@ def _visualize_compare(args: argparse.Namespace) -> int:
     stem, out = Path(args.images[0]).stem, Path(args.output)
     check_outputs([out / f'{stem}_compare.png', out / f'{stem}_compare.json'], args.images, force=args.force)
     record, files = compare(args.images[0], parse_compare(args.compare), args.output, channels=args.channels,
-                            command=' '.join(['t2tvit', *sys.argv[1:]]))
+                            command=args.command_line)
     for row in record['models']:
         print(f"{row['label']}: " + ', '.join(f"{layer['layer']} {100 * layer['invalid_share']:.0f}% invalid"
                                            for layer in row['layers'] if layer['shown']))
@@ -519,7 +520,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 # --- ablate -------------------------------------------------------------------------------------------------------
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    import shlex
     from ..tools.ablate import run_ablation
     _device(args.device)
     if args.seed is not None and args.seeds:
@@ -531,7 +531,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         train_images=args.train_images.split(','), sweep_variants=args.sweep_variants, model_kwargs=kwargs,
         scale=args.scale, img_size=args.img_size, name=args.name, output=args.output, device=args.device,
         throughput_batch=args.throughput_batch, throughput_seconds=args.throughput_seconds,
-        overrides=dict(args.set or []), command=shlex.join(['t2tvit', *sys.argv[1:]]), force=args.force)
+        overrides=dict(args.set or []), command=args.command_line, force=args.force)
     if result.files:
         print()
         print((result.folder / 'results.md').read_text())
@@ -753,6 +753,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         command = next((a for a in argv if not a.startswith('-')), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+        args.command_line = shlex.join(['t2tvit', *argv])  # recorded by the commands that write a study
         with command_outputs():  # an output name claimed twice in one command is refused
             return args.func(args)
     except UsageError as e:
