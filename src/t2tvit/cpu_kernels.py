@@ -19,7 +19,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 """
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import ClassVar, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .models.blocks import GhostAttention, SEAttention
-from .models.layers import TokenAttention, TokenPerformer, TokenTransformer, token_grid_size
+from .models.layers import (
+    TokenAttention, TokenPerformer, TokenTransformer, attention, performer_attention, token_grid_size)
 from .models.t2t_vit import T2TModule
 from .errors import InputError
 
@@ -262,8 +263,25 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
 
 # --- the T2T module -----------------------------------------------------------------------------------------------
 
-class CPUT2TModule(T2TModule):
+class _CPUKernelLayer:
+    """What every layer class `use_cpu_kernels` swaps in shares: `KERNELS`, the kernels it takes, each declared on
+    the class as a bool attribute that is off until `_init_cpu_kernels` sets it."""
+
+    KERNELS: ClassVar[Tuple[str, ...]] = ()
+
+    def _init_cpu_kernels(self, chosen: Set[str]) -> None:
+        """Turn on the kernels of `KERNELS` that are in `chosen`, and off the others."""
+        for name in self.KERNELS:
+            setattr(self, name, name in chosen)
+
+
+class CPUT2TModule(_CPUKernelLayer, T2TModule):
     """`T2TModule` with kernels `strided_unfold`, `patch_major` and `batch_chunks` on CPU in eager mode."""
+
+    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks')
+    strided_unfold: bool = False
+    patch_major: bool = False
+    batch_chunks: bool = False
 
     # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
     # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
@@ -310,8 +328,11 @@ class CPUT2TModule(T2TModule):
 
 # --- token layers -------------------------------------------------------------------------------------------------
 
-class CPUTokenAttention(TokenAttention):
+class CPUTokenAttention(_CPUKernelLayer, TokenAttention):
     """`TokenAttention` taking permuted input features, and in CPU inference the residual add inside `proj`."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -319,21 +340,17 @@ class CPUTokenAttention(TokenAttention):
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
-        B, N, _ = x.shape
-        qkv = _linear(self.qkv, x, order)
-        q, k, v = qkv.reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x, v = self.attend(_linear(self.qkv, x, order))
         if self.onednn_linear and not self.training and onednn_inference(x, self):  # (dropout is off)
-            return fused_linear(x.squeeze(1), self.proj.weight, self.proj.bias, add=v.squeeze(1))
-        return v.squeeze(1) + self.proj_drop(self.proj(x.squeeze(1)))
+            return fused_linear(x, self.proj.weight, self.proj.bias, add=v)
+        return self.project(x, v)
 
 
-class CPUTokenTransformer(TokenTransformer):
+class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
     """`TokenTransformer` taking permuted input features, its MLP fused in CPU inference."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -347,39 +364,26 @@ class CPUTokenTransformer(TokenTransformer):
         return x + self.mlp(self.norm2(x))
 
 
-class CPUTokenPerformer(TokenPerformer):
+class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
     """`TokenPerformer` taking permuted input features, with `performer_fusion` and its MLP fused in inference."""
+
+    KERNELS = ('onednn_linear', 'performer_fusion')
+    onednn_linear: bool = False
+    performer_fusion: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.performer_fusion:
-            return self.random_features(x)
-        # exp(w x - (|x|^2 / 2 + log sqrt(m))): the row term is the GEMM's bias, so the (B, T, m) features are written
-        # once by the GEMM and once by the exp, instead of by a product, a sum, a difference, an exp and a division
-        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * -0.5 \
-            - 0.5 * math.log(self.num_features)  # (B, T, 1)
-        wtx = torch.addmm(offset.flatten(0, 1), x.flatten(0, 1), self.w.float().t())  # (B*T, m)
-        return wtx.exp_().unflatten(0, x.shape[:2])  # (B, T, m)
 
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
         onednn = self.onednn_linear and not self.training and onednn_inference(x, self)
         k, q, v = _linear(self.kqv, _norm(self.norm1, x, order), order).split(self.out_dim, dim=-1)
-        with torch.autocast('cpu', enabled=False):
-            kp, qp = self._features(k.float()), self._features(q.float())  # (B, T, m)
-            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
-            kptv = v.float().transpose(1, 2) @ kp  # (B, d, m)
-            if self.performer_fusion:  # divide the m-wide features, not the d-wide result
-                y = (qp / (normaliser + self.eps)) @ kptv.transpose(1, 2)  # (B, T, d)
-            else:
-                y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)
+        y = performer_attention(k, q, v, self.w, self.eps, fused=self.performer_fusion)  # (B, T, d), float32
         if onednn:  # (dropout is off)
             x = fused_linear(y, self.proj.weight, self.proj.bias, add=v)
         else:
-            x = v + self.dp(self.proj(y.to(v.dtype)))
+            x = self.project(y, v)
         if onednn and _mlp_fusable(self.mlp):
             return _fused_mlp_residual(self.mlp, self.norm2(x), x)
         return x + self.mlp(self.norm2(x))
@@ -388,24 +392,25 @@ class CPUTokenPerformer(TokenPerformer):
 # --- backbone blocks ----------------------------------------------------------------------------------------------
 
 def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`): faster than SDPA in CPU bf16 here."""
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    return attn.attn_drop(weights) @ v
+    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`), with `attn`'s scale and dropout."""
+    return attention(q, k, v, attn.scale, attn.attn_drop.p if attn.training else 0., fused=False)
 
 
-class CPUAttention(Attention):
+class CPUAttention(_CPUKernelLayer, Attention):
     """timm's `Attention` with `bf16_cpu_attn`, and `forward_add` for the oneDNN block."""
+
+    KERNELS = ('bf16_cpu_attn',)
+    bf16_cpu_attn: bool = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output (B, N, attn_dim) before `proj`."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.bf16_cpu_attn and cpu_bf16_autocast(x):
-            x = _explicit_attention(self, q, k, v)
+        if self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x)):  # as timm's: SDPA's own scale
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.) \
-                if self.fused_attn else _explicit_attention(self, q, k, v)
+            x = _explicit_attention(self, q, k, v)
         return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
 
     def _plain(self, x: torch.Tensor) -> bool:
@@ -422,8 +427,11 @@ class CPUAttention(Attention):
         return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual)
 
 
-class _BF16HeadsAttention:
+class _BF16HeadsAttention(_CPUKernelLayer):
     """For the SE and Ghost attention layers: explicit products under CPU bf16 autocast (`bf16_cpu_attn`)."""
+
+    KERNELS = ('bf16_cpu_attn',)
+    bf16_cpu_attn: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.bf16_cpu_attn and cpu_bf16_autocast(q):
@@ -439,9 +447,12 @@ class CPUGhostAttention(_BF16HeadsAttention, GhostAttention):
     pass
 
 
-class CPUBlock(Block):
+class CPUBlock(_CPUKernelLayer, Block):
     """timm's ViT block whose CPU inference runs its products by oneDNN, with the bias, the MLP's GELU and (in fp32)
     both residual additions done inside them (`onednn_linear`)."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
@@ -462,16 +473,16 @@ class CPUBlock(Block):
 
 # --- applying them ------------------------------------------------------------------------------------------------
 
-# plain class -> (CPU class, the kernels it takes)
+# plain class -> the CPU class swapped in for it
 _SWAPS = {
-    T2TModule: (CPUT2TModule, ('strided_unfold', 'patch_major', 'batch_chunks')),
-    TokenAttention: (CPUTokenAttention, ('onednn_linear',)),
-    TokenTransformer: (CPUTokenTransformer, ('onednn_linear',)),
-    TokenPerformer: (CPUTokenPerformer, ('onednn_linear', 'performer_fusion')),
-    Attention: (CPUAttention, ('bf16_cpu_attn',)),
-    SEAttention: (CPUSEAttention, ('bf16_cpu_attn',)),
-    GhostAttention: (CPUGhostAttention, ('bf16_cpu_attn',)),
-    Block: (CPUBlock, ('onednn_linear',)),
+    T2TModule: CPUT2TModule,
+    TokenAttention: CPUTokenAttention,
+    TokenTransformer: CPUTokenTransformer,
+    TokenPerformer: CPUTokenPerformer,
+    Attention: CPUAttention,
+    SEAttention: CPUSEAttention,
+    GhostAttention: CPUGhostAttention,
+    Block: CPUBlock,
 }
 
 
@@ -489,13 +500,12 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None,
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
         if plain is None:
             continue
-        cpu_cls, names = _SWAPS[plain]
+        cpu_cls = _SWAPS[plain]
         if type(module) is plain:
             module.__class__ = cpu_cls
         elif not isinstance(module, cpu_cls):
             continue  # a subclass of its own (e.g. the dense block): keeps its forward
-        for name in names:
-            setattr(module, name, name in chosen)
+        module._init_cpu_kernels(chosen)
     onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
     # the token layers' and blocks' Linear layers (not the head: one small product)
     roots = [m for m in (getattr(model, 'tokens_to_token', None), getattr(model, 'blocks', None)) if m is not None]
