@@ -7,6 +7,11 @@ whose forward takes a CPU kernel where one applies (on CPU, in eager mode, outsi
 counter) and otherwise runs the model's own forward, so a model with these kernels still traces, compiles and
 exports to the plain computation. `t2tvit` commands and `t2tvit benchmark` apply them on CPU unless told not to.
 
+Which kernels a model gets depends on the host (`host_kernel_plan()`): the CPU's flags pick a profile of
+`CPU_PROFILES` ('amd-avx512', 'intel-amx', 'generic'), and each profile turns each kernel on or off with a stated
+reason. `T2TVIT_CPU_PROFILE=NAME` (or `use_cpu_kernels(model, profile=NAME)`) forces another host's choice, so
+tests run every profile's kernels on any machine. `t2tvit benchmark` records the plan in its JSON.
+
 Each kernel, the device and precision it serves, and the test that holds it to the plain forward:
 
 | kernel | serves | what it does | tested by (tests/test_cpu_kernels.py) |
@@ -18,8 +23,12 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 """
+import copy
+import functools
 import math
-from typing import ClassVar, Dict, Iterable, List, Optional, Set, Tuple
+import os
+import platform
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +44,8 @@ from .models.layers import (
 from .models.t2t_vit import T2TModule
 from .errors import InputError
 
-__all__ = ['CPU_KERNELS', 'CPUKernelError', 'use_cpu_kernels', 'onednn_available', 'fused_linear', 'soft_split',
+__all__ = ['CPU_KERNELS', 'CPU_PROFILES', 'CPU_PROFILE_ENV', 'CPUKernelError', 'use_cpu_kernels', 'host_kernel_plan',
+           'planned_kernels', 'host_cpu', 'detect_profile', 'onednn_available', 'fused_linear', 'soft_split',
            'patch_major_order', 'OneDNNLinear']
 
 CPU_KERNELS: Dict[str, str] = {
@@ -64,6 +74,121 @@ def _check_names(names: Iterable[str]) -> Tuple[str, ...]:
     if unknown:
         raise CPUKernelError(f'unknown CPU kernels {unknown}; known: {", ".join(CPU_KERNELS)}')
     return names
+
+
+# --- which kernels this host takes -------------------------------------------------------------------------------
+
+# The environment variable that forces a host profile (e.g. in tests, to run another host's kernel choice here).
+CPU_PROFILE_ENV = 'T2TVIT_CPU_PROFILE'
+
+CPU_PROFILES: Dict[str, str] = {
+    'amd-avx512': 'AMD CPU with AVX-512 (EPYC Zen 4 and later): the host every kernel was written and measured on',
+    'intel-amx': 'Intel Xeon with AMX tiles (Sapphire Rapids and later): bf16 products run on AMX',
+    'generic': 'any other CPU: only the kernels whose gain does not come from one instruction set',
+}
+
+# the /proc/cpuinfo flags the choice reads
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'avx_vnni', 'amx_tile', 'amx_bf16', 'amx_int8')
+
+_LAYOUT = 'memory layout and passes only: the same products, so the gain does not depend on the instruction set'
+# profile -> kernel -> (on, why); every kernel of CPU_KERNELS appears in every profile (a test holds it)
+_PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
+    'amd-avx512': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
+        'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
+    },
+    'intel-amx': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
+                                'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
+                                'faster than without it on an Intel AMX host too (same A/B)'),
+        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
+                                 'products did not beat it on an Intel AMX host (same A/B)'),
+    },
+    'generic': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
+        'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
+    },
+}
+
+
+def host_cpu(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, Any]:
+    """This CPU as the kernel choice sees it: vendor, model name, which of `ISA_FLAGS` it has, and PyTorch's own
+    reading of it (`torch.backends.cpu.get_cpu_capability()`, e.g. 'AVX512')."""
+    return copy.deepcopy(_read_cpu(cpuinfo))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cpu(cpuinfo: str) -> Dict[str, Any]:
+    fields: Dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                key = key.strip()
+                if key in ('vendor_id', 'model name', 'flags') and key not in fields:
+                    fields[key] = value.strip()
+                if len(fields) == 3:
+                    break
+    except OSError:  # not Linux: no flags, so the generic profile
+        pass
+    flags = set(fields.get('flags', '').split())
+    return dict(vendor=fields.get('vendor_id', platform.machine()),
+                model=fields.get('model name', platform.processor()), flags=[f for f in ISA_FLAGS if f in flags],
+                torch_capability=torch.backends.cpu.get_cpu_capability())
+
+
+def detect_profile(cpu: Dict[str, Any]) -> str:
+    """The profile of a `host_cpu` reading: AMX (amx_bf16) -> 'intel-amx'; an AMD CPU with AVX-512 ->
+    'amd-avx512'; anything else -> 'generic'."""
+    flags = set(cpu['flags'])
+    if 'amx_bf16' in flags and 'amx_tile' in flags:
+        return 'intel-amx'
+    if cpu['vendor'] == 'AuthenticAMD' and 'avx512f' in flags:
+        return 'amd-avx512'
+    return 'generic'
+
+
+def _profile(profile: Optional[str], cpu: Dict[str, Any]) -> Tuple[str, str]:
+    """(profile, where it came from): the argument, else `T2TVIT_CPU_PROFILE`, else this host's flags."""
+    source = 'argument'
+    if profile is None:
+        profile, source = os.environ.get(CPU_PROFILE_ENV) or None, CPU_PROFILE_ENV
+    if profile is None:
+        return detect_profile(cpu), 'detected from the CPU flags'
+    if profile not in CPU_PROFILES:
+        raise CPUKernelError(f'CPU profile {profile!r} ({source}) is not one of {", ".join(CPU_PROFILES)}')
+    return profile, source
+
+
+def host_kernel_plan(profile: Optional[str] = None) -> Dict[str, Any]:
+    """Which CPU kernels `use_cpu_kernels(model)` gives a model on this host, and why, as a JSON-able dict.
+
+    `profile` (or the environment variable `T2TVIT_CPU_PROFILE`) forces one of `CPU_PROFILES`; by default the host's
+    flags decide (`detect_profile`). `onednn_linear` is off wherever this PyTorch has no oneDNN fused linear.
+    """
+    cpu = host_cpu()
+    name, source = _profile(profile, cpu)
+    kernels = {kernel: dict(on=on, reason=reason) for kernel, (on, reason) in _PLANS[name].items()}
+    if kernels['onednn_linear']['on'] and not _ONEDNN_LINEAR:
+        kernels['onednn_linear'] = dict(on=False, reason='this PyTorch has no oneDNN fused linear')
+    return dict(profile=name, profile_source=source, cpu=cpu, kernels=kernels)
+
+
+def planned_kernels(profile: Optional[str] = None) -> Tuple[str, ...]:
+    """The names `host_kernel_plan(profile)` turns on."""
+    return tuple(k for k, choice in host_kernel_plan(profile)['kernels'].items() if choice['on'])
 
 
 # --- when a kernel may run ----------------------------------------------------------------------------------------
@@ -486,16 +611,17 @@ _SWAPS = {
 }
 
 
-def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None,
-                    exclude: Iterable[str] = ()) -> nn.Module:
+def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
+                    profile: Optional[str] = None) -> nn.Module:
     """Give `model` (built, weights loaded or not) the CPU kernels of `CPU_KERNELS`; returns the same model.
 
-    `kernels`: the names to use (default: all); `exclude`: names to leave out (e.g. for an A/B timing). Layers are
-    swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
+    `kernels`: the names to use (default: those this host's plan turns on, `host_kernel_plan(profile)`; `profile`
+    or `T2TVIT_CPU_PROFILE` forces another host's); `exclude`: names to leave out (e.g. for an A/B timing). Layers
+    are swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
     back to the plain one off CPU, when traced, scripted, compiled or exported, and under dispatch modes, so the
     model's outputs stay those of the plain model (within fp32 rounding). Applying it again re-selects kernels.
     """
-    chosen = set(_check_names(CPU_KERNELS if kernels is None else kernels)) - set(_check_names(exclude))
+    chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
     for module in list(model.modules()):
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
         if plain is None:
