@@ -324,12 +324,32 @@ def models_table(_: object = None) -> str:
     return '\n'.join(rows)
 
 
+def host_table(result: dict) -> str:
+    """Per run of a `t2tvit benchmark` file: each model against the reference per image and per MAC, then the CPU
+    kernels the host's plan chose (`environment.cpu_kernels`) and why."""
+    rows = ['| run | model | images/s | x reference | x reference per MAC | MFU |', '|---|---|---:|---:|---:|---:|']
+    for run in result['runs']:
+        ref = next(m for m in run['models'] if m['name'] == run['reference'] and not m['slow_paths'])
+        for i, m in enumerate(run['models']):
+            per_mac = m['x_reference'] * m['macs_all'] / ref['macs_all']
+            rows.append(f"| {run['run'] if i == 0 else ''} | `{m['label']}` | {m['images_per_s']:.2f} | "
+                        f"{m['x_reference']:.2f} | {per_mac:.2f} | {m['mfu']:.1%} |")
+    plan = result['environment']['cpu_kernels']
+    rows += ['', f"CPU kernels, profile `{plan['profile']}` ({plan['profile_source']}; flags "
+                 f"{', '.join(plan['cpu']['flags'])}):", '', '| kernel | on | why |', '|---|---|---|']
+    rows += [f"| `{name}` | {'yes' if k['on'] else 'no'} | {k['reason']} |" for name, k in plan['kernels'].items()]
+    return '\n'.join(rows)
+
+
 # the seeded design study behind docs/ablation.md's findings (`t2tvit ablate`, then `visualize --compare`)
 STUDY = 'ablate-fashion_mnist-2026-12-06.json'
+
 # name in docs -> (document, function, benchmark file)
 TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
     'complexity': ('docs/speed.md', complexity_table, 'amd-epyc-2026-11-27.json'),
+    'speed-intel-amx': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06.json'),
+    'speed-intel-amx-layout-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-layout-ab.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),

@@ -13,6 +13,13 @@ from t2tvit.models import T2TViT
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token_dim=8, num_classes=4)
 
 
+@pytest.fixture(autouse=True)
+def every_kernel(monkeypatch):
+    """The AMD profile, which turns every kernel on, whatever this host's plan: these tests hold each kernel to the
+    plain forward (tests/test_host_kernels.py checks each profile's choice)."""
+    monkeypatch.setenv(cpu_kernels.CPU_PROFILE_ENV, 'amd-avx512')
+
+
 def _pair(**kwargs):
     """A plain model and the same weights with every CPU kernel, the T2T module one image per chunk."""
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 import pytest
 
 import t2tvit
+from t2tvit.cpu_kernels import CPU_PROFILES, planned_kernels
 from t2tvit.models import OFFICIAL_CLASSES, T2TViT, count_parameters
 
 PLAIN_FIXTURES = ['tiny_performer', 'tiny_transformer', 'tiny_performer_gray32', 'tiny_transformer_qkvbias']
@@ -76,19 +77,21 @@ def test_outputs_equal_official(fixtures_dir, tiny_configs, name, suffix):
     torch.testing.assert_close(logits, io['logits'], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('profile', list(CPU_PROFILES))
 @pytest.mark.parametrize('name', PLAIN_FIXTURES + ABLATION_FIXTURES)
-def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, name):
-    """`use_cpu_kernels`, the T2T module run image by image (`batch_chunks` with a budget of one token): the same
-    logits and maps."""
+def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, name, profile):
+    """`use_cpu_kernels` as each host profile chooses them, the T2T module run image by image where the profile
+    takes `batch_chunks` (with a budget of one token): the same logits and maps."""
     config = tiny_configs[name]
     model = OFFICIAL_CLASSES[config['official_class']](**config['kwargs']).eval()
     t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
     io = _io(fixtures_dir, name)
     with torch.no_grad():
         whole_tokens, whole_maps = model.tokens_to_token.forward_stages(io['input'])
-        t2tvit.use_cpu_kernels(model)
+        t2tvit.use_cpu_kernels(model, profile=profile)
         model.tokens_to_token.chunk_tokens = 1
-        assert model.tokens_to_token._num_chunks(io['input']) == io['input'].shape[0]
+        chunks = io['input'].shape[0] if 'batch_chunks' in planned_kernels(profile) else 1
+        assert model.tokens_to_token._num_chunks(io['input']) == chunks
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
         tokens, maps = model.tokens_to_token.forward_stages(io['input'])
     torch.testing.assert_close(tokens, whole_tokens, rtol=0, atol=1e-5)

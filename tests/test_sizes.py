@@ -150,7 +150,7 @@ def test_sdpa_and_explicit_attention_agree(variant):
 
 def _official_performer_attention(layer: TokenPerformer, x: torch.Tensor) -> torch.Tensor:
     """The paper's FAVOR+ step written the official way (einsum and repeat), as the reference."""
-    emb, m = layer.out_dim, layer.num_features
+    emb, m = layer.out_dim, layer.num_random_features
 
     def prm_exp(t):
         xd = ((t * t).sum(dim=-1, keepdim=True)).repeat(1, 1, m) / 2

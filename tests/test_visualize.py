@@ -7,6 +7,7 @@ from PIL import Image
 
 from t2tvit.cli.main import main as cli
 from t2tvit.engine.restore import restore_model
+from t2tvit.models import performer_features
 from t2tvit.tools.visualize import AttentionRecorder, attention_rollout, t2t_attention, visualize
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, token_dim=8, img_size=64, num_classes=5)
@@ -53,7 +54,8 @@ def test_recorded_attention_rebuilds_every_block_output(tokens_type):
         if tokens_type == 'performer':  # a row sums to s / (s + eps), s = phi(q_i).sum_j phi(k_j): eps is official
             with torch.no_grad():
                 k, q, _ = layer.kqv(layer.norm1(tokens)).split(layer.out_dim, dim=-1)
-                s = (layer.random_features(q) @ layer.random_features(k).sum(1, keepdim=True).transpose(1, 2))[..., 0]
+                qp, kp = performer_features(q, layer.w), performer_features(k, layer.w)
+                s = (qp @ kp.sum(1, keepdim=True).transpose(1, 2))[..., 0]
             expected = s / (s + layer.eps)
         assert (weights >= 0).all() and torch.allclose(weights.sum(-1), expected, atol=1e-5)
 

@@ -7,6 +7,11 @@ whose forward takes a CPU kernel where one applies (on CPU, in eager mode, outsi
 counter) and otherwise runs the model's own forward, so a model with these kernels still traces, compiles and
 exports to the plain computation. `t2tvit` commands and `t2tvit benchmark` apply them on CPU unless told not to.
 
+Which kernels a model gets depends on the host (`host_kernel_plan()`): the CPU's flags pick a profile of
+`CPU_PROFILES` ('amd-avx512', 'intel-amx', 'generic'), and each profile turns each kernel on or off with a stated
+reason. `T2TVIT_CPU_PROFILE=NAME` (or `use_cpu_kernels(model, profile=NAME)`) forces another host's choice, so
+tests run every profile's kernels on any machine. `t2tvit benchmark` records the plan in its JSON.
+
 Each kernel, the device and precision it serves, and the test that holds it to the plain forward:
 
 | kernel | serves | what it does | tested by (tests/test_cpu_kernels.py) |
@@ -18,8 +23,12 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 """
+import copy
+import functools
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+import os
+import platform
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,11 +39,13 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .models.blocks import GhostAttention, SEAttention
-from .models.layers import TokenAttention, TokenPerformer, TokenTransformer, token_grid_size
+from .models.layers import (
+    TokenAttention, TokenPerformer, TokenTransformer, attention, performer_attention, token_grid_size)
 from .models.t2t_vit import T2TModule
 from .errors import InputError
 
-__all__ = ['CPU_KERNELS', 'CPUKernelError', 'use_cpu_kernels', 'onednn_available', 'fused_linear', 'soft_split',
+__all__ = ['CPU_KERNELS', 'CPU_PROFILES', 'CPU_PROFILE_ENV', 'CPUKernelError', 'use_cpu_kernels', 'host_kernel_plan',
+           'planned_kernels', 'host_cpu', 'detect_profile', 'onednn_available', 'fused_linear', 'soft_split',
            'patch_major_order', 'OneDNNLinear']
 
 CPU_KERNELS: Dict[str, str] = {
@@ -63,6 +74,121 @@ def _check_names(names: Iterable[str]) -> Tuple[str, ...]:
     if unknown:
         raise CPUKernelError(f'unknown CPU kernels {unknown}; known: {", ".join(CPU_KERNELS)}')
     return names
+
+
+# --- which kernels this host takes -------------------------------------------------------------------------------
+
+# The environment variable that forces a host profile (e.g. in tests, to run another host's kernel choice here).
+CPU_PROFILE_ENV = 'T2TVIT_CPU_PROFILE'
+
+CPU_PROFILES: Dict[str, str] = {
+    'amd-avx512': 'AMD CPU with AVX-512 (EPYC Zen 4 and later): the host every kernel was written and measured on',
+    'intel-amx': 'Intel Xeon with AMX tiles (Sapphire Rapids and later): bf16 products run on AMX',
+    'generic': 'any other CPU: only the kernels whose gain does not come from one instruction set',
+}
+
+# the /proc/cpuinfo flags the choice reads
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'avx_vnni', 'amx_tile', 'amx_bf16', 'amx_int8')
+
+_LAYOUT = 'memory layout and passes only: the same products, so the gain does not depend on the instruction set'
+# profile -> kernel -> (on, why); every kernel of CPU_KERNELS appears in every profile (a test holds it)
+_PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
+    'amd-avx512': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
+        'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
+    },
+    'intel-amx': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
+                                'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
+                                'faster than without it on an Intel AMX host too (same A/B)'),
+        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
+                                 'products did not beat it on an Intel AMX host (same A/B)'),
+    },
+    'generic': {
+        'strided_unfold': (True, _LAYOUT),
+        'patch_major': (True, _LAYOUT),
+        'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
+        'performer_fusion': (True, _LAYOUT),
+        'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
+        'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
+    },
+}
+
+
+def host_cpu(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, Any]:
+    """This CPU as the kernel choice sees it: vendor, model name, which of `ISA_FLAGS` it has, and PyTorch's own
+    reading of it (`torch.backends.cpu.get_cpu_capability()`, e.g. 'AVX512')."""
+    return copy.deepcopy(_read_cpu(cpuinfo))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cpu(cpuinfo: str) -> Dict[str, Any]:
+    fields: Dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                key = key.strip()
+                if key in ('vendor_id', 'model name', 'flags') and key not in fields:
+                    fields[key] = value.strip()
+                if len(fields) == 3:
+                    break
+    except OSError:  # not Linux: no flags, so the generic profile
+        pass
+    flags = set(fields.get('flags', '').split())
+    return dict(vendor=fields.get('vendor_id', platform.machine()),
+                model=fields.get('model name', platform.processor()), flags=[f for f in ISA_FLAGS if f in flags],
+                torch_capability=torch.backends.cpu.get_cpu_capability())
+
+
+def detect_profile(cpu: Dict[str, Any]) -> str:
+    """The profile of a `host_cpu` reading: AMX (amx_bf16) -> 'intel-amx'; an AMD CPU with AVX-512 ->
+    'amd-avx512'; anything else -> 'generic'."""
+    flags = set(cpu['flags'])
+    if 'amx_bf16' in flags and 'amx_tile' in flags:
+        return 'intel-amx'
+    if cpu['vendor'] == 'AuthenticAMD' and 'avx512f' in flags:
+        return 'amd-avx512'
+    return 'generic'
+
+
+def _profile(profile: Optional[str], cpu: Dict[str, Any]) -> Tuple[str, str]:
+    """(profile, where it came from): the argument, else `T2TVIT_CPU_PROFILE`, else this host's flags."""
+    source = 'argument'
+    if profile is None:
+        profile, source = os.environ.get(CPU_PROFILE_ENV) or None, CPU_PROFILE_ENV
+    if profile is None:
+        return detect_profile(cpu), 'detected from the CPU flags'
+    if profile not in CPU_PROFILES:
+        raise CPUKernelError(f'CPU profile {profile!r} ({source}) is not one of {", ".join(CPU_PROFILES)}')
+    return profile, source
+
+
+def host_kernel_plan(profile: Optional[str] = None) -> Dict[str, Any]:
+    """Which CPU kernels `use_cpu_kernels(model)` gives a model on this host, and why, as a JSON-able dict.
+
+    `profile` (or the environment variable `T2TVIT_CPU_PROFILE`) forces one of `CPU_PROFILES`; by default the host's
+    flags decide (`detect_profile`). `onednn_linear` is off wherever this PyTorch has no oneDNN fused linear.
+    """
+    cpu = host_cpu()
+    name, source = _profile(profile, cpu)
+    kernels = {kernel: dict(on=on, reason=reason) for kernel, (on, reason) in _PLANS[name].items()}
+    if kernels['onednn_linear']['on'] and not _ONEDNN_LINEAR:
+        kernels['onednn_linear'] = dict(on=False, reason='this PyTorch has no oneDNN fused linear')
+    return dict(profile=name, profile_source=source, cpu=cpu, kernels=kernels)
+
+
+def planned_kernels(profile: Optional[str] = None) -> Tuple[str, ...]:
+    """The names `host_kernel_plan(profile)` turns on."""
+    return tuple(k for k, choice in host_kernel_plan(profile)['kernels'].items() if choice['on'])
 
 
 # --- when a kernel may run ----------------------------------------------------------------------------------------
@@ -262,8 +388,25 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
 
 # --- the T2T module -----------------------------------------------------------------------------------------------
 
-class CPUT2TModule(T2TModule):
+class _CPUKernelLayer:
+    """What every layer class `use_cpu_kernels` swaps in shares: `KERNELS`, the kernels it takes, each declared on
+    the class as a bool attribute that is off until `_init_cpu_kernels` sets it."""
+
+    KERNELS: ClassVar[Tuple[str, ...]] = ()
+
+    def _init_cpu_kernels(self, chosen: Set[str]) -> None:
+        """Turn on the kernels of `KERNELS` that are in `chosen`, and off the others."""
+        for name in self.KERNELS:
+            setattr(self, name, name in chosen)
+
+
+class CPUT2TModule(_CPUKernelLayer, T2TModule):
     """`T2TModule` with kernels `strided_unfold`, `patch_major` and `batch_chunks` on CPU in eager mode."""
+
+    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks')
+    strided_unfold: bool = False
+    patch_major: bool = False
+    batch_chunks: bool = False
 
     # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
     # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
@@ -310,8 +453,11 @@ class CPUT2TModule(T2TModule):
 
 # --- token layers -------------------------------------------------------------------------------------------------
 
-class CPUTokenAttention(TokenAttention):
+class CPUTokenAttention(_CPUKernelLayer, TokenAttention):
     """`TokenAttention` taking permuted input features, and in CPU inference the residual add inside `proj`."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -319,21 +465,17 @@ class CPUTokenAttention(TokenAttention):
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
-        B, N, _ = x.shape
-        qkv = _linear(self.qkv, x, order)
-        q, k, v = qkv.reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        x, v = self.attend(_linear(self.qkv, x, order))
         if self.onednn_linear and not self.training and onednn_inference(x, self):  # (dropout is off)
-            return fused_linear(x.squeeze(1), self.proj.weight, self.proj.bias, add=v.squeeze(1))
-        return v.squeeze(1) + self.proj_drop(self.proj(x.squeeze(1)))
+            return fused_linear(x, self.proj.weight, self.proj.bias, add=v)
+        return self.project(x, v)
 
 
-class CPUTokenTransformer(TokenTransformer):
+class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
     """`TokenTransformer` taking permuted input features, its MLP fused in CPU inference."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -347,39 +489,26 @@ class CPUTokenTransformer(TokenTransformer):
         return x + self.mlp(self.norm2(x))
 
 
-class CPUTokenPerformer(TokenPerformer):
+class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
     """`TokenPerformer` taking permuted input features, with `performer_fusion` and its MLP fused in inference."""
+
+    KERNELS = ('onednn_linear', 'performer_fusion')
+    onednn_linear: bool = False
+    performer_fusion: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.performer_fusion:
-            return self.random_features(x)
-        # exp(w x - (|x|^2 / 2 + log sqrt(m))): the row term is the GEMM's bias, so the (B, T, m) features are written
-        # once by the GEMM and once by the exp, instead of by a product, a sum, a difference, an exp and a division
-        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * -0.5 \
-            - 0.5 * math.log(self.num_features)  # (B, T, 1)
-        wtx = torch.addmm(offset.flatten(0, 1), x.flatten(0, 1), self.w.float().t())  # (B*T, m)
-        return wtx.exp_().unflatten(0, x.shape[:2])  # (B, T, m)
 
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
         onednn = self.onednn_linear and not self.training and onednn_inference(x, self)
         k, q, v = _linear(self.kqv, _norm(self.norm1, x, order), order).split(self.out_dim, dim=-1)
-        with torch.autocast('cpu', enabled=False):
-            kp, qp = self._features(k.float()), self._features(q.float())  # (B, T, m)
-            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
-            kptv = v.float().transpose(1, 2) @ kp  # (B, d, m)
-            if self.performer_fusion:  # divide the m-wide features, not the d-wide result
-                y = (qp / (normaliser + self.eps)) @ kptv.transpose(1, 2)  # (B, T, d)
-            else:
-                y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)
+        y = performer_attention(k, q, v, self.w, self.eps, fused=self.performer_fusion)  # (B, T, d), float32
         if onednn:  # (dropout is off)
             x = fused_linear(y, self.proj.weight, self.proj.bias, add=v)
         else:
-            x = v + self.dp(self.proj(y.to(v.dtype)))
+            x = self.project(y, v)
         if onednn and _mlp_fusable(self.mlp):
             return _fused_mlp_residual(self.mlp, self.norm2(x), x)
         return x + self.mlp(self.norm2(x))
@@ -388,24 +517,25 @@ class CPUTokenPerformer(TokenPerformer):
 # --- backbone blocks ----------------------------------------------------------------------------------------------
 
 def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`): faster than SDPA in CPU bf16 here."""
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    return attn.attn_drop(weights) @ v
+    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`), with `attn`'s scale and dropout."""
+    return attention(q, k, v, attn.scale, attn.attn_drop.p if attn.training else 0., fused=False)
 
 
-class CPUAttention(Attention):
+class CPUAttention(_CPUKernelLayer, Attention):
     """timm's `Attention` with `bf16_cpu_attn`, and `forward_add` for the oneDNN block."""
+
+    KERNELS = ('bf16_cpu_attn',)
+    bf16_cpu_attn: bool = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output (B, N, attn_dim) before `proj`."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.bf16_cpu_attn and cpu_bf16_autocast(x):
-            x = _explicit_attention(self, q, k, v)
+        if self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x)):  # as timm's: SDPA's own scale
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.) \
-                if self.fused_attn else _explicit_attention(self, q, k, v)
+            x = _explicit_attention(self, q, k, v)
         return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
 
     def _plain(self, x: torch.Tensor) -> bool:
@@ -422,8 +552,11 @@ class CPUAttention(Attention):
         return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual)
 
 
-class _BF16HeadsAttention:
+class _BF16HeadsAttention(_CPUKernelLayer):
     """For the SE and Ghost attention layers: explicit products under CPU bf16 autocast (`bf16_cpu_attn`)."""
+
+    KERNELS = ('bf16_cpu_attn',)
+    bf16_cpu_attn: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.bf16_cpu_attn and cpu_bf16_autocast(q):
@@ -439,9 +572,12 @@ class CPUGhostAttention(_BF16HeadsAttention, GhostAttention):
     pass
 
 
-class CPUBlock(Block):
+class CPUBlock(_CPUKernelLayer, Block):
     """timm's ViT block whose CPU inference runs its products by oneDNN, with the bias, the MLP's GELU and (in fp32)
     both residual additions done inside them (`onednn_linear`)."""
+
+    KERNELS = ('onednn_linear',)
+    onednn_linear: bool = False
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
@@ -462,40 +598,40 @@ class CPUBlock(Block):
 
 # --- applying them ------------------------------------------------------------------------------------------------
 
-# plain class -> (CPU class, the kernels it takes)
+# plain class -> the CPU class swapped in for it
 _SWAPS = {
-    T2TModule: (CPUT2TModule, ('strided_unfold', 'patch_major', 'batch_chunks')),
-    TokenAttention: (CPUTokenAttention, ('onednn_linear',)),
-    TokenTransformer: (CPUTokenTransformer, ('onednn_linear',)),
-    TokenPerformer: (CPUTokenPerformer, ('onednn_linear', 'performer_fusion')),
-    Attention: (CPUAttention, ('bf16_cpu_attn',)),
-    SEAttention: (CPUSEAttention, ('bf16_cpu_attn',)),
-    GhostAttention: (CPUGhostAttention, ('bf16_cpu_attn',)),
-    Block: (CPUBlock, ('onednn_linear',)),
+    T2TModule: CPUT2TModule,
+    TokenAttention: CPUTokenAttention,
+    TokenTransformer: CPUTokenTransformer,
+    TokenPerformer: CPUTokenPerformer,
+    Attention: CPUAttention,
+    SEAttention: CPUSEAttention,
+    GhostAttention: CPUGhostAttention,
+    Block: CPUBlock,
 }
 
 
-def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None,
-                    exclude: Iterable[str] = ()) -> nn.Module:
+def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
+                    profile: Optional[str] = None) -> nn.Module:
     """Give `model` (built, weights loaded or not) the CPU kernels of `CPU_KERNELS`; returns the same model.
 
-    `kernels`: the names to use (default: all); `exclude`: names to leave out (e.g. for an A/B timing). Layers are
-    swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
+    `kernels`: the names to use (default: those this host's plan turns on, `host_kernel_plan(profile)`; `profile`
+    or `T2TVIT_CPU_PROFILE` forces another host's); `exclude`: names to leave out (e.g. for an A/B timing). Layers
+    are swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
     back to the plain one off CPU, when traced, scripted, compiled or exported, and under dispatch modes, so the
     model's outputs stay those of the plain model (within fp32 rounding). Applying it again re-selects kernels.
     """
-    chosen = set(_check_names(CPU_KERNELS if kernels is None else kernels)) - set(_check_names(exclude))
+    chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
     for module in list(model.modules()):
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
         if plain is None:
             continue
-        cpu_cls, names = _SWAPS[plain]
+        cpu_cls = _SWAPS[plain]
         if type(module) is plain:
             module.__class__ = cpu_cls
         elif not isinstance(module, cpu_cls):
             continue  # a subclass of its own (e.g. the dense block): keeps its forward
-        for name in names:
-            setattr(module, name, name in chosen)
+        module._init_cpu_kernels(chosen)
     onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
     # the token layers' and blocks' Linear layers (not the head: one small product)
     roots = [m for m in (getattr(model, 'tokens_to_token', None), getattr(model, 'blocks', None)) if m is not None]

@@ -9,9 +9,10 @@ from typing import Final, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from timm.models.vision_transformer import Block
+
+from .layers import attention
 
 __all__ = ['TokenSE', 'SEAttention', 'GhostAttention', 'GhostMlp', 'DenseBlock', 'DenseTransition']
 
@@ -23,11 +24,7 @@ class _HeadsAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, head_dim) each -> the same shape: SDPA, or the same math as explicit products."""
-        if self.fused_attn:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        return self.attn_drop(attn.softmax(dim=-1)) @ v
+        return attention(q, k, v, self.scale, self.attn_drop.p if self.training else 0., self.fused_attn)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

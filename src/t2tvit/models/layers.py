@@ -16,8 +16,8 @@ from timm.layers import Mlp, use_fused_attn
 from timm.models import register_notrace_function
 
 __all__ = [
-    'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'sinusoid_table', 'performer_attention',
-    'TokenAttention', 'TokenTransformer', 'TokenPerformer',
+    'SOFT_SPLITS', 'SoftSplits', 'soft_split_size', 'token_grid_size', 'sinusoid_table', 'attention_weights',
+    'attention', 'performer_features', 'performer_attention', 'TokenAttention', 'TokenTransformer', 'TokenPerformer',
 ]
 
 # (kernel, stride, padding) of soft_split0, soft_split1, soft_split2, as in the paper.
@@ -65,6 +65,26 @@ def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
     return table.to(torch.float32).unsqueeze(0)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys: (..., N, d) queries and keys -> (..., N, N) weights.
+
+    The one place the model, `t2tvit.cpu_kernels` and `t2tvit visualize` form attention weights explicitly.
+    """
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.,
+              fused: bool = True) -> torch.Tensor:
+    """dropout(softmax(q k^T * scale)) v: (..., N, d) each -> (..., N, d).
+
+    `fused`: one SDPA call (timm's `fused_attn`); otherwise explicit products through `attention_weights`. Give
+    `dropout_p` 0 outside training, as timm's layers do.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return F.dropout(attention_weights(q, k, scale), dropout_p, training=dropout_p > 0.) @ v
+
+
 class TokenAttention(nn.Module):
     """Single-head attention that turns `dim`-wide soft-split tokens into `out_dim`-wide tokens."""
 
@@ -81,17 +101,21 @@ class TokenAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = use_fused_attn()  # timm's switch (TIMM_FUSED_ATTN)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, 1, N, N)
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+    def attend(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, 3 * out_dim) output of `qkv` -> attention output and v, each (B, N, out_dim)."""
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, 1, self.out_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, 1, N, d)
+        x = attention(q, k, v, self.scale, self.attn_drop.p if self.training else 0., self.fused_attn)
+        return x.squeeze(1), v.squeeze(1)
+
+    def project(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output -> layer output, both (B, N, out_dim)."""
         # official: the residual is v, because input and output widths differ
-        return v.squeeze(1) + self.proj_drop(self.proj(x.squeeze(1)))  # (B, N, out_dim)
+        return v + self.proj_drop(self.proj(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, v = self.attend(self.qkv(x))
+        return self.project(x, v)
 
 
 class TokenTransformer(nn.Module):
@@ -109,20 +133,37 @@ class TokenTransformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def performer_features(x: torch.Tensor, w: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """FAVOR+ positive random features phi(x) = exp(w x - |x|^2 / 2) / sqrt(m) of (B, T, d) `x`, (B, T, m), float32.
+
+    `fused` (kernel `performer_fusion` of `t2tvit.cpu_kernels`) computes the same features in fewer passes:
+    exp(w x + (-|x|^2 / 2 - log sqrt(m))) with the row term as the product's bias and exp in place, so the
+    (B, T, m) features are written twice instead of five times. It equals the plain form within fp32 rounding.
+    """
+    x, w = x.float(), w.float()
+    if fused:
+        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * -0.5 \
+            - 0.5 * math.log(w.shape[0])  # (B, T, 1)
+        wtx = torch.addmm(offset.flatten(0, 1), x.flatten(0, 1), w.t())  # (B*T, m)
+        return wtx.exp_().unflatten(0, x.shape[:2])  # (B, T, m)
+    return torch.exp(x @ w.t() - (x * x).sum(dim=-1, keepdim=True) / 2) / w.shape[0] ** 0.5
+
+
 @register_notrace_function  # FX keeps it one call, so the autocast region below stays part of the graph's meaning
 def performer_attention(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                        eps: float) -> torch.Tensor:
+                        eps: float, fused: bool = False) -> torch.Tensor:
     """FAVOR+ attention with positive random features, in float32 even under autocast (exp overflows in half).
 
-    phi(x) = exp(w x - |x|^2 / 2) / sqrt(m), so that E[phi(q) phi(k)] = exp(q.k); then
-    y = phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k_t) + eps), linear in the number of tokens T.
+    With phi = `performer_features`, E[phi(q) phi(k)] = exp(q.k), and
+    y = phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k_t) + eps), linear in the number of tokens T. `fused` (kernel
+    `performer_fusion`) takes the fused features and divides the m-wide features rather than the d-wide result.
     """
     with torch.autocast('cpu', enabled=False), torch.autocast('cuda', enabled=False):
-        k, q, v, w = k.float(), q.float(), v.float(), w.float()
-        kp = torch.exp(k @ w.t() - (k * k).sum(dim=-1, keepdim=True) / 2) / w.shape[0] ** 0.5  # (B, T, m)
-        qp = torch.exp(q @ w.t() - (q * q).sum(dim=-1, keepdim=True) / 2) / w.shape[0] ** 0.5  # (B, T, m)
+        kp, qp = performer_features(k, w, fused), performer_features(q, w, fused)  # (B, T, m)
         normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, m) @ (B, m, 1) -> (B, T, 1)
-        kptv = v.transpose(1, 2) @ kp  # (B, d, T) @ (B, T, m) -> (B, d, m)
+        kptv = v.float().transpose(1, 2) @ kp  # (B, d, T) @ (B, T, m) -> (B, d, m)
+        if fused:
+            return (qp / (normaliser + eps)) @ kptv.transpose(1, 2)  # (B, T, d)
         return (qp @ kptv.transpose(1, 2)) / (normaliser + eps)  # (B, T, m) @ (B, m, d) -> (B, T, d)
 
 
@@ -134,13 +175,13 @@ class TokenPerformer(nn.Module):
             dim: int,
             out_dim: int,
             kernel_ratio: float = 0.5,
-            attn_drop: float = 0.1,
+            proj_drop: float = 0.1,
             mlp_drop: float = 0.1,
     ):
         super().__init__()
         self.out_dim = out_dim
         self.kqv = nn.Linear(dim, 3 * out_dim)
-        self.dp = nn.Dropout(attn_drop)  # official: fixed dropout 0.1 after the projection
+        self.proj_drop = nn.Dropout(proj_drop)  # official: fixed dropout 0.1 after the projection (key-less `dp`)
         self.proj = nn.Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(out_dim)
@@ -151,18 +192,16 @@ class TokenPerformer(nn.Module):
             nn.Linear(out_dim, out_dim),
             nn.Dropout(mlp_drop),
         )
-        self.num_features = int(out_dim * kernel_ratio)
+        self.num_random_features = int(out_dim * kernel_ratio)
         # official: the frozen random features live in the state dict as `w`; a persistent buffer, not a Parameter
-        w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
+        w = nn.init.orthogonal_(torch.empty(self.num_random_features, out_dim)) * math.sqrt(self.num_random_features)
         self.register_buffer('w', w, persistent=True)
 
-    def random_features(self, x: torch.Tensor) -> torch.Tensor:
-        """phi(x) = exp(w x - |x|^2 / 2) / sqrt(m), in float32: the features `performer_attention` uses."""
-        x = x.float()
-        return torch.exp(x @ self.w.float().t() - (x * x).sum(dim=-1, keepdim=True) / 2) / math.sqrt(self.num_features)
+    def project(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output (float32) -> the input of the MLP residual, both (B, T, out_dim)."""
+        return v + self.proj_drop(self.proj(y.to(v.dtype)))  # official: the residual is v, as in TokenAttention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, q, v = self.kqv(self.norm1(x)).split(self.out_dim, dim=-1)  # official order: k, q, v
-        y = performer_attention(k, q, v, self.w, self.eps)  # (B, T, out_dim), float32
-        x = v + self.dp(self.proj(y.to(v.dtype)))  # official: the residual is v, as in the token transformer
+        x = self.project(performer_attention(k, q, v, self.w, self.eps), v)
         return x + self.mlp(self.norm2(x))

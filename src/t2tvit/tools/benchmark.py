@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
-from ..cpu_kernels import CPU_KERNELS, fused_linear, onednn_available, use_cpu_kernels
+from ..cpu_kernels import CPU_KERNELS, fused_linear, host_kernel_plan, onednn_available, use_cpu_kernels
 from ..errors import InputError
 from ..outputs import claim_all, free_stem
 from .complexity import (
@@ -611,6 +611,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         load_average=os.getloadavg() if hasattr(os, 'getloadavg') else None,
         # what else decides CPU speed: the allocator (MALLOC_*, LD_PRELOAD) and OpenMP threads
         env={k: v for k, v in os.environ.items() if k.startswith(('MALLOC_', 'OMP_', 'MKL_', 'KMP_', 'LD_PRELOAD'))},
+        cpu_kernels=host_kernel_plan() if device.type == 'cpu' else None,  # which CPU kernels our models took, why
     )
     if device.type == 'cuda':
         env.update(cuda=torch.version.cuda, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)

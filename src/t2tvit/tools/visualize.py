@@ -28,7 +28,7 @@ from ..data.images import UNREADABLE_IMAGE_ERRORS, load_image
 from ..engine.checkpointing import atomic_write
 from ..outputs import unique_stems
 from ..engine.restore import RestoredModel
-from ..models import TokenPerformer, TokenTransformer
+from ..models import TokenPerformer, TokenTransformer, attention_weights, performer_features
 
 __all__ = [
     'AttentionRecorder', 't2t_attention', 'attention_rollout', 'Explanation', 'explain', 'default_images',
@@ -55,7 +55,7 @@ def _block_attention(attn: nn.Module, x: torch.Tensor, *_) -> Tuple[torch.Tensor
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+    weights = attention_weights(q, k, attn.scale)  # (B, h, N, N)
     if hasattr(attn, 'merge_heads'):
         return weights, attn.merge_heads(weights @ v)
     out = attn.norm((weights @ v).transpose(1, 2).reshape(B, N, -1))
@@ -74,7 +74,7 @@ def t2t_attention(layer: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor,
     x = layer.norm1(tokens)
     if isinstance(layer, TokenPerformer):
         k, q, v = layer.kqv(x).split(layer.out_dim, dim=-1)  # official order: k, q, v
-        kp, qp = layer.random_features(k.float()), layer.random_features(q.float())  # (B, T, m)
+        kp, qp = performer_features(k, layer.w), performer_features(q, layer.w)  # (B, T, m)
         kernel = qp @ kp.transpose(1, 2)  # (B, T, T)
         weights = kernel / (kernel.sum(dim=-1, keepdim=True) + layer.eps)
         att = v + layer.proj(weights @ v.float())
@@ -82,7 +82,7 @@ def t2t_attention(layer: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor,
         attn = layer.attn
         B, T, _ = x.shape
         q, k, v = attn.qkv(x).reshape(B, T, 3, attn.out_dim).unbind(2)  # (B, T, out_dim) each
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # official: scale from the input width
+        weights = attention_weights(q, k, attn.scale)  # official: scale from the input width
         att = v + attn.proj(weights @ v)
     else:
         raise TypeError(f'{type(layer).__name__} is not a T2T token layer')
