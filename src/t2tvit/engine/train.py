@@ -38,6 +38,7 @@ from ..models import CheckpointError, checkpoint_filter_fn, mismatch_report, rea
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from ..errors import TrainingDiverged
+from .precision import resolve_amp
 from .preflight import NonFiniteOutputError, check_memory, check_model_kwargs, check_optimizer
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_flag, cleanup, init_distributed
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
@@ -431,6 +432,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = 'auto') -> RunResult:
 def _train(config: Dict[str, Any], resume: Optional[str], info: DistInfo) -> RunResult:
     start_time = time.time()
     device = info.device
+    config = dict(config, amp=resolve_amp(config['amp'], device))  # 'auto': bf16 where native here, else none
     if config['amp'] == 'fp16' and device.type != 'cuda':
         raise ConfigError('amp fp16 needs a GPU (it relies on a gradient scaler); use --amp bf16 on CPU')
     world = info.world_size

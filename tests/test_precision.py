@@ -1,0 +1,53 @@
+"""`amp: auto`: bf16 exactly where the hardware multiplies bf16 natively, forced per host by faking the probe."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2tvit.engine import precision
+from t2tvit.engine.precision import native_bf16_cpu, resolve_amp
+from t2tvit.options import RECIPE_OPTIONS
+
+CPU = torch.device('cpu')
+AMX_HOST = frozenset({'avx512f', 'avx512_vnni', 'amx_tile', 'amx_bf16', 'amx_int8', 'avx512_bf16'})
+ZEN4_HOST = frozenset({'avx512f', 'avx512_vnni', 'avx512_bf16'})  # AVX-512 BF16 without AMX
+OLD_AVX512_HOST = frozenset({'avx2', 'avx512f', 'avx512_vnni'})  # Cascade Lake, Zen 3 class: no bf16 unit
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (AMX_HOST, 'bf16'), (ZEN4_HOST, 'bf16'), (OLD_AVX512_HOST, 'none'), (frozenset(), 'none')])
+def test_auto_on_cpu_follows_the_instruction_set(monkeypatch, flags, expected):
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: flags)
+    assert resolve_amp('auto', CPU) == expected
+
+
+@pytest.mark.parametrize('supported,expected', [(True, 'bf16'), (False, 'none')])
+def test_auto_on_cuda_follows_the_gpu(monkeypatch, supported, expected):
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return supported
+
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', is_bf16_supported)
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: AMX_HOST)  # the CPU must not decide for the GPU
+    assert resolve_amp('auto', torch.device('cuda')) == expected
+    assert calls == [False]  # emulated bf16 does not pay
+
+
+@pytest.mark.parametrize('amp', ['none', 'bf16', 'fp16'])
+def test_an_explicit_choice_is_kept_on_every_host(monkeypatch, amp):
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: frozenset())
+    assert resolve_amp(amp, CPU) == amp
+
+
+def test_cpu_flags_reads_this_linux_host():
+    flags = precision.cpu_flags()
+    with open('/proc/cpuinfo') as f:
+        line = next(line for line in f if line.startswith(('flags', 'Features')))
+    assert flags == frozenset(line.split(':', 1)[1].split())
+    assert native_bf16_cpu(flags) == bool({'amx_bf16', 'avx512_bf16'} & flags)
+
+
+def test_auto_is_a_recipe_choice():
+    assert RECIPE_OPTIONS['amp'].choices == precision.AMP_CHOICES
