@@ -712,7 +712,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     names = list(config.models) + list(config.peers)
     complexity = {n: model_complexity(n, config.img_size) for n in names}
     result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
-    log(_LEGEND)
+    if any(r.precision != 'int8' for r in config.runs):
+        log(_LEGEND)
     _torch_runs(config, device, complexity, rss, result, log, save)
     if any(r.precision == 'int8' for r in config.runs):
         _int8_run(config, result, log)

@@ -18,12 +18,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..engine.precision import cpu_flags
 from .export import INPUT_NAME, _onnx_bytes
-from .quantize import ACTIVATION_TYPE, QUANTIZED_OPS, WEIGHT_TYPE, ort_session, quantize_onnx
+from .quantize import (ACTIVATION_TYPE, CALIBRATION_METHOD, CALIBRATION_PERCENTILE, QUANTIZED_OPS, WEIGHT_TYPE,
+                       ort_session, quantize_onnx)
 
 __all__ = ['INT8_BATCHES', 'int8_latency', 'format_int8']
 
 INT8_BATCHES = (1, 16)
+INT8_FLAGS = ('amx', 'avx512_vnni', 'avx_vnni', 'avx512_bf16')  # /proc/cpuinfo flags that decide int8 speed
 RANDOM_CALIBRATION = ('random smooth patterns (the benchmark\'s agreement images), not real images: these int8 '
                       'graphs measure speed only; their accuracy is not meaningful')
 
@@ -93,12 +96,14 @@ def int8_latency(names: Sequence[Tuple[str, str]], build: Callable[[str], nn.Mod
             pair = {c['precision']: c for c in cells if c['name'] == name and c['batch'] == batch}
             rows.append(_row(name, info['kind'], batch, pair['fp32'], pair['int8']))
     return dict(
-        onnxruntime=ort.__version__, img_size=img_size, reps=reps, batch_iters=batch_iters,
+        onnxruntime=ort.__version__, cpu_int8_flags=sorted(f for f in cpu_flags() if f.startswith(INT8_FLAGS)),
+        img_size=img_size, reps=reps, batch_iters=batch_iters,
         session_options=dict(intra_op_num_threads=threads, inter_op_num_threads=1,
                              graph_optimization_level='ORT_ENABLE_ALL (default)',
                              providers=['CPUExecutionProvider']),
         quantization=dict(format='QDQ', ops=list(QUANTIZED_OPS), activations=ACTIVATION_TYPE, weights=WEIGHT_TYPE,
-                          per_channel=True, calibration=RANDOM_CALIBRATION),
+                          per_channel=True, calibration=RANDOM_CALIBRATION,
+                          calibration_method=f'{CALIBRATION_METHOD} {CALIBRATION_PERCENTILE}'),
         export_and_quantize_s={n: i['export_and_quantize_s'] for n, i in built.items()},
         models=rows)
 
