@@ -1,6 +1,8 @@
 """`amp: auto`: bf16 exactly where the hardware multiplies bf16 natively, forced per host by faking the probe."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -51,3 +53,23 @@ def test_cpu_flags_reads_this_linux_host():
 
 def test_auto_is_a_recipe_choice():
     assert RECIPE_OPTIONS['amp'].choices == precision.AMP_CHOICES
+
+
+@pytest.mark.parametrize('flags,expected', [(AMX_HOST, 'bf16'), (OLD_AVX512_HOST, 'none')])
+def test_training_with_amp_auto_records_what_it_ran(monkeypatch, tmp_path, flags, expected):
+    """The run folder's config.yaml says which precision `auto` became on this (faked) host."""
+    import yaml
+    from conftest import TINY_RUN_MODEL
+    from t2tvit.engine import resolve_config, train
+    train_module = importlib.import_module('t2tvit.engine.train')  # the module, not the function of that name
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: flags)
+    used = []
+    real = train_module.autocast_for
+    monkeypatch.setattr(train_module, 'autocast_for', lambda amp, device: used.append(amp) or real(amp, device))
+    config = resolve_config(None, dict(
+        model='t2t_vit_mini', model_kwargs=TINY_RUN_MODEL, dataset='fake', img_size=32, in_chans=3, num_classes=4,
+        fake_num_samples=16, batch_size=8, epochs=1, workers=0, warmup_epochs=0, progress='off', aa=None,
+        color_jitter=None, amp='auto', output=str(tmp_path), run_name='run', seed=0))
+    result = train(config)
+    assert yaml.safe_load((result.run_dir / 'config.yaml').read_text())['amp'] == expected
+    assert used and set(used) == {expected}  # every training and evaluation step ran under it
