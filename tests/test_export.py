@@ -246,5 +246,5 @@ def test_int8_calibration_reads_training_images_only(tiny_run, monkeypatch):
     real = quantize.build_dataset
     monkeypatch.setattr(quantize, 'build_dataset', lambda *a, **k: splits.append(a[2]) or real(*a, **k))
     batches = quantize.calibration_batches(restore_model(str(tiny_run)), 'fake', None, images=20, batch_size=8)
-    assert splits == ['train'] and [len(b) for b in batches] == [8, 8, 4]
+    assert splits == ['train'] and [len(b) for b in batches] == [5, 5, 5, 5]  # one batch size: 20 = 4 x 5
     assert batches[0].shape[1:] == (3, 32, 32) and batches[0].dtype == np.float32

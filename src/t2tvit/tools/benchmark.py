@@ -678,7 +678,7 @@ def _int8_run(config: BenchConfig, result: Dict[str, Any], log: Callable[[str], 
     from .int8_benchmark import format_int8, int8_latency
     names = [(n, 'ours') for n in config.models] + [(n, 'peer') for n in config.peers]
     threads = config.threads or torch.get_num_threads()
-    calibration = max(8, min(32, config.agreement_images or 32))
+    calibration = 8 * max(1, min(4, (config.agreement_images or 32) // 8))  # whole batches of 8 (quantize_onnx)
     result['int8'] = int8_latency(
         names, lambda name: _build(name, config), config.img_size,
         lambda in_chans: _agreement_images(calibration, config.img_size, in_chans), threads, config.reps, log,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def _row(name: str, kind: str, batch: int, fp32: Dict[str, Any], int8: Dict[str,
 
 def int8_latency(names: Sequence[Tuple[str, str]], build: Callable[[str], nn.Module], img_size: int,
                  calibration: Callable[[int], torch.Tensor], threads: int, reps: int,
-                 log: Callable[[str], None] = print, batch_iters: Dict[int, int] = None) -> Dict[str, Any]:
+                 log: Callable[[str], None] = print, batch_iters: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
     """Time fp32 and int8 ONNX Runtime sessions of every (name, kind) at batch 1 and 16; returns the JSON part."""
     import onnxruntime as ort
     batch_iters = batch_iters or {1: 5, 16: 1}

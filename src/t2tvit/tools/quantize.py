@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -137,13 +137,16 @@ def _dataset(restored: RestoredModel, dataset: str, data: Optional[str], split: 
 
 def calibration_batches(restored: RestoredModel, dataset: str, data: Optional[str], images: int = 256,
                         batch_size: int = 32, seed: int = 0) -> List[np.ndarray]:
-    """`images` training images, drawn by `seed`, through the checkpoint's evaluation transform, in batches."""
+    """`images` training images, drawn by `seed`, through the checkpoint's evaluation transform, in batches of
+    one size (at most `batch_size`)."""
     train_set = _dataset(restored, dataset, data, 'train')
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     if not order:
         raise ExportError(f'the training split of {data or dataset} holds no images to calibrate on')
     tensors = [train_set[i][0] for i in order]
-    return [torch.stack(tensors[i:i + batch_size]).numpy() for i in range(0, len(tensors), batch_size)]
+    # batches of one size: the percentile calibrator stacks each tensor's values over batches and fails on a ragged one
+    size = max(d for d in range(1, min(batch_size, len(tensors)) + 1) if len(tensors) % d == 0)
+    return [torch.stack(tensors[i:i + size]).numpy() for i in range(0, len(tensors), size)]
 
 
 def _evaluate(run_fp32: Callable, run_int8: Callable, eval_set, images: Optional[int], batch_size: int = 64):
@@ -212,7 +215,7 @@ def export_int8(
         tolerance: float = 1e-4,
         seed: int = 0,
         force: bool = False,
-) -> tuple:
+) -> Tuple[Path, Path, Int8Report]:
     """Write NAME.int8.onnx and its sidecar; returns (path, sidecar path, Int8Report).
 
     Calibration reads `calibration_images` images of `dataset`'s training split (`data` its folder; none for
