@@ -203,6 +203,9 @@ def run_example(example: Example, work: Path, printed: Optional[List[List[str]]]
 
 # --- tables from committed data ------------------------------------------------------------------------------
 
+INT8_BENCHMARK = 'xeon-amx-int8-2026-12-06.json'
+
+
 def load_benchmark(name: str) -> dict:
     return json.loads((REPO / 'benchmarks' / name).read_text())
 
@@ -343,6 +346,32 @@ def host_table(result: dict) -> str:
 
 # the seeded design study behind docs/ablation.md's findings (`t2tvit ablate`, then `visualize --compare`)
 STUDY = 'ablate-fashion_mnist-2026-12-06.json'
+def int8_speed_table(result: dict) -> str:
+    """fp32 and int8 ONNX Runtime latency from a `t2tvit benchmark --runs infer:int8` file."""
+    q, env = result['int8'], result['environment']
+    rows = [f"{env['device'].split(',')[0]}, ONNX Runtime {q['onnxruntime']}, "
+            f"{q['session_options']['intra_op_num_threads']} threads, {q['img_size']} px, {env['date'][:10]}, "
+            f"median of {q['reps']} rounds (load average {env['load_average'][0]:.1f} at the start)", '',
+            '| model | batch | fp32 ms | int8 ms | fp32 images/s | int8 images/s | int8 / fp32 |',
+            '|---|---:|---:|---:|---:|---:|---:|']
+    for r in q['models']:
+        rows.append(f"| `{r['name']}` | {r['batch']} | {r['fp32']['latency_ms']:.1f} | "
+                    f"{r['int8']['latency_ms']:.1f} | {r['fp32']['images_per_s']:.1f} | {r['int8']['images_per_s']:.1f} | "
+                    f"**{r['int8_speedup']:.2f}x** |")
+    return '\n'.join(rows)
+
+
+def int8_accuracy_table(record: dict) -> str:
+    """The demo model's int8 export against its fp32 ONNX graph on the test images."""
+    rows = ['| date | checkpoint | calibration | test images | fp32 top-1 | int8 top-1 | drop | top-1 agreement |',
+            '|---|---|---|---:|---:|---:|---:|---:|']
+    for r in record['runs']:
+        q = r['int8']
+        rows.append(f"| {r['date']} | {r['checkpoint']} | {q['calibration_images']} training images, "
+                    f"{q.get('calibration_method', 'MinMax')} | {q['images']:,} | {q['fp32_top1']:.2f}% | "
+                    f"{q['int8_top1']:.2f}% | {q['top1_drop']:.2f} | {q['top1_agreement']:.2f}% |")
+    return '\n'.join(rows)
+
 
 # name in docs -> (document, function, benchmark file)
 TABLES = {
@@ -358,6 +387,9 @@ TABLES = {
     'size-sweep': ('docs/ablation.md', size_sweep_table, STUDY),
     'compare': ('docs/ablation.md', compare_table, STUDY.replace('.json', '-compare.json')),
     'models': ('README.md', models_table, None),
+    'int8-speed': ('docs/speed.md', int8_speed_table, INT8_BENCHMARK),
+    'int8-speed-export': ('docs/export.md', int8_speed_table, INT8_BENCHMARK),
+    'int8-accuracy': ('docs/export.md', int8_accuracy_table, 'demo-fashion_mnist-int8.json'),
 }
 
 

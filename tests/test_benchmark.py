@@ -49,7 +49,9 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
 @pytest.mark.parametrize('argv,message', [
     (['--models', 't2t_vit_99'], "'t2t_vit_99' is not a T2T-ViT variant"),
     (['--peers', 'resnet_5000'], "'resnet_5000' is not a timm model name"),
-    (['--runs', 'infer:fp16'], "precision 'fp16' is not one of fp32, bf16"),
+    (['--runs', 'infer:fp16'], "precision 'fp16' is not one of fp32, bf16, int8"),
+    (['--runs', 'train:int8'], "int8 is timed as inference in ONNX Runtime; use infer:int8"),
+    (['--runs', 'infer:int8:compiled'], "int8 is timed as inference in ONNX Runtime; use infer:int8"),
     (['--runs', 'infer'], 'is not MODE:PRECISION'),
     (['--ab', 'strided'], "'strided' is not a CPU kernel; one of strided_unfold"),
     (['--batch-size', '0'], '--batch-size 0: give a whole number >= 1'),
@@ -118,3 +120,31 @@ def test_peak_is_the_fastest_gemm_library_and_mfu_is_also_given_against_the_othe
     assert row['mfu_by_library'] == {'fast': pytest.approx(0.5), 'slow': pytest.approx(1.5)}
     peak = _summarise(gemm, None, gemm)
     assert peak['library'] == 'fast' and peak['libraries_time_ratio']['slow'] == pytest.approx(3.)
+
+
+def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16(tmp_path, capsys):
+    import onnxruntime
+    threads = torch.get_num_threads()
+    try:
+        code = main(['benchmark', '--models', 't2t_vit_mini', '--peers', 'none', '--img-size', '28', '--reps', '2',
+                     '--runs', 'infer:int8', '--no-variants-table', '--threads', '1', '--smoke',
+                     '--agreement-images', '8', '--output', str(tmp_path), '--name', 'int8'])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert 'int8 / fp32' in out and 'speed only' in out
+    result = json.loads((tmp_path / 'int8.json').read_text())
+    int8 = result['int8']
+    assert int8['onnxruntime'] == onnxruntime.__version__
+    assert int8['session_options']['intra_op_num_threads'] == 1 and int8['img_size'] == 28
+    assert 'random' in int8['quantization']['calibration'] and int8['quantization']['activations'] == 'QUInt8'
+    assert [(r['name'], r['batch']) for r in int8['models']] == [('t2t_vit_mini', 1), ('t2t_vit_mini', 16)]
+    for row in int8['models']:
+        fp32, q = row['fp32'], row['int8']
+        assert len(fp32['times_s']) == len(q['times_s']) == 2
+        assert row['int8_speedup'] == pytest.approx(statistics.median(
+            f / i for f, i in zip(fp32['times_s'], q['times_s'])))
+        assert q['images_per_s'] == pytest.approx(row['batch'] / statistics.median(q['times_s']))
+        assert q['file_bytes'] < fp32['file_bytes']  # int8 weights
+    assert result['runs'] == [] and not (tmp_path / 'int8.png').exists()  # no torch runs: nothing to plot

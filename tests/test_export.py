@@ -178,3 +178,73 @@ def test_the_readme_onnx_example_runs_without_torch_and_agrees_with_predict(tiny
     shown = (REPO / 'docs' / 'export.md').read_text()
     assert script.read_text().split('\n', 1)[1].strip() in shown  # the export guide shows it
 
+
+
+# --- int8 ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def int8_export(tiny_run, tmp_path_factory):
+    """The tiny trained checkpoint quantized through the command line, calibrated on fake training images."""
+    out = tmp_path_factory.mktemp('int8')
+    code = cli(['export', '--format', 'onnx-int8', '--checkpoint', str(tiny_run), '--dataset', 'fake',
+                '--calibration-images', '40', '--onnx-exporter', 'legacy', '-o', f'{out}/'])
+    return code, out
+
+
+def test_int8_export_writes_a_quantized_graph_and_its_measured_agreement(int8_export, tiny_run, capsys):
+    code, out = int8_export
+    assert code == 0
+    path = out / 't2t_vit_mini.int8.onnx'
+    proto = onnx.load(str(path))
+    ops = {node.op_type for node in proto.graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear', 'MatMul'} <= ops
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert int8_weights  # weights stored as int8, not only activations
+    sidecar = json.loads((out / 't2t_vit_mini.int8.onnx.json').read_text())
+    report = sidecar['int8']
+    assert report['calibration_images'] == 40 and report['calibration_split'] == 'train'
+    assert json.loads({p.key: p.value for p in proto.metadata_props}['t2tvit'])['classes'] == sidecar['classes']
+
+    # the reported figures are what the written file and the eager model give on the evaluation split
+    from t2tvit.data import build_dataset
+    restored = restore_model(str(tiny_run))
+    eval_set = build_dataset('fake', None, 'val', transform=restored.transform(), in_chans=3, fake_num_samples=16,
+                             fake_num_classes=4, fake_image_size=32, seed=restored.facts['seed'])
+    x = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
+    labels = np.array([eval_set[i][1] for i in range(len(eval_set))])
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    int8 = session.run(None, {'input': x.numpy()})[0].argmax(1)
+    with torch.no_grad():
+        fp32 = restored.model(x).argmax(1).numpy()
+    assert report['images'] == len(eval_set) == 16
+    assert report['int8_top1'] == pytest.approx(100 * (int8 == labels).mean())
+    assert report['fp32_top1'] == pytest.approx(100 * (fp32 == labels).mean())
+    assert report['top1_agreement'] == pytest.approx(100 * (int8 == fp32).mean())
+    assert report['top1_drop'] == pytest.approx(report['fp32_top1'] - report['int8_top1'])
+
+
+@pytest.mark.parametrize('argv,message', [
+    ([], 'calibrates on training images: give --dataset KIND and --data PATH'),
+    (['--dataset', 'cifar10'], '--dataset cifar10 needs --data PATH'),
+])
+def test_int8_without_calibration_data_is_one_clear_error(tiny_run, tmp_path, capsys, argv, message):
+    assert cli(['export', '--format', 'onnx-int8', '--checkpoint', str(tiny_run), '-o', f'{tmp_path}/'] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_data_is_refused_for_a_float_format(tiny_run, tmp_path, capsys):
+    assert cli(['export', '--format', 'onnx', '--checkpoint', str(tiny_run), '--dataset', 'fake', '-o',
+                f'{tmp_path}/']) == 2
+    assert '--dataset and --data are for --format onnx-int8' in capsys.readouterr().err
+
+
+def test_int8_calibration_reads_training_images_only(tiny_run, monkeypatch):
+    from t2tvit.tools import quantize
+    splits = []
+    real = quantize.build_dataset
+    monkeypatch.setattr(quantize, 'build_dataset', lambda *a, **k: splits.append(a[2]) or real(*a, **k))
+    batches = quantize.calibration_batches(restore_model(str(tiny_run)), 'fake', None, images=20, batch_size=8)
+    assert splits == ['train'] and [len(b) for b in batches] == [5, 5, 5, 5]  # one batch size: 20 = 4 x 5
+    assert batches[0].shape[1:] == (3, 32, 32) and batches[0].dtype == np.float32

@@ -564,8 +564,8 @@ RECIPE_OPTIONS: Dict[str, Option] = table(
     _key('model_ema', 'bool', False, 'keep an exponential moving average of the weights'),
     _key('model_ema_decay', 'float', 0.99996, 'EMA decay per optimizer step', low=0, high=1, open_high=True),
     # execution
-    _key('amp', 'choice', 'none', 'mixed precision (fp16 needs a GPU; it uses a gradient scaler)',
-         choices=('none', 'bf16', 'fp16')),
+    _key('amp', 'choice', 'none', 'mixed precision (fp16 needs a GPU; it uses a gradient scaler; auto: bf16 on a '
+         'CPU with AMX or AVX-512 BF16 or a GPU with bf16, else none)', choices=('none', 'bf16', 'fp16', 'auto')),
     _key('compile', 'bool', False, 'torch.compile the model'),
     _key('device', 'choice', 'auto', 'where to train', choices=('auto', 'cpu', 'cuda')),
     _key('seed', 'int', 0, 'seed of every random choice: data order, augmentation, dropout', low=0,

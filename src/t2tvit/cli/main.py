@@ -140,8 +140,9 @@ PREDICT = (
 
 EXPORT = (
     _O('format', 'choice', None, "what to write; hf: a Hugging Face hub model folder (config.json, "
-       "model.safetensors, README.md) that timm.create_model('local-dir:DIR', pretrained=True) loads",
-       choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf'), required=True),
+       "model.safetensors, README.md) that timm.create_model('local-dir:DIR', pretrained=True) loads; onnx-int8: "
+       "MODEL.int8.onnx, statically quantized, calibrated on --dataset/--data training images",
+       choices=('onnx', 'torchscript', 'exported-program', 'safetensors', 'hf', 'onnx-int8'), required=True),
     _O('checkpoint', 'file', None, CHECKPOINT.help + ' (default: random weights, with a warning)'),
     *MODEL_FLAGS,
     _O('output', 'path', None, 'file or existing folder (default: MODEL.onnx / .pt / .pt2 / .safetensors here)',
@@ -152,6 +153,13 @@ EXPORT = (
        '(fixed height/width, faster to export)', choices=('dynamo', 'legacy')),
     _O('opset', 'int', 18, 'ONNX opset', low=7, high=30),
     _O('tolerance', 'float', 1e-4, 'largest allowed |exported - eager| in the check', low=0, open_low=True),
+    _O('dataset', 'choice', None, 'onnx-int8: data set kind to calibrate on (training split) and measure on '
+       '(evaluation split)', choices=DATASET_NAMES),
+    _O('data', 'path', None, 'onnx-int8: the data set folder (none for --dataset fake)', metavar='DIR'),
+    _O('calibration_images', 'int', 256, 'onnx-int8: training images that set the int8 ranges', low=1,
+       high=100000, metavar='N'),
+    _O('eval_images', 'int', None, 'onnx-int8: evaluation images for the fp32-vs-int8 top-1 (default: all)',
+       low=1, metavar='N'),
     FORCE,
 )
 
@@ -217,13 +225,14 @@ BENCHMARK = (
     _O('peers', 'names', None, 'timm models to time beside them, or none', metavar='LIST'),
     _O('train_models', 'names', None, "which of the models and peers train runs time (default: the preset's)",
        metavar='LIST'),
-    _O('runs', 'str', None, 'MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16, eager|compiled; e.g. '
-       'infer:fp32,infer:bf16,train:fp32', metavar='LIST'),
+    _O('runs', 'str', None, 'MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16|int8, eager|compiled; e.g. '
+       'infer:fp32,infer:bf16,train:fp32; infer:int8 times fp32 and int8 ONNX graphs in ONNX Runtime, batch 1 and '
+       '16', metavar='LIST'),
     _O('batch_size', 'int', None, 'images per step', low=1),
-    _O('img_size', 'int', None, 'image size, pixels', low=1),
+    _O('img_size', 'int', None, 'image size, pixels', low=3),
     _O('device', 'choice', None, 'cpu or cuda (default: the preset\'s)', choices=('cpu', 'cuda')),
     _O('threads', 'int', None, 'CPU threads (default: one per core)', low=1, high=4096),
-    _O('warmup', 'int', None, 'untimed steps per model before timing (the first compiles)', low=0),
+    _O('warmup', 'int', None, 'untimed steps per model before timing (the first compiles)', low=1),
     _O('reps', 'int', None, 'timed rounds; each runs every model once', low=1),
     _O('iters', 'int', None, 'steps per model per round', low=1),
     _O('ab', 'str', None, 'also time a copy of each T2T-ViT without these CPU kernels, side by side: '
@@ -232,7 +241,8 @@ BENCHMARK = (
        metavar='N'),
     _O('checkpoint', 'named_file', None, 'weights for one model (repeatable), e.g. for a meaningful bf16 agreement',
        metavar='NAME=FILE'),
-    _O('peak_size', 'int', None, 'side of the square GEMM that measures the peak', low=1, high=65536, metavar='N'),
+    _O('peak_size', 'int', None, 'side of the square GEMM that measures the peak', low=16, high=65536,
+       metavar='N'),
     _O('reference', 'str', None, 'model the others are divided by, round by round', metavar='NAME'),
     _O('no_variants_table', 'flag', help='skip the table of every variant'),
     _O('output', 'path', None, "folder for JSON and PNG (default: benchmarks; 'none': no files)", metavar='DIR'),
@@ -450,6 +460,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_weights_source(args.checkpoint, args.pretrained, args.model, random_use='export')
     if args.static_hw and args.format != 'onnx':
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
+    if args.format != 'onnx-int8' and (args.dataset or args.data):
+        raise OptionError('--dataset and --data are for --format onnx-int8 (its calibration images)')
+    if args.format == 'onnx-int8':
+        return _export_int8(args)
     restored = _restore(args)
     if args.format == 'hf':
         hub = export_hf(restored, args.output or restored.name.replace('.', '-'), tolerance=args.tolerance,
@@ -491,6 +505,23 @@ def _visualize_compare(args: argparse.Namespace) -> int:
                                            for layer in row['layers'] if layer['shown']))
     for path in files:
         print(f'wrote {path}')
+    return 0
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    from ..tools.quantize import check_calibration_source, export_int8, format_report
+    check_calibration_source(args.dataset, args.data)
+    if args.static_hw:
+        raise OptionError('--format onnx-int8 always fixes height/width at the model size; leave out --static-hw')
+    restored = _restore(args)
+    path, sidecar, report = export_int8(
+        restored, args.dataset, args.data, args.output, calibration_images=args.calibration_images,
+        eval_images=args.eval_images, onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance,
+        force=args.force)
+    _print_settings(restored)
+    print(f'wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MB) and {sidecar}')
+    for line in format_report(report):
+        print(line)
     return 0
 
 

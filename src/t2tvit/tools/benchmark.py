@@ -47,7 +47,7 @@ from .complexity import (
 PEERS = ('deit_tiny_patch16_224', 'deit_small_patch16_224', 'resnet50', 'mobilenetv2_100')
 DEFAULT_REFERENCE = 'deit_small_patch16_224'
 MODES = ('infer', 'train')
-PRECISIONS = ('fp32', 'bf16')
+PRECISIONS = ('fp32', 'bf16', 'int8')  # int8: ONNX Runtime inference of a statically quantized graph
 COMPILES = ('eager', 'compiled')
 
 
@@ -81,6 +81,8 @@ def parse_runs(text: str) -> List[Run]:
                                      (compile_, COMPILES, 'compile')):
             if value not in allowed:
                 raise BenchmarkError(f'run {item!r}: {what} {value!r} is not one of {", ".join(allowed)}')
+        if precision == 'int8' and (mode, compile_) != ('infer', 'eager'):
+            raise BenchmarkError(f'run {item!r}: int8 is timed as inference in ONNX Runtime; use infer:int8')
         run = Run(mode, precision, compile_)
         if run not in runs:
             runs.append(run)
@@ -135,7 +137,8 @@ def _fail(message: str) -> None:
 
 
 def validate(config: BenchConfig) -> BenchConfig:
-    """Check every option before anything is built, so a typo fails in a second with the fix."""
+    """Check what the option table cannot (names against the registries, options against each other, files)
+    before anything is built, so a typo fails in a second with the fix. Ranges and choices are the table's."""
     ours = set(list_variants())
     for name in config.models:
         if name not in ours:
@@ -158,21 +161,11 @@ def validate(config: BenchConfig) -> BenchConfig:
     for name, path in config.checkpoints.items():
         if not Path(path).is_file():
             _fail(f'--checkpoint {name}={path}: no such file')
-    for name, value, least in (('--batch-size', config.batch_size, 1), ('--img-size', config.img_size, 3),
-                               ('--reps', config.reps, 1), ('--iters', config.iters, 1),
-                               ('--warmup', config.warmup, 1), ('--agreement-images', config.agreement_images, 0),
-                               ('--peak-size', config.peak_size, 16)):
-        if value < least:
-            _fail(f'{name} {value}: must be at least {least}')
-    if config.threads is not None and config.threads < 1:
-        _fail(f'--threads {config.threads}: must be at least 1')
     for name in config.ab:
         if name not in CPU_KERNELS:
             _fail(f'--ab: {name!r} is not a CPU kernel; one of {", ".join(CPU_KERNELS)} (or all)')
     if config.ab and not config.models:
         _fail('--ab compares our models with CPU kernels on and off: give --models')
-    if config.device not in ('cpu', 'cuda'):
-        _fail(f"--device {config.device!r}: 'cpu' or 'cuda'")
     if config.device == 'cuda' and not torch.cuda.is_available():
         _fail('--device cuda: no CUDA device is visible here; use --device cpu (with --smoke for a quick check)')
     return config
@@ -632,9 +625,8 @@ def _results_stem(config: 'BenchConfig', device: torch.device, log: Callable[[st
     return free
 
 
-def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Time every run of `config`, write JSON (after each run) and a PNG, and return the results."""
-    validate(config)
+def _set_up(config: BenchConfig) -> torch.device:
+    """Threads, cuDNN autotuning and, for compiled runs, room for every model's graph in dynamo's caches."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
@@ -647,8 +639,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
                             ('accumulated_recompile_limit', 512), ('accumulated_cache_size_limit', 512)):
             if hasattr(dynamo, name):
                 setattr(dynamo, name, max(getattr(dynamo, name), least))
-    rss = _CpuPeakRss() if device.type == 'cpu' else None
-    result: Dict[str, Any] = dict(
+    return device
+
+
+def _new_result(config: BenchConfig, device: torch.device, rss: Optional[_CpuPeakRss]) -> Dict[str, Any]:
+    return dict(
         environment=environment(device),
         config=dict(asdict(config), runs=[r.label for r in config.runs],
                     output=str(config.output) if config.output else None),
@@ -661,6 +656,59 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
                        ' during one step + the model\'s weights, buffers and optimizer state'),
         memory_method='torch.cuda.max_memory_allocated' if rss is None else rss.method,
         runs=[], agreement={}, variants=[])
+
+
+_LEGEND = (
+    'GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
+    'step) per second / FLOPs per second of the GEMM timed just before and after each step, by the fastest GEMM '
+    'library here (MFU LIBRARY: against a slower library\'s GEMM instead). x ref = images/s over the '
+    'reference model\'s, median of per-round ratios; off/on = images/s with the listed CPU kernels off over with '
+    'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
+
+
+def _torch_runs(config: BenchConfig, device: torch.device, complexity: Dict[str, ComplexityRow],
+                rss: Optional[_CpuPeakRss], result: Dict[str, Any], log: Callable[[str], None],
+                save: Callable[[], None]) -> None:
+    """Every fp32/bf16 run, grouped by mode and compilation so that precisions share their rounds."""
+    groups: Dict[Tuple[str, str], List[Run]] = {}
+    for run in config.runs:
+        if run.precision != 'int8':
+            groups.setdefault((run.mode, run.compile), []).append(run)
+    for (mode, compile_), runs in groups.items():
+        log(f'runs {", ".join(r.label for r in runs)}: batch {config.batch_size}, {config.img_size} px, '
+            f'{config.reps} rounds x {config.iters} steps')
+        for run_result in _run_group(runs, config, device, complexity, rss, log):
+            result['runs'].append(run_result)
+            log(format_run(run_result))
+            log('')
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        if compile_ == 'compiled':
+            torch._dynamo.reset()
+        save()
+
+
+def _int8_run(config: BenchConfig, result: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """infer:int8: fp32 and int8 ONNX Runtime latency of every model, batch 1 and 16."""
+    from .int8_benchmark import format_int8, int8_latency
+    names = [(n, 'ours') for n in config.models] + [(n, 'peer') for n in config.peers]
+    threads = config.threads or torch.get_num_threads()
+    calibration = 8 * max(1, min(4, (config.agreement_images or 32) // 8))  # whole batches of 8 (quantize_onnx)
+    result['int8'] = int8_latency(
+        names, lambda name: _build(name, config), config.img_size,
+        lambda in_chans: _agreement_images(calibration, config.img_size, in_chans), threads, config.reps, log,
+        batch_iters={1: 1, 16: 1} if config.smoke else None)
+    log(format_int8(result['int8']))
+    log('')
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Time every run of `config`, write JSON (after each run) and a PNG, and return the results."""
+    validate(config)
+    device = _set_up(config)
+    rss = _CpuPeakRss() if device.type == 'cpu' else None
+    result = _new_result(config, device, rss)
     stem = _results_stem(config, device, log)
     json_path = Path(config.output) / f'{stem}.json' if config.output else None
 
@@ -679,26 +727,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     names = list(config.models) + list(config.peers)
     complexity = {n: model_complexity(n, config.img_size) for n in names}
     result['complexity'] = {n: c.to_dict() for n, c in complexity.items()}
-    log('GMACs: convention (b), every matrix product (the paper\'s). MFU = model FLOPs (2 x GMACs, x3 for a training '
-        'step) per second / FLOPs per second of the GEMM timed just before and after each step, by the fastest GEMM '
-        'library here (MFU LIBRARY: against a slower library\'s GEMM instead). x ref = images/s over the '
-        'reference model\'s, median of per-round ratios; off/on = images/s with the listed CPU kernels off over with '
-        'them on (A/B copies). peak MiB = memory growth during one step + weights, buffers and optimizer state.\n')
-    groups: Dict[Tuple[str, str], List[Run]] = {}
-    for run in config.runs:
-        groups.setdefault((run.mode, run.compile), []).append(run)
-    for (mode, compile_), runs in groups.items():
-        log(f'runs {", ".join(r.label for r in runs)}: batch {config.batch_size}, {config.img_size} px, '
-            f'{config.reps} rounds x {config.iters} steps')
-        for run_result in _run_group(runs, config, device, complexity, rss, log):
-            result['runs'].append(run_result)
-            log(format_run(run_result))
-            log('')
-        gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-        if compile_ == 'compiled':
-            torch._dynamo.reset()
+    if any(r.precision != 'int8' for r in config.runs):
+        log(_LEGEND)
+    _torch_runs(config, device, complexity, rss, result, log, save)
+    if any(r.precision == 'int8' for r in config.runs):
+        _int8_run(config, result, log)
         save()
     if config.agreement_images and any(r.mode == 'infer' and r.precision == 'bf16' for r in config.runs):
         for name in names:
@@ -712,10 +745,10 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     if summary:
         log(summary)
     if json_path is not None:
-        if config.plot:
+        if config.plot and result['runs']:
             result['plot'] = str(plot_results(result, json_path.with_suffix('.png')))
         save()
-        log(f'wrote {json_path}' + (f' and {result["plot"]}' if config.plot else ''))
+        log(f'wrote {json_path}' + (f' and {result["plot"]}' if result.get('plot') else ''))
     return result
 
 

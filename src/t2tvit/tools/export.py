@@ -34,6 +34,7 @@ __all__ = ['FORMATS', 'ExportError', 'ExportResult', 'export_model', 'min_dynami
 
 # format -> file suffix
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
+SUFFIXES = dict(FORMATS, **{'onnx-int8': '.int8.onnx'})  # with the int8 ONNX of tools/quantize.py
 ONNX_EXPORTERS = ('dynamo', 'legacy')
 METADATA_KEY = 't2tvit'  # ONNX metadata_props key / extra file name stem holding the sidecar JSON
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
@@ -72,11 +73,11 @@ def min_dynamic_side(soft_splits) -> int:
 
 
 def _suffix_path(output: Optional[Union[str, Path]], name: str, fmt: str) -> Path:
-    path = Path(output) if output else Path(f'{name}{FORMATS[fmt]}')
+    path = Path(output) if output else Path(f'{name}{SUFFIXES[fmt]}')
     if str(output or '').endswith(('/', os.sep)):  # 'exports/': a folder, made if needed
         path.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
-        path = path / f'{name}{FORMATS[fmt]}'
+        path = path / f'{name}{SUFFIXES[fmt]}'
     if not path.parent.is_dir():
         raise ExportError(f'folder {path.parent} does not exist; create it or choose another --output')
     return path
@@ -200,6 +201,56 @@ def _safetensors_config(restored: RestoredModel, pre: Dict[str, Any]) -> Dict[st
     return {'config': config, 'classes': restored.classes}
 
 
+def _check_format(fmt: str, onnx_exporter: str, dynamic_hw: Optional[bool]) -> bool:
+    """Refuse a format, exporter or dynamic height/width that cannot work; returns whether height/width are dynamic."""
+    if fmt not in FORMATS:
+        raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
+    if onnx_exporter not in ONNX_EXPORTERS:
+        raise ExportError(f'unknown ONNX exporter {onnx_exporter!r}; choose one of {", ".join(ONNX_EXPORTERS)}')
+    hw_capable = fmt == 'onnx' and onnx_exporter == 'dynamo'
+    if dynamic_hw and not hw_capable:
+        raise ExportError(f'{fmt if fmt != "onnx" else "the legacy ONNX exporter"} keeps height and width fixed; '
+                          f'use --format onnx (dynamo exporter) for a graph that takes any image size')
+    return hw_capable if dynamic_hw is None else dynamic_hw
+
+
+def _check_inputs(model: nn.Module, dynamic_hw: bool, min_side: Optional[int], seed: int):
+    """The export example and the inputs the written file is checked on: batch 1 and 3, and with dynamic
+    height/width another size, not square, and the smallest allowed."""
+    generator = torch.Generator().manual_seed(seed)
+    chans, height, width = model.in_chans, *model.img_size
+    example = torch.randn(2, chans, height, width, generator=generator)
+    inputs = [torch.randn(1, chans, height, width, generator=generator),
+              torch.randn(3, chans, height, width, generator=generator)]
+    if dynamic_hw:
+        inputs.append(torch.randn(2, chans, height + 16, max(width - 8, min_side), generator=generator))
+        inputs.append(torch.randn(1, chans, min_side, min_side + 3, generator=generator))
+    return example, inputs
+
+
+def _serialize(restored: RestoredModel, model: nn.Module, fmt: str, example: torch.Tensor, dynamic_hw: bool,
+               min_side: Optional[int], onnx_exporter: str, opset: int, sidecar: Dict[str, Any]):
+    """(file bytes, a runner of the file as loaded back, or None where its runtime is missing)."""
+    meta = json.dumps(sidecar)
+    try:
+        if fmt == 'onnx':
+            data = _onnx_bytes(model, example, dynamic_hw, min_side, onnx_exporter, opset, meta)
+            return data, _onnx_runner(data)
+        if fmt == 'torchscript':
+            data = _torchscript_bytes(model, meta)
+            return data, _torchscript_runner(data)
+        if fmt == 'exported-program':
+            data = _exported_program_bytes(model, example, meta)
+            return data, _exported_program_runner(data)
+        data = _safetensors_bytes(model, json.dumps(_safetensors_config(restored, sidecar['preprocess'])))
+        return data, _safetensors_runner(data, restored)
+    except ExportError:
+        raise
+    except Exception as e:  # exporters raise many types; the user needs the message, not the stack
+        raise ExportError(f'exporting {restored.name} as {fmt} failed: {type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+
+
 def export_model(
         restored: RestoredModel,
         fmt: str,
@@ -214,7 +265,7 @@ def export_model(
     """Export `restored.model` as `fmt`, check the written bytes against the eager model, write FILE and FILE.json.
 
     Args:
-        fmt: 'onnx', 'torchscript', 'exported-program' or 'safetensors'.
+        fmt: 'onnx', 'torchscript', 'exported-program' or 'safetensors' (int8 ONNX: `tools.quantize.export_int8`).
         output: File or folder (default: MODEL_NAME.SUFFIX in the current folder).
         dynamic_hw: Any height/width (>= `min_dynamic_side`) besides any batch size. None: yes for ONNX through
             the dynamo exporter, the only format whose graph keeps them symbolic; asking it of another raises.
@@ -222,56 +273,19 @@ def export_model(
         tolerance: Largest allowed |exported - eager| over the checks; a larger one raises and writes nothing.
         force: Replace FILE and FILE.json when they exist (the checkpoint read is never replaced).
     """
-    if fmt not in FORMATS:
-        raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
-    if onnx_exporter not in ONNX_EXPORTERS:
-        raise ExportError(f'unknown ONNX exporter {onnx_exporter!r}; choose one of {", ".join(ONNX_EXPORTERS)}')
-    hw_capable = fmt == 'onnx' and onnx_exporter == 'dynamo'
-    if dynamic_hw and not hw_capable:
-        raise ExportError(f'{fmt if fmt != "onnx" else "the legacy ONNX exporter"} keeps height and width fixed; '
-                          f'use --format onnx (dynamo exporter) for a graph that takes any image size')
-    dynamic_hw = hw_capable if dynamic_hw is None else dynamic_hw
+    dynamic_hw = _check_format(fmt, onnx_exporter, dynamic_hw)
     path = _suffix_path(output, restored.name, fmt)
     check_outputs([path, path.with_name(path.name + '.json')], [restored.checkpoint], force=force)
     model = copy.deepcopy(restored.model).cpu().eval()
     model.dynamic_img_size = model.dynamic_img_size or dynamic_hw  # resize the position table per call
-    soft_splits = model.soft_splits
-    min_side = min_dynamic_side(soft_splits) if dynamic_hw else None
+    min_side = min_dynamic_side(model.soft_splits) if dynamic_hw else None
     sidecar = _sidecar(restored, fmt, path, dynamic_hw, min_side)
-    meta = json.dumps(sidecar)
-
-    generator = torch.Generator().manual_seed(seed)
-    chans, height, width = model.in_chans, *model.img_size
-    example = torch.randn(2, chans, height, width, generator=generator)
-    checks_inputs = [torch.randn(1, chans, height, width, generator=generator),
-                     torch.randn(3, chans, height, width, generator=generator)]
-    if dynamic_hw:  # another size, not square, and the smallest allowed
-        checks_inputs.append(torch.randn(2, chans, height + 16, max(width - 8, min_side), generator=generator))
-        checks_inputs.append(torch.randn(1, chans, min_side, min_side + 3, generator=generator))
-
+    example, checks_inputs = _check_inputs(model, dynamic_hw, min_side, seed)
     with torch.no_grad():
         check_finite(model(example), 'random inputs of the export size')
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')  # tracer and exporter chatter about constant shapes it was told about
-        try:
-            if fmt == 'onnx':
-                data = _onnx_bytes(model, example, dynamic_hw, min_side, onnx_exporter, opset, meta)
-                run = _onnx_runner(data)
-            elif fmt == 'torchscript':
-                data = _torchscript_bytes(model, meta)
-                run = _torchscript_runner(data)
-            elif fmt == 'exported-program':
-                data = _exported_program_bytes(model, example, meta)
-                run = _exported_program_runner(data)
-            else:
-                data = _safetensors_bytes(model, json.dumps(_safetensors_config(restored, sidecar['preprocess'])))
-                run = _safetensors_runner(data, restored)
-        except ExportError:
-            raise
-        except Exception as e:  # exporters raise many types; the user needs the message, not the stack
-            raise ExportError(f'exporting {restored.name} as {fmt} failed: {type(e).__name__}: '
-                              f'{str(e).splitlines()[0] if str(e) else ""}') from e
-
+        data, run = _serialize(restored, model, fmt, example, dynamic_hw, min_side, onnx_exporter, opset, sidecar)
         result = ExportResult(path, path.with_name(path.name + '.json'), fmt, fmt != 'safetensors', dynamic_hw,
                               min_side)
         if run is None:

@@ -116,7 +116,7 @@ def loading_benchmark(images: int = 256, img_size: int = 224, source_size: tuple
     """Images/s of one worker per format, and the models' training images/s (given, or timed on `device`)."""
     from ..data import build_dataset
     from ..data.convert import convert_data
-    from ..engine.train import SeededTransform, StreamTransform
+    from ..engine.sampling import SeededTransform, StreamTransform
 
     transform, described = _imagenet_train_transform(img_size)
     threads = torch.get_num_threads()

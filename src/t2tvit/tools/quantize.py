@@ -1,0 +1,252 @@
+"""int8 ONNX: static QDQ quantization with ONNX Runtime, calibrated on training images, checked on evaluation images.
+
+`quantize_onnx` turns an fp32 ONNX graph into a QDQ int8 one (weights int8 per output channel, activations uint8 per
+tensor, ranges from the 99.999th percentile of a calibration pass). Only the matrix products are quantized (MatMul,
+Gemm, Conv): LayerNorm, Softmax, GELU and the Performer's exp stay in float, where int8 loses the most and saves the
+least.
+
+`export_int8` is `t2tvit export --format onnx-int8`: it exports the model as fp32 ONNX (checked against the eager
+model as every ONNX export is), calibrates on a few hundred images of the data set's training split through the
+checkpoint's own evaluation transform, and then measures on the evaluation split the top-1 of the fp32 and the int8
+graphs and how often their top-1 classes agree. The file and its sidecar JSON (with those figures) are written
+atomically, and only after the measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..data import build_dataset
+from ..engine.checkpointing import atomic_write
+from ..engine.preflight import check_outputs
+from ..engine.restore import RestoredModel
+from ..engine.build import fake_split_size
+from .export import (INPUT_NAME, ExportError, _max_diff, _onnx_bytes, _onnx_runner, _require, _sidecar,
+                     _suffix_path)
+
+__all__ = ['QUANTIZED_OPS', 'Int8Report', 'quantize_onnx', 'ort_session', 'export_int8', 'calibration_batches',
+           'check_calibration_source', 'format_report']
+
+QUANTIZED_OPS = ('MatMul', 'Gemm', 'Conv')
+# uint8 activations with int8 weights (U8S8): the product ONNX Runtime's x86 kernels (VNNI, AMX) run fast;
+# int8 activations (S8S8) fall back to a generic kernel there that is slower than fp32.
+ACTIVATION_TYPE, WEIGHT_TYPE = 'QUInt8', 'QInt8'
+# activation ranges from the 99.999th percentile of each tensor's calibration values: a few outliers (the Performer's
+# exp, the residual stream) would otherwise stretch the min-max range and coarsen every other value's step
+CALIBRATION_METHOD, CALIBRATION_PERCENTILE = 'Percentile', 99.999
+
+
+@dataclass
+class Int8Report:
+    """What an int8 export measured on the evaluation split (top-1 in percent)."""
+    images: int
+    fp32_top1: float
+    int8_top1: float
+    top1_agreement: float
+    calibration_images: int
+    calibration_split: str
+    dataset: str
+    data: Optional[str]
+    per_channel: bool
+    quantized_ops: List[str]
+    activation_type: str = ACTIVATION_TYPE
+    weight_type: str = WEIGHT_TYPE
+    calibration_method: str = f'{CALIBRATION_METHOD} {CALIBRATION_PERCENTILE}'
+
+    @property
+    def top1_drop(self) -> float:
+        return self.fp32_top1 - self.int8_top1
+
+
+def ort_session(data: Union[bytes, str, Path], threads: Optional[int] = None):
+    """A CPU ONNX Runtime session; `threads` fixes the intra-op pool (None: ONNX Runtime's default)."""
+    ort = _require('onnxruntime', 'onnx-int8')
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(data if isinstance(data, bytes) else str(data), options,
+                                providers=['CPUExecutionProvider'])
+
+
+class _Batches:
+    """`onnxruntime.quantization.CalibrationDataReader` over arrays (N, C, H, W), a few images per call."""
+
+    def __init__(self, batches: Sequence[np.ndarray]):
+        self._batches = list(batches)
+        self._next: Iterator[np.ndarray] = iter(self._batches)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        batch = next(self._next, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self._next = iter(self._batches)
+
+
+def quantize_onnx(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: bool = True,
+                  op_types: Sequence[str] = QUANTIZED_OPS) -> bytes:
+    """Static QDQ int8 quantization of an fp32 ONNX graph; `calibration` is a list of input batches."""
+    _require('onnxruntime', 'onnx-int8')
+    onnx = _require('onnx', 'onnx-int8')
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = type('CalibrationBatches', (_Batches, CalibrationDataReader), {})(calibration)
+    with tempfile.TemporaryDirectory(prefix='t2tvit-int8-') as tmp:
+        source, prepared, target = (Path(tmp) / name for name in ('fp32.onnx', 'prepared.onnx', 'int8.onnx'))
+        source.write_bytes(fp32)
+        # ONNX shape inference and ONNX Runtime's graph optimizations first, so the quantizer sees fused,
+        # constant-folded products (the symbolic shape pass cannot read the dynamo graph's int-list Constants)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator prints its progress
+            quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=per_channel,
+                            activation_type=getattr(QuantType, ACTIVATION_TYPE),
+                            weight_type=getattr(QuantType, WEIGHT_TYPE),
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHOD),
+                            extra_options={'CalibPercentile': CALIBRATION_PERCENTILE})
+        proto = onnx.load(str(target))
+    source_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
+    del proto.metadata_props[:]
+    for key, value in source_meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def _dataset(restored: RestoredModel, dataset: str, data: Optional[str], split: str):
+    """A split of the data set through the checkpoint's evaluation transform (`fake`: as the checkpoint made it)."""
+    model = restored.model
+    fake_samples = fake_split_size(restored.facts.get('fake_num_samples', 256), split)
+    return build_dataset(dataset, data, split, transform=restored.transform(), in_chans=model.in_chans,
+                         fake_num_samples=fake_samples, fake_num_classes=model.num_classes,
+                         fake_image_size=restored.preprocess['img_size'], seed=restored.facts.get('seed', 0))
+
+
+def calibration_batches(restored: RestoredModel, dataset: str, data: Optional[str], images: int = 256,
+                        batch_size: int = 32, seed: int = 0) -> List[np.ndarray]:
+    """`images` training images, drawn by `seed`, through the checkpoint's evaluation transform, in batches of
+    one size (at most `batch_size`)."""
+    train_set = _dataset(restored, dataset, data, 'train')
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    if not order:
+        raise ExportError(f'the training split of {data or dataset} holds no images to calibrate on')
+    tensors = [train_set[i][0] for i in order]
+    # batches of one size: the percentile calibrator stacks each tensor's values over batches and fails on a ragged one
+    size = max(d for d in range(1, min(batch_size, len(tensors)) + 1) if len(tensors) % d == 0)
+    return [torch.stack(tensors[i:i + size]).numpy() for i in range(0, len(tensors), size)]
+
+
+def _evaluate(run_fp32: Callable, run_int8: Callable, eval_set, images: Optional[int], batch_size: int = 64):
+    """(images, fp32 top-1 %, int8 top-1 %, agreement %) over the first `images` (None: all) of `eval_set`."""
+    count = len(eval_set) if images is None else min(images, len(eval_set))
+    hits_fp32 = hits_int8 = agree = 0
+    for start in range(0, count, batch_size):
+        samples = [eval_set[i] for i in range(start, min(start + batch_size, count))]
+        x = torch.stack([s[0] for s in samples]).numpy()
+        labels = np.array([int(s[1]) for s in samples])
+        fp32, int8 = run_fp32(x).argmax(1), run_int8(x).argmax(1)
+        hits_fp32 += int((fp32 == labels).sum())
+        hits_int8 += int((int8 == labels).sum())
+        agree += int((fp32 == int8).sum())
+    if count == 0:
+        raise ExportError('the evaluation split holds no images to measure the int8 model on')
+    return count, 100. * hits_fp32 / count, 100. * hits_int8 / count, 100. * agree / count
+
+
+def _fp32_onnx(restored: RestoredModel, path: Path, onnx_exporter: str, opset: int, tolerance: float, seed: int):
+    """fp32 ONNX bytes at the model's own height/width (any batch), checked against the eager model."""
+    model = copy.deepcopy(restored.model).cpu().eval()
+    sidecar = _sidecar(restored, 'onnx-int8', path, False, None)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (model.in_chans, *model.img_size)
+    example = torch.randn(2, *shape, generator=generator)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')
+        try:
+            data = _onnx_bytes(model, example, False, 0, onnx_exporter, opset, json.dumps(sidecar))
+        except Exception as e:  # exporters raise many types; the user needs the message, not the stack
+            raise ExportError(f'exporting {restored.name} as ONNX failed: {type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else ""}') from e
+        run = _onnx_runner(data)
+        checks = []
+        for batch in (1, 3):
+            x = torch.randn(batch, *shape, generator=generator)
+            checks.append({'input_shape': list(x.shape), 'max_abs_diff': _max_diff(run(x), model(x))})
+    worst = max(c['max_abs_diff'] for c in checks)
+    if worst > tolerance:
+        raise ExportError(f'the fp32 ONNX graph differs from the eager model by {worst:.2e} > {tolerance:.0e}; '
+                          f'nothing was written. Report this with the model name and torch version')
+    return data, sidecar, checks
+
+
+def check_calibration_source(dataset: Optional[str], data: Optional[str]) -> None:
+    """int8 needs training images to set its ranges: refuse at once when none are named."""
+    if not dataset:
+        raise ExportError('--format onnx-int8 calibrates on training images: give --dataset KIND and --data PATH '
+                          '(--dataset fake needs no --data)')
+    if dataset != 'fake' and not data:
+        raise ExportError(f'--format onnx-int8 with --dataset {dataset} needs --data PATH, the folder holding its '
+                          f'training images')
+
+
+def export_int8(
+        restored: RestoredModel,
+        dataset: Optional[str],
+        data: Optional[str],
+        output: Optional[Union[str, Path]] = None,
+        calibration_images: int = 256,
+        eval_images: Optional[int] = None,
+        per_channel: bool = True,
+        onnx_exporter: str = 'dynamo',
+        opset: int = 18,
+        tolerance: float = 1e-4,
+        seed: int = 0,
+        force: bool = False,
+) -> Tuple[Path, Path, Int8Report]:
+    """Write NAME.int8.onnx and its sidecar; returns (path, sidecar path, Int8Report).
+
+    Calibration reads `calibration_images` images of `dataset`'s training split (`data` its folder; none for
+    'fake'); the report compares the fp32 and int8 graphs on the first `eval_images` (None: all) evaluation images.
+    The graph takes any batch size at the model's own height and width, from either ONNX exporter.
+    """
+    check_calibration_source(dataset, data)
+    path = _suffix_path(output, restored.name, 'onnx-int8')
+    sidecar_path = path.with_name(path.name + '.json')
+    check_outputs([path, sidecar_path], [restored.checkpoint, data], force=force)
+    fp32, sidecar, checks = _fp32_onnx(restored, path, onnx_exporter, opset, tolerance, seed)
+    calibration = calibration_batches(restored, dataset, data, calibration_images, seed=seed)
+    int8 = quantize_onnx(fp32, calibration, per_channel=per_channel)
+    eval_set = _dataset(restored, dataset, data, 'val')
+    fp32_session, int8_session = ort_session(fp32), ort_session(int8)
+    count, fp32_top1, int8_top1, agreement = _evaluate(
+        lambda x: fp32_session.run(None, {INPUT_NAME: x})[0], lambda x: int8_session.run(None, {INPUT_NAME: x})[0],
+        eval_set, eval_images)
+    report = Int8Report(count, fp32_top1, int8_top1, agreement, sum(len(b) for b in calibration), 'train', dataset,
+                        data, per_channel, list(QUANTIZED_OPS))
+    sidecar.update(checks_fp32_onnx=checks, int8=dict(asdict(report), top1_drop=report.top1_drop,
+                                                     eval_split='val (the test images where a data set has no val)'))
+    atomic_write(path, lambda f: f.write(int8), what='int8 ONNX export')
+    atomic_write(sidecar_path, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
+    return path, sidecar_path, report
+
+
+def format_report(report: Int8Report) -> List[str]:
+    """The lines `t2tvit export --format onnx-int8` prints about accuracy."""
+    source = report.data or report.dataset
+    return [f'calibrated on {report.calibration_images} {report.calibration_split} images of {source}; measured on '
+            f'{report.images} evaluation images:',
+            f'  top-1 fp32 ONNX {report.fp32_top1:.2f}%, int8 {report.int8_top1:.2f}% '
+            f'(drop {report.top1_drop:+.2f} points); top-1 agreement {report.top1_agreement:.2f}%']
