@@ -30,7 +30,7 @@ def _option_names(command: str) -> List[str]:
 # command -> cases: (label, extra argv, the file it writes that is created beforehand, the name the error gives)
 Case = Tuple[str, List[str], Path, Path]
 FAST_EXPORTS = ('safetensors', 'torchscript', 'hf')
-SLOW_EXPORTS = ('onnx', 'exported-program')
+SLOW_EXPORTS = ('onnx', 'exported-program', 'onnx-int8')
 
 
 def _train_cases(ws: Path, command: str) -> List[Case]:
@@ -50,7 +50,10 @@ def _export_cases(ws: Path, fmt: str) -> List[Case]:
     if fmt == 'hf':  # a repository's own README.md, say
         return [(f'hf {name}', base + ['-o', str(ws / 'repo')], ws / 'repo' / name, ws / 'repo' / name)
                 for name in ('README.md', 'config.json', 'model.safetensors')]
-    suffix = {'safetensors': '.safetensors', 'torchscript': '.pt', 'onnx': '.onnx', 'exported-program': '.pt2'}[fmt]
+    suffix = {'safetensors': '.safetensors', 'torchscript': '.pt', 'onnx': '.onnx', 'exported-program': '.pt2',
+              'onnx-int8': '.int8.onnx'}[fmt]
+    if fmt == 'onnx-int8':  # calibrated on a few training images of the fake data set, scored on a few
+        base += ['--dataset', 'fake', '--calibration-images', '8', '--eval-images', '8']
     out = ws / f'model{suffix}'
     sidecar = out.with_name(out.name + '.json')
     return [(f'{fmt} file', base + ['-o', str(out)], out, out),
