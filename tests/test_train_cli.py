@@ -49,7 +49,7 @@ def test_resuming_a_run_folder_with_another_architecture_names_the_way_out(tmp_p
     first = train(tiny_config(tmp_path, 'run', max_steps=2))
     saved = (first.run_dir / 'last.pth').read_bytes()
     result = run_cli(*train_command(tiny_config(tmp_path, 'run', **change)))
-    assert_input_error(result, f'{first.run_dir} holds a run of t2t_vit_mini', '--no-resume', '--run-name',
+    assert_input_error(result, f'{first.run_dir} holds a run of t2t_vit_mini', '--no-resume --force', '--run-name',
                        '--model t2t_vit_mini')
     assert (first.run_dir / 'last.pth').read_bytes() == saved  # the run is left as it was
 

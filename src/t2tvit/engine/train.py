@@ -304,8 +304,8 @@ class Trainer:
                  else f'{self.resume} is a checkpoint of {saved_name}')
         raise ConfigError(
             f"{where}, which {config['model']} with model_kwargs {config['model_kwargs']} cannot resume ({detail}). "
-            f'Resume it with its own settings ({saved_flags}), or train afresh: another --run-name, with '
-            f'--no-resume so that no existing run is picked up')
+            f'Resume it with its own settings ({saved_flags}), or train afresh: another --run-name, or '
+            f'--no-resume --force to replace this run')
 
     def open_logs(self) -> None:
         """metrics.jsonl (cut back to the resumed step), config.yaml and, when asked, TensorBoard."""
