@@ -511,8 +511,6 @@ def _visualize_compare(args: argparse.Namespace) -> int:
 def _export_int8(args: argparse.Namespace) -> int:
     from ..tools.quantize import check_calibration_source, export_int8, format_report
     check_calibration_source(args.dataset, args.data)
-    if args.static_hw:
-        raise OptionError('--format onnx-int8 always fixes height/width at the model size; leave out --static-hw')
     restored = _restore(args)
     path, sidecar, report = export_int8(
         restored, args.dataset, args.data, args.output, calibration_images=args.calibration_images,
