@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import timm
 import yaml
 from PIL import Image
@@ -82,8 +83,18 @@ def test_every_run_has_the_same_recipe_and_step_budget(tiny_study):
     assert len({tuple(str(c[k]) for k in sorted(shared)) for c in configs.values()}) == 1
     for (variant, seed), config in configs.items():
         assert config['model'] == variant and config['seed'] == seed and config['max_steps'] == 2
-        assert config['sched'] == 'constant' and config['val_holdout'] == 0
+        assert config['sched'] == 'cosine' and config['sched_steps'] == 2 and config['val_holdout'] == 0
         assert config['model_kwargs']['embed_dim'] == ABLATION_VARIANTS[variant].small_kwargs['embed_dim']
+
+
+def test_the_learning_rate_anneals_to_min_lr_at_the_last_step(tiny_study):
+    # the budget ends mid-epoch, so an epoch-long cosine would stop above min_lr
+    _, output = tiny_study
+    run = output / 'ablate-fake' / 't2t_vit_14' / 'seed0-all'
+    config = yaml.safe_load((run / 'config.yaml').read_text())
+    state = torch.load(run / 'last.pth', map_location='cpu', weights_only=True)
+    assert [group['lr'] for group in state['optimizer']['param_groups']] == pytest.approx(
+        [config['min_lr']] * len(state['optimizer']['param_groups']))
 
 
 def test_top1_is_the_final_weights_on_the_validation_split(tiny_study):

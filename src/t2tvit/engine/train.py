@@ -230,8 +230,10 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f'the training set has {len(self.train_set)} samples, fewer than one batch '
                               f'({config["batch_size"]}); lower --batch-size')
+        # the schedule's length in epochs; a step budget (sched_steps) may end it mid-epoch
+        sched_epochs = config['sched_steps'] / self.steps_per_epoch if config['sched_steps'] else config['epochs']
         self.scheduler, _ = timm.scheduler.create_scheduler_v2(
-            self.optimizer, sched=config['sched'], num_epochs=config['epochs'],
+            self.optimizer, sched=config['sched'], num_epochs=sched_epochs,
             warmup_epochs=config['warmup_epochs'], warmup_lr=config['warmup_lr'], min_lr=config['min_lr'],
             step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler('cuda') if config['amp'] == 'fp16' else None

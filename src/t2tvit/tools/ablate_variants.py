@@ -68,8 +68,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 BASELINE = 't2t_vit_14'
 # The tokenizers at equal depth that the data-size sweep compares: T2T (Performer), plain patches, convolutions.
 SIZE_SWEEP_VARIANTS = ('t2t_vit_14', 't2t_vit_p_14', 't2t_vit_c_14')
-# Linear warm-up over this share of the budget, then a constant learning rate: the schedule is the same number of
-# steps whatever the training-set size (an epoch-based cosine would anneal a small subset and not the full set).
+# Linear warm-up over this share of the budget, then cosine decay over the rest of the steps (not epochs): every
+# training-set size gets the same schedule, annealed at its last step, so the final weights are not a noisy snapshot.
 WARMUP_FRACTION = 0.1
 
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
