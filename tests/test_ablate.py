@@ -277,3 +277,43 @@ def test_a_cnn_without_an_img_size_argument_builds_for_the_data_set():
     check_variant_input('resnet18', {}, 28, 1, 10)
     model = build_variant('resnet18', {}, 28, 1, 10)
     assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+
+
+def test_size_sweep_pairs_each_size_with_the_baseline_at_that_size():
+    """The data-size question is how the gap to T2T moves with the data: per size, the paired difference against the
+    baseline's runs of the same size and seed."""
+    from t2tvit.tools.ablate import RunRecord
+    from t2tvit.tools.ablate_report import build_record, sweep_table
+    top1 = {('t2t_vit_14', 100): [70.0, 71.0, 72.0], ('t2t_vit_14', 'all'): [80.0, 81.0, 82.0],
+            ('t2t_vit_p_14', 100): [71.0, 72.5, 73.0], ('t2t_vit_p_14', 'all'): [78.0, 79.5, 79.0]}
+    runs = [RunRecord(variant, seed, size, value, 'budget', 10, 'x')
+            for (variant, size), values in top1.items() for seed, value in enumerate(values)]
+    setup = dict(train_images=[100, 'all'], baseline='t2t_vit_14',
+                 model_kwargs={'t2t_vit_14': {}, 't2t_vit_p_14': {}})
+    record = build_record(setup, runs, {}, ['t2t_vit_14', 't2t_vit_p_14'])
+    rows = {(r['variant'], r['train_images']): r for r in record['size_sweep']}
+    small, full = rows[('t2t_vit_p_14', 100)]['difference'], rows[('t2t_vit_p_14', 'all')]['difference']
+    assert small['differences'] == [1.0, 1.5, 1.0] and full['differences'] == [-2.0, -1.5, -3.0]
+    assert small['ci95'][0] > 0 and full['ci95'][1] < 0
+    assert small['mean'] == summarize([1.0, 1.5, 1.0])['mean']
+    assert rows[('t2t_vit_14', 'all')]['difference']['differences'] == [0.0, 0.0, 0.0]
+    table = sweep_table(record).splitlines()
+    assert table[2].endswith('| - | - |') and table[3].endswith('| - | - |')
+    assert '| +1.17 | [' in table[4] and '| -2.17 | [' in table[5]
+
+
+def test_a_far_off_model_does_not_flatten_the_others_on_the_figure():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from t2tvit.tools.ablate_plots import _fit_axis
+    fig, ax = plt.subplots()
+    _fit_axis(ax, [85.8, 84.5, 62.8], [[84.9, 86.6], [84.2, 84.7], [59.2, 66.4]])
+    low, high = ax.get_xlim()
+    assert 80 < low < 84.2 and 86.6 < high < 90  # fitted to the two near models' intervals
+    assert [t.get_text() for t in ax.texts] == ['62.8 (off axis)']
+    fig2, ax2 = plt.subplots()
+    _fit_axis(ax2, [85.8, 84.5], [[84.9, 86.6], [84.2, 84.7]])
+    assert not ax2.texts  # nothing far off: matplotlib's own limits
+    plt.close(fig)
+    plt.close(fig2)

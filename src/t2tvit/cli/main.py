@@ -584,7 +584,7 @@ def _ablate_help() -> Tuple[str, str]:
         "training-set-size sweep. Each run trains into OUTPUT/ablate-NAME/VARIANT/seedS-SIZE: rerunning resumes.\n\n"
         "Default: the 8 ideas below on Fashion-MNIST (data/fashion-mnist, 28 px, 1 channel), recipe fashion_mnist,\n"
         f"seeds {','.join(map(str, DEFAULT_SEEDS))}, {DEFAULT_STEPS} steps of 64 images per run, small-scale builds "
-        "(docs/ablation.md: about 30 minutes on 2 CPU cores).")
+        "(25 minutes on 2 CPU cores, measured in docs/ablation.md).")
     lines = ['variants (small-scale build; * = run by default):']
     for name, variant in ABLATION_VARIANTS.items():
         mark = '*' if name in DEFAULT_VARIANTS else ' '

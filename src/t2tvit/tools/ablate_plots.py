@@ -2,7 +2,8 @@
 
 Top-1 is drawn as points with their 95% intervals, not as bars: a bar's length claims a zero the axis does not
 show, while points on an axis fitted to the intervals show every difference at its true size. Each runs' own
-top-1 is drawn too, so n = 1 (no interval) is visible as such.
+top-1 is drawn too, so n = 1 (no interval) is visible as such. A model far from the rest (more than
+`OUTLIER_WINDOW` points from its panel's median) is marked at the edge with its value instead of stretching the axis.
 """
 from __future__ import annotations
 
@@ -23,6 +24,31 @@ def _errors(rows: Sequence[Dict[str, Any]], key: str = 'ci95') -> List[List[floa
     low = [r['mean'] - r[key][0] if r.get(key) else 0.0 for r in rows]
     high = [r[key][1] - r['mean'] if r.get(key) else 0.0 for r in rows]
     return [low, high]
+
+
+# a point this many points (top-1 or difference) from the median of its panel is drawn at the panel's edge with its
+# value: one far-off model (a CNN that cannot work at 28 px) would otherwise squeeze every other difference flat
+OUTLIER_WINDOW = 10.0
+
+
+def _fit_axis(ax, means: Sequence[float], intervals: Sequence[Any], window: float = OUTLIER_WINDOW) -> None:
+    """Fit the x axis to the points within `window` of the median; mark the others at the edge with their value."""
+    ordered = sorted(means)
+    center = ordered[len(ordered) // 2]
+    inside = [abs(m - center) <= window for m in means]
+    if all(inside):
+        return
+    spans = [(ci or (m, m)) for m, ci, keep in zip(means, intervals, inside) if keep]
+    low, high = min(s[0] for s in spans), max(s[1] for s in spans)
+    pad = max(0.1 * (high - low), 0.5)
+    ax.set_xlim(low - 2 * pad, high + 2 * pad)
+    for i, (m, keep) in enumerate(zip(means, inside)):
+        if not keep:
+            left = m < center
+            edge = low - 1.5 * pad if left else high + 1.5 * pad
+            ax.plot([edge], [i], '<' if left else '>', color='tab:red')
+            ax.annotate(f'{m:.1f} (off axis)', (edge, i), xytext=(4 if left else -4, 6), textcoords='offset points',
+                        ha='left' if left else 'right', fontsize=8, color='tab:red')
 
 
 def _save(fig, path: Path) -> Path:
@@ -47,6 +73,7 @@ def plot_study(record: Dict[str, Any], path: Path) -> Path:
                 label=f"mean, {setup['confidence']:.0%} t-interval")
     for i, r in enumerate(rows):
         ax.plot(r['top1'], [i] * len(r['top1']), 'x', color='tab:gray', markersize=4)
+    _fit_axis(ax, [r['mean'] for r in rows], [r.get('ci95') for r in rows])
     ax.set_title(f"top-1 on {setup['dataset']} (%), n = {max((r['n'] for r in rows), default=0)} seeds", fontsize=10)
     ax.legend(fontsize=8, loc='lower left')
     ax.grid(axis='x', alpha=0.3)
@@ -59,6 +86,7 @@ def plot_study(record: Dict[str, Any], path: Path) -> Path:
              for i, r in enumerate(rows) if r.get('paper') and base and base.get('paper')]
     if paper:
         ax.plot([p[1] for p in paper], [p[0] for p in paper], 'x', color='tab:red', label='paper (ImageNet)')
+    _fit_axis(ax, [d['mean'] if d['mean'] is not None else 0.0 for d in diffs], [d.get('ci95') for d in diffs])
     ax.axvline(0, color='black', linewidth=0.8)
     ax.set_title(f"top-1 minus {diffs[0]['baseline'] if diffs else 'baseline'} (points)", fontsize=10)
     ax.legend(fontsize=8, loc='lower left')

@@ -68,8 +68,11 @@ def build_record(setup: Dict[str, Any], runs: Sequence[Any], measured: Dict[str,
         if len(sizes) > 1:
             for s in sizes:
                 top1 = _top1s(runs, variant, s)
+                # paired with the baseline at the same size and seed: how the gap moves with the data
                 sweep.append(dict(variant=variant, train_images=s, seeds=sorted(top1),
-                                  top1=[top1[k] for k in sorted(top1)], **summarize(list(top1.values()))))
+                                  top1=[top1[k] for k in sorted(top1)], **summarize(list(top1.values())),
+                                  difference=dict(baseline=baseline,
+                                                  **paired_difference(top1, _top1s(runs, baseline, s)))))
     return dict(setup=dict(setup, confidence=CONFIDENCE, equal_margin=EQUAL_MARGIN), variants=list(rows.values()),
                 claims=_claims(rows, baseline), size_sweep=sweep, runs=[asdict(r) for r in runs])
 
@@ -129,11 +132,16 @@ def findings_table(record: Dict[str, Any]) -> str:
 
 
 def sweep_table(record: Dict[str, Any]) -> str:
-    """Top-1 against training-set size, one row per (variant, size)."""
-    lines = ['| variant | training images | n | top-1 mean (%) | std | 95% interval |', '|---|---:|---:|---:|---:|---|']
+    """Top-1 against training-set size, one row per (variant, size), with the paired difference against the
+    baseline at that size."""
+    lines = ['| variant | training images | n | top-1 mean (%) | std | 95% interval | vs baseline (points) '
+             '| 95% interval |', '|---|---:|---:|---:|---:|---|---:|---|']
     for row in record['size_sweep']:
+        d = row.get('difference') or {}
+        same = row['variant'] == d.get('baseline') or not d.get('n')
         lines.append(f"| `{row['variant']}` | {row['train_images']} | {row['n']} | {_f(row['mean'])} "
-                     f"| {_f(row['std'])} | {_interval(row['ci95'])} |")
+                     f"| {_f(row['std'])} | {_interval(row['ci95'])} | {'-' if same else _signed(d['mean'])} "
+                     f"| {'-' if same else _interval(d['ci95'])} |")
     return '\n'.join(lines)
 
 
