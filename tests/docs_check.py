@@ -383,6 +383,7 @@ TABLES = {
     'speed-intel-amx-layout-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-layout-ab.json'),
     'speed-intel-amx-quiet': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-quiet.json'),
     'speed-intel-amx-quiet-layout-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-quiet-layout-ab.json'),
+    'speed-intel-amx-quiet-attn-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-quiet-attn-ab.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),

@@ -166,6 +166,41 @@ def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast
         torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
+def test_bf16_cpu_attention_train_takes_explicit_products_only_where_a_backward_follows(block_type, monkeypatch):
+    """`bf16_cpu_attn_train` alone: the fused kernel in bf16 inference (no gradients), explicit products in bf16
+    training, with the plain model's outputs and gradients (to bf16 rounding)."""
+    plain, model = _pair(block_type=block_type)
+    use_cpu_kernels(model, kernels=('bf16_cpu_attn_train',))
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    depth = len(model.blocks)
+
+    def block_calls() -> int:
+        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+
+    model.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x)
+    assert block_calls() == depth
+    calls.clear()
+    outputs, grads = [], []
+    for m in (model, plain):
+        m.train()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = m(x)
+        out.float().sum().backward()
+        outputs.append(out.float())
+        grads.append(next(m.blocks[0].attn.parameters()).grad)
+        if m is model:
+            assert block_calls() == 0
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0.1)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.1, atol=0.1)
+
+
 @pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
 @pytest.mark.parametrize('variant', [dict(tokens_type='performer'), dict(tokens_type='transformer'),
                                      dict(tokens_type='performer', block_type='se'),

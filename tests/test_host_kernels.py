@@ -56,6 +56,8 @@ def test_every_profile_decides_every_kernel_with_a_reason():
     assert all(on for on, _ in _PLANS['amd-avx512'].values())
     # with AMX the fused SDPA kernel does its bf16 products on AMX; explicit bf16 products only without it
     assert not _PLANS['intel-amx']['bf16_cpu_attn'][0] and not _PLANS['generic']['bf16_cpu_attn'][0]
+    # in training the fused kernel's CPU backward is the slow part: explicit products there on AMX too
+    assert _PLANS['intel-amx']['bf16_cpu_attn_train'][0] and not _PLANS['generic']['bf16_cpu_attn_train'][0]
 
 
 @pytest.mark.parametrize('profile', list(CPU_PROFILES))

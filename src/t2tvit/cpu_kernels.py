@@ -22,6 +22,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
+| bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training) | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
 """
 import copy
 import functools
@@ -61,6 +62,8 @@ CPU_KERNELS: Dict[str, str] = {
                      'product; in fp32 training the forward and input-gradient products',
     'bf16_cpu_attn': 'under CPU bf16 autocast, the blocks\' attention as explicit bf16 products (q k^T, softmax, '
                      'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
+    'bf16_cpu_attn_train': 'the explicit bf16 attention products of bf16_cpu_attn only with gradients on (training), '
+                           'where the fused kernel\'s CPU backward is slow',
 }
 
 
@@ -100,6 +103,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
         'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
+        'bf16_cpu_attn_train': (True, 'adds nothing here: bf16_cpu_attn already takes the explicit products in '
+                                      'training as in inference'),
     },
     'intel-amx': {
         'strided_unfold': (True, _LAYOUT),
@@ -109,8 +114,11 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
-        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
-                                 'products did not beat it on an Intel AMX host (same A/B)'),
+        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; in '
+                                 'inference explicit products ran at 0.92x its speed on an Intel AMX host'),
+        'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
+                                      'made a T2T-ViT-14 bf16 training step 1.22x as fast on an Intel AMX host '
+                                      '(benchmarks/intel-xeon-amx-2026-12-06-quiet-attn-ab.json)'),
     },
     'generic': {
         'strided_unfold': (True, _LAYOUT),
@@ -119,6 +127,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
+        'bf16_cpu_attn_train': (False, 'measured only on AVX-512 BF16 and AMX hosts; SDPA is kept'),
     },
 }
 
@@ -521,25 +530,34 @@ def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
     return attention(q, k, v, attn.scale, attn.attn_drop.p if attn.training else 0., fused=False)
 
 
-class CPUAttention(_CPUKernelLayer, Attention):
-    """timm's `Attention` with `bf16_cpu_attn`, and `forward_add` for the oneDNN block."""
+def _explicit_bf16(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` takes explicit bf16 attention products for `x`: `bf16_cpu_attn` under CPU bf16 autocast, or
+    `bf16_cpu_attn_train` there with gradients on."""
+    wanted = layer.bf16_cpu_attn or (layer.bf16_cpu_attn_train and torch.is_grad_enabled())
+    return wanted and cpu_bf16_autocast(x)
 
-    KERNELS = ('bf16_cpu_attn',)
+
+class CPUAttention(_CPUKernelLayer, Attention):
+    """timm's `Attention` with `bf16_cpu_attn` (and `bf16_cpu_attn_train`), and `forward_add` for the oneDNN
+    block."""
+
+    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train')
     bf16_cpu_attn: bool = False
+    bf16_cpu_attn_train: bool = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output (B, N, attn_dim) before `proj`."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and not (self.bf16_cpu_attn and cpu_bf16_autocast(x)):  # as timm's: SDPA's own scale
+        if self.fused_attn and not _explicit_bf16(self, x):  # as timm's: SDPA's own scale
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             x = _explicit_attention(self, q, k, v)
         return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
 
     def _plain(self, x: torch.Tensor) -> bool:
-        return self.gate is not None or not (self.bf16_cpu_attn and cpu_bf16_autocast(x))
+        return self.gate is not None or not _explicit_bf16(self, x)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -555,11 +573,12 @@ class CPUAttention(_CPUKernelLayer, Attention):
 class _BF16HeadsAttention(_CPUKernelLayer):
     """For the SE and Ghost attention layers: explicit products under CPU bf16 autocast (`bf16_cpu_attn`)."""
 
-    KERNELS = ('bf16_cpu_attn',)
+    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train')
     bf16_cpu_attn: bool = False
+    bf16_cpu_attn_train: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.bf16_cpu_attn and cpu_bf16_autocast(q):
+        if _explicit_bf16(self, q):
             return _explicit_attention(self, q, k, v)
         return super().attend(q, k, v)
 
