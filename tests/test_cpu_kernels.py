@@ -137,15 +137,21 @@ def test_soft_split_gradient_is_unfold_gradient(shape, split, patch_major):
                                     (x[:1, :2].clone().requires_grad_(),))
 
 
+def _record_sdpa_shapes(monkeypatch) -> list:
+    """The query shape of every call of F.scaled_dot_product_attention from now on (the call still runs)."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
 def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast(block_type, monkeypatch):
     plain, model = _pair(block_type=block_type)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    calls = _record_sdpa_shapes(monkeypatch)
     depth = len(model.blocks)
 
     def block_sdpa_calls(**kernels) -> int:
@@ -173,10 +179,7 @@ def test_bf16_cpu_attention_train_takes_explicit_products_only_where_a_backward_
     plain, model = _pair(block_type=block_type)
     use_cpu_kernels(model, kernels=('bf16_cpu_attn_train',))
     x = torch.randn(2, 3, 32, 32)
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    calls = _record_sdpa_shapes(monkeypatch)
     depth = len(model.blocks)
 
     def block_calls() -> int:
