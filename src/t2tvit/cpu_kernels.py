@@ -114,10 +114,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
-        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; in '
-                                 'inference explicit products ran at 0.92x its speed on an Intel AMX host'),
+        'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
+                                 'products did not beat it in inference on an Intel AMX host (same A/B)'),
         'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
-                                      'made a T2T-ViT-14 bf16 training step 1.22x as fast on an Intel AMX host '
+                                      'made a T2T-ViT-14 bf16 training step 1.19x as fast on an Intel AMX host '
                                       '(benchmarks/intel-xeon-amx-2026-12-06-quiet-attn-ab.json)'),
     },
     'generic': {

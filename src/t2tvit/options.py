@@ -558,7 +558,8 @@ RECIPE_OPTIONS: Dict[str, Option] = table(
          open_low=True, null='none'),
     _key('clip_grad', 'float', None, 'clip the gradient norm to this', low=0, open_low=True, null='no clipping'),
     _key('sched', 'choice', 'cosine', 'timm scheduler name', choices=SCHEDULERS),
-    _key('sched_steps', 'int', None, 'length of the learning-rate schedule in optimizer steps, e.g. max_steps so that a step budget anneals to min_lr', low=1, null='epochs x steps per epoch'),
+    _key('sched_steps', 'int', None, 'length of the learning-rate schedule in optimizer steps, e.g. max_steps so '
+         'that a step budget anneals to min_lr', low=1, null='epochs x steps per epoch'),
     _key('warmup_epochs', 'float', 5, 'linear warm-up epochs', low=0),
     _key('warmup_lr', 'float', 1e-6, 'learning rate at the start of the warm-up', low=0),
     _key('min_lr', 'float', 1e-5, 'learning rate at the end of the schedule', low=0),

@@ -403,8 +403,8 @@ def _setup(study: _Study, seeds: List[int], sizes: List[Any], sweep_variants: Op
         img_size=shared['img_size'], in_chans=shared['in_chans'], num_classes=study.num_classes,
         max_steps=study.max_steps, batch_size=shared['batch_size'], seeds=seeds, train_images=sizes,
         train_split_images=study.train_size, sweep_variants=list(sweep_variants) if sweep_variants else None,
-        baseline=BASELINE, schedule=f"linear warm-up over {WARMUP_FRACTION:.0%} of the steps, then cosine decay to min_lr at the "
-        f"last step" if 'sched' not in shared else f"{shared['sched']} (--set)",
+        baseline=BASELINE, schedule=f"linear warm-up over {WARMUP_FRACTION:.0%} of the steps, then cosine decay "
+        f"to min_lr at the last step" if 'sched' not in shared else f"{shared['sched']} (--set)",
         overrides={k: v for k, v in shared.items() if k not in ('dataset', 'data', 'img_size', 'in_chans', 'mean',
                                                                  'std', 'batch_size', 'device')},
         model_kwargs=study.kwargs, scale=scale, device=str(study.device), torch_threads=torch.get_num_threads(),
