@@ -203,7 +203,7 @@ def run_example(example: Example, work: Path, printed: Optional[List[List[str]]]
 
 # --- tables from committed data ------------------------------------------------------------------------------
 
-INT8_BENCHMARK = 'xeon-amx-int8-2026-12-06-quiet.json'
+INT8_BENCHMARK = 'xeon-amx-int8-openvino-2026-12-06.json'
 
 
 def load_benchmark(name: str) -> dict:
@@ -349,15 +349,18 @@ STUDY = 'ablate-fashion_mnist-1000steps-2026-12-06.json'
 # `t2tvit ablate` with no flags: the timed default
 DEFAULT_STUDY = 'ablate-fashion_mnist-400steps-2026-12-06.json'
 def int8_speed_table(result: dict) -> str:
-    """fp32 and int8 ONNX Runtime latency from a `t2tvit benchmark --runs infer:int8` file."""
+    """fp32 and int8 latency in ONNX Runtime and OpenVINO from a `t2tvit benchmark --runs infer:int8` file."""
     q, env = result['int8'], result['environment']
-    rows = [f"{env['device'].split(',')[0]}, ONNX Runtime {q['onnxruntime']}, "
+    names = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
+    openvino = f", OpenVINO {q['openvino'].split('-')[0]}" if q.get('openvino', 'not installed') != 'not installed' else ''
+    rows = [f"{env['device'].split(',')[0]}, ONNX Runtime {q['onnxruntime']}{openvino}, "
             f"{q['session_options']['intra_op_num_threads']} threads, {q['img_size']} px, {env['date'][:10]}, "
             f"median of {q['reps']} rounds (load average {env['load_average'][0]:.1f} at the start)", '',
-            '| model | batch | fp32 ms | int8 ms | fp32 images/s | int8 images/s | int8 / fp32 |',
-            '|---|---:|---:|---:|---:|---:|---:|']
+            '| model | runtime | batch | fp32 ms | int8 ms | fp32 images/s | int8 images/s | int8 / fp32 |',
+            '|---|---|---:|---:|---:|---:|---:|---:|']
     for r in q['models']:
-        rows.append(f"| `{r['name']}` | {r['batch']} | {r['fp32']['latency_ms']:.1f} | "
+        rows.append(f"| `{r['name']}` | {names[r.get('runtime', 'onnxruntime')]} | {r['batch']} | "
+                    f"{r['fp32']['latency_ms']:.1f} | "
                     f"{r['int8']['latency_ms']:.1f} | {r['fp32']['images_per_s']:.1f} | {r['int8']['images_per_s']:.1f} | "
                     f"**{r['int8_speedup']:.2f}x** |")
     return '\n'.join(rows)
@@ -365,12 +368,17 @@ def int8_speed_table(result: dict) -> str:
 
 def int8_accuracy_table(record: dict) -> str:
     """The demo model's int8 export against its fp32 ONNX graph on the test images."""
-    rows = ['| date | checkpoint | calibration | test images | fp32 top-1 | int8 top-1 | drop | top-1 agreement |',
-            '|---|---|---|---:|---:|---:|---:|---:|']
+    rows = ['| date | checkpoint | runtime | calibration | test images | fp32 top-1 | int8 top-1 | drop | '
+            'top-1 agreement |',
+            '|---|---|---|---|---:|---:|---:|---:|---:|']
+    names = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
     for r in record['runs']:
         q = r['int8']
-        rows.append(f"| {r['date']} | {r['checkpoint']} | {q['calibration_images']} training images, "
-                    f"{q.get('calibration_method', 'MinMax')} | {q['images']:,} | {q['fp32_top1']:.2f}% | "
+        products = (f"{len(q['float_products'])} Performer products in float" if 'float_products' in q
+                    else 'all products int8')
+        rows.append(f"| {r['date']} | {r['checkpoint']} | {names[q.get('runtime', 'onnxruntime')]} | "
+                    f"{q['calibration_images']} training images, {q.get('calibration_method', 'MinMax')}, "
+                    f"{products} | {q['images']:,} | {q['fp32_top1']:.2f}% | "
                     f"{q['int8_top1']:.2f}% | {q['top1_drop']:.2f} | {q['top1_agreement']:.2f}% |")
     return '\n'.join(rows)
 

@@ -122,8 +122,9 @@ def test_peak_is_the_fastest_gemm_library_and_mfu_is_also_given_against_the_othe
     assert peak['library'] == 'fast' and peak['libraries_time_ratio']['slow'] == pytest.approx(3.)
 
 
-def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16(tmp_path, capsys):
+def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16_in_both_runtimes(tmp_path, capsys):
     import onnxruntime
+    import openvino
     threads = torch.get_num_threads()
     try:
         code = main(['benchmark', '--models', 't2t_vit_mini', '--peers', 'none', '--img-size', '28', '--reps', '2',
@@ -136,10 +137,17 @@ def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16(tmp_path, capsys):
     assert 'int8 / fp32' in out and 'speed only' in out
     result = json.loads((tmp_path / 'int8.json').read_text())
     int8 = result['int8']
-    assert int8['onnxruntime'] == onnxruntime.__version__
+    assert int8['onnxruntime'] == onnxruntime.__version__ and int8['openvino'] == openvino.__version__
     assert int8['session_options']['intra_op_num_threads'] == 1 and int8['img_size'] == 28
+    assert int8['openvino_config']['INFERENCE_NUM_THREADS'] == 1
+    assert int8['openvino_config']['INFERENCE_PRECISION_HINT'] == 'f32'  # not bf16 on an AMX host
     assert 'random' in int8['quantization']['calibration'] and int8['quantization']['activations'] == 'QUInt8'
-    assert [(r['name'], r['batch']) for r in int8['models']] == [('t2t_vit_mini', 1), ('t2t_vit_mini', 16)]
+    by_runtime = int8['quantization_by_runtime']
+    assert (by_runtime['openvino']['activations'], by_runtime['openvino']['activation_symmetric']) == ('QInt8', True)
+    assert [(r['name'], r['runtime'], r['batch']) for r in int8['models']] == [
+        ('t2t_vit_mini', 'onnxruntime', 1), ('t2t_vit_mini', 'onnxruntime', 16),
+        ('t2t_vit_mini', 'openvino', 1), ('t2t_vit_mini', 'openvino', 16)]
+    assert 'OpenVINO' in out and 'ONNX Runtime' in out
     for row in int8['models']:
         fp32, q = row['fp32'], row['int8']
         assert len(fp32['times_s']) == len(q['times_s']) == 2

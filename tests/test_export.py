@@ -223,6 +223,80 @@ def test_int8_export_writes_a_quantized_graph_and_its_measured_agreement(int8_ex
     assert report['top1_drop'] == pytest.approx(report['fp32_top1'] - report['int8_top1'])
 
 
+def test_int8_for_openvino_has_symmetric_int8_activations_and_reports_openvino_figures(tiny_run, tmp_path):
+    import openvino
+    assert cli(['export', '--format', 'onnx-int8', '--checkpoint', str(tiny_run), '--dataset', 'fake',
+                '--calibration-images', '40', '--int8-runtime', 'openvino', '-o', f'{tmp_path}/']) == 0
+    path = tmp_path / 't2t_vit_mini.int8.onnx'
+    proto = onnx.load(str(path))
+    init = {t.name: t for t in proto.graph.initializer}
+    activation_zero_points = [init[n.input[2]] for n in proto.graph.node if n.op_type == 'QuantizeLinear'
+                              and n.input[0] not in init]
+    assert activation_zero_points
+    for zp in activation_zero_points:  # symmetric int8: OpenVINO folds these into its int8 products
+        assert zp.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zp).any()
+    report = json.loads((tmp_path / 't2t_vit_mini.int8.onnx.json').read_text())['int8']
+    assert (report['runtime'], report['activation_type'], report['activation_symmetric']) == ('openvino', 'QInt8',
+                                                                                                True)
+    assert len(report['float_products']) == 3 * 2  # the two Performers' products
+    # the reported int8 top-1 is what OpenVINO gives on the written file
+    from t2tvit.data import build_dataset
+    restored = restore_model(str(tiny_run))
+    eval_set = build_dataset('fake', None, 'val', transform=restored.transform(), in_chans=3, fake_num_samples=16,
+                             fake_num_classes=4, fake_image_size=32, seed=restored.facts['seed'])
+    x = torch.stack([eval_set[i][0] for i in range(len(eval_set))]).numpy()
+    labels = np.array([eval_set[i][1] for i in range(len(eval_set))])
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(path)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    int8 = compiled.create_infer_request().infer({0: x})[0].argmax(1)
+    assert report['int8_top1'] == pytest.approx(100 * (int8 == labels).mean())
+
+
+@pytest.mark.parametrize('exporter', ['dynamo', 'legacy'])
+def test_the_performers_activation_products_stay_float_and_the_backbones_do_not(exporter):
+    """The T2T module's products of two activations (the Performer's linear attention, values up to ~1e4) are left
+    out of int8; the backbone's attention products are quantized. A graph without module scopes (legacy) keeps
+    every product of two activations in float."""
+    from t2tvit.tools.export import _onnx_bytes
+    from t2tvit.tools.quantize import quantize_onnx
+    model = timm.create_model('t2t_vit_mini', img_size=32, in_chans=3, depth=2, num_classes=4).eval()
+    assert model.tokens_to_token.attention1.__class__.__name__ == 'TokenPerformer'
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        fp32 = _onnx_bytes(model, x[:2], False, 0, exporter, 18, '{}')
+    proto = onnx.load_from_string(quantize_onnx(fp32, [x.numpy()]))
+    init = {t.name for t in proto.graph.initializer}
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+
+    def weight(name):  # an initializer, or one dequantized from an initializer
+        node = next((n for n in proto.graph.node if name in n.output), None)
+        return name in init or (node is not None and node.op_type == 'DequantizeLinear' and node.input[0] in init)
+    products = [n for n in proto.graph.node if n.op_type == 'MatMul' and not any(weight(i) for i in n.input[:2])]
+    quantized = [all(producer.get(i) == 'DequantizeLinear' for i in n.input[:2]) for n in products]
+    performer = 3 * 2  # three products in each of the two Performers
+    backbone = 2 * 2  # q @ k and attention @ v in each of the two blocks
+    assert len(products) == performer + backbone
+    if exporter == 'dynamo':
+        assert quantized == [False] * performer + [True] * backbone
+    else:
+        assert not any(quantized)
+
+
+def test_int8_for_openvino_without_openvino_is_one_clear_error(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'openvino', None)  # import openvino now raises ImportError
+    assert cli(['export', '--format', 'onnx-int8', '--checkpoint', str(tiny_run), '--dataset', 'fake',
+                '--int8-runtime', 'openvino', '-o', f'{tmp_path}/']) == 2
+    err = capsys.readouterr().err
+    assert 'needs the openvino package: pip install "t2tvit[export]"' in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_runtime_is_refused_for_a_float_format(tiny_run, tmp_path, capsys):
+    assert cli(['export', '--format', 'onnx', '--checkpoint', str(tiny_run), '--int8-runtime', 'openvino', '-o',
+                f'{tmp_path}/']) == 2
+    assert '--int8-runtime is for --format onnx-int8' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('argv,message', [
     ([], 'calibrates on training images: give --dataset KIND and --data PATH'),
     (['--dataset', 'cifar10'], '--dataset cifar10 needs --data PATH'),

@@ -160,6 +160,9 @@ EXPORT = (
        high=100000, metavar='N'),
     _O('eval_images', 'int', None, 'onnx-int8: evaluation images for the fp32-vs-int8 top-1 (default: all)',
        low=1, metavar='N'),
+    _O('int8_runtime', 'choice', 'onnxruntime', 'onnx-int8: the CPU runtime the file is made for and measured in: '
+       'onnxruntime (uint8 activations) or openvino (symmetric int8 activations, which its VNNI/AMX kernels run '
+       'fast)', choices=('onnxruntime', 'openvino')),
     FORCE,
 )
 
@@ -226,8 +229,8 @@ BENCHMARK = (
     _O('train_models', 'names', None, "which of the models and peers train runs time (default: the preset's)",
        metavar='LIST'),
     _O('runs', 'str', None, 'MODE:PRECISION[:COMPILE] items: infer|train, fp32|bf16|int8, eager|compiled; e.g. '
-       'infer:fp32,infer:bf16,train:fp32; infer:int8 times fp32 and int8 ONNX graphs in ONNX Runtime, batch 1 and '
-       '16', metavar='LIST'),
+       'infer:fp32,infer:bf16,train:fp32; infer:int8 times fp32 and int8 ONNX graphs in ONNX Runtime and OpenVINO, '
+       'batch 1 and 16', metavar='LIST'),
     _O('batch_size', 'int', None, 'images per step', low=1),
     _O('img_size', 'int', None, 'image size, pixels', low=3),
     _O('device', 'choice', None, 'cpu or cuda (default: the preset\'s)', choices=('cpu', 'cuda')),
@@ -462,6 +465,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise OptionError(f'--static-hw is for --format onnx; {args.format} always has a fixed height and width')
     if args.format != 'onnx-int8' and (args.dataset or args.data):
         raise OptionError('--dataset and --data are for --format onnx-int8 (its calibration images)')
+    if args.format != 'onnx-int8' and args.int8_runtime != 'onnxruntime':
+        raise OptionError('--int8-runtime is for --format onnx-int8: drop it, or export with --format onnx-int8')
     if args.format == 'onnx-int8':
         return _export_int8(args)
     restored = _restore(args)
@@ -515,7 +520,7 @@ def _export_int8(args: argparse.Namespace) -> int:
     path, sidecar, report = export_int8(
         restored, args.dataset, args.data, args.output, calibration_images=args.calibration_images,
         eval_images=args.eval_images, onnx_exporter=args.onnx_exporter, opset=args.opset, tolerance=args.tolerance,
-        force=args.force)
+        force=args.force, runtime=args.int8_runtime)
     _print_settings(restored)
     print(f'wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MB) and {sidecar}')
     for line in format_report(report):

@@ -690,7 +690,7 @@ def _torch_runs(config: BenchConfig, device: torch.device, complexity: Dict[str,
 
 
 def _int8_run(config: BenchConfig, result: Dict[str, Any], log: Callable[[str], None]) -> None:
-    """infer:int8: fp32 and int8 ONNX Runtime latency of every model, batch 1 and 16."""
+    """infer:int8: fp32 and int8 latency of every model in ONNX Runtime and OpenVINO, batch 1 and 16."""
     from .int8_benchmark import format_int8, int8_latency
     names = [(n, 'ours') for n in config.models] + [(n, 'peer') for n in config.peers]
     threads = config.threads or torch.get_num_threads()

@@ -1,9 +1,13 @@
 """int8 ONNX: static QDQ quantization with ONNX Runtime, calibrated on training images, checked on evaluation images.
 
-`quantize_onnx` turns an fp32 ONNX graph into a QDQ int8 one (weights int8 per output channel, activations uint8 per
+`quantize_onnx` turns an fp32 ONNX graph into a QDQ int8 one (weights int8 per output channel, activations 8-bit per
 tensor, ranges from the 99.999th percentile of a calibration pass). Only the matrix products are quantized (MatMul,
 Gemm, Conv): LayerNorm, Softmax, GELU and the Performer's exp stay in float, where int8 loses the most and saves the
 least.
+
+The file is made for one runtime, because the two CPU runtimes run different activation types fast
+(`INT8_RUNTIMES`): ONNX Runtime's x86 kernels want uint8 activations, OpenVINO's want symmetric int8 ones (with
+uint8 it leaves the zero-point arithmetic as separate float passes). Both read either file; `runner` runs one.
 
 `export_int8` is `t2tvit export --format onnx-int8`: it exports the model as fp32 ONNX (checked against the eager
 model as every ONNX export is), calibrates on a few hundred images of the data set's training split through the
@@ -19,7 +23,7 @@ import io
 import json
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -34,13 +38,21 @@ from ..engine.build import fake_split_size
 from .export import (INPUT_NAME, ExportError, _max_diff, _onnx_bytes, _onnx_runner, _require, _sidecar,
                      _suffix_path)
 
-__all__ = ['QUANTIZED_OPS', 'Int8Report', 'quantize_onnx', 'ort_session', 'export_int8', 'calibration_batches',
-           'check_calibration_source', 'format_report']
+__all__ = ['QUANTIZED_OPS', 'INT8_RUNTIMES', 'Int8Report', 'quantize_onnx', 'token_stage_activation_products', 'ort_session', 'runner', 'export_int8',
+           'calibration_batches', 'check_calibration_source', 'format_report']
 
 QUANTIZED_OPS = ('MatMul', 'Gemm', 'Conv')
-# uint8 activations with int8 weights (U8S8): the product ONNX Runtime's x86 kernels (VNNI, AMX) run fast;
-# int8 activations (S8S8) fall back to a generic kernel there that is slower than fp32.
-ACTIVATION_TYPE, WEIGHT_TYPE = 'QUInt8', 'QInt8'
+WEIGHT_TYPE = 'QInt8'
+# runtime: (activation type, symmetric activations). onnxruntime: uint8 activations with int8 weights (U8S8) are the
+# product its x86 kernels (VNNI, AMX) run fast; int8 activations (S8S8) fall back to a generic kernel there that is
+# slower than fp32. openvino: symmetric int8 activations fold into its int8 products (oneDNN's VNNI/AMX kernels); with
+# asymmetric uint8 ones it subtracts the zero points in separate float passes, and T2T-ViT-7's graph ran 1.6x its
+# fp32 graph instead of 2.1x (batch 1, Intel AMX host, 2026-12-06)
+INT8_RUNTIMES = {'onnxruntime': ('QUInt8', False), 'openvino': ('QInt8', True)}
+ACTIVATION_TYPE = INT8_RUNTIMES['onnxruntime'][0]
+RUNTIME_NAMES = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
+# OpenVINO runs the float parts of both graphs in fp32: by default it would run them in bf16 on a CPU with AMX
+OPENVINO_CONFIG = {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': 'f32'}
 # activation ranges from the 99.999th percentile of each tensor's calibration values: a few outliers (the Performer's
 # exp, the residual stream) would otherwise stretch the min-max range and coarsen every other value's step
 CALIBRATION_METHOD, CALIBRATION_PERCENTILE = 'Percentile', 99.999
@@ -59,7 +71,10 @@ class Int8Report:
     data: Optional[str]
     per_channel: bool
     quantized_ops: List[str]
+    runtime: str = 'onnxruntime'
     activation_type: str = ACTIVATION_TYPE
+    activation_symmetric: bool = False
+    float_products: List[str] = field(default_factory=list)  # products of two activations left in float
     weight_type: str = WEIGHT_TYPE
     calibration_method: str = f'{CALIBRATION_METHOD} {CALIBRATION_PERCENTILE}'
 
@@ -79,6 +94,31 @@ def ort_session(data: Union[bytes, str, Path], threads: Optional[int] = None):
                                 providers=['CPUExecutionProvider'])
 
 
+def openvino_version() -> Optional[str]:
+    """OpenVINO's version, or None where it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
+
+
+def runner(runtime: str, data: bytes, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A CPU session of the ONNX graph `data` in `runtime` (one of INT8_RUNTIMES): images (N, C, H, W) -> logits."""
+    if runtime == 'onnxruntime':
+        session = ort_session(data, threads)
+        return lambda x: session.run(None, {INPUT_NAME: x})[0]
+    ov = _require('openvino', 'onnx-int8 --int8-runtime openvino')
+    core = ov.Core()
+    with tempfile.TemporaryDirectory(prefix='t2tvit-ov-') as tmp:  # the ONNX reader takes a file
+        path = Path(tmp) / 'model.onnx'
+        path.write_bytes(data)
+        config = dict(OPENVINO_CONFIG, **({'INFERENCE_NUM_THREADS': threads} if threads is not None else {}))
+        compiled = core.compile_model(core.read_model(str(path)), 'CPU', config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0].copy()
+
+
 class _Batches:
     """`onnxruntime.quantization.CalibrationDataReader` over arrays (N, C, H, W), a few images per call."""
 
@@ -94,9 +134,33 @@ class _Batches:
         self._next = iter(self._batches)
 
 
+def token_stage_activation_products(source, prepared) -> List[str]:
+    """Names of the MatMuls in `prepared` (a graph after `quant_pre_process`) that multiply two activations inside
+    the T2T module, read from the exporter's module scopes in `source` (the fp32 graph, whose node names the
+    preparation keeps). These are the Performer's linear-attention products: their values span four orders of
+    magnitude (up to ~1e4 on the demo model), which 8 bits cannot hold, and OpenVINO computed them wrongly in
+    symmetric int8 (the demo model fell to 59% top-1). They stay in float; the backbone's attention products do not.
+    A graph without module scopes (the legacy exporter's) keeps every product of two activations in float.
+    """
+    scopes = {n.name: p.value for n in source.graph.node for p in n.metadata_props
+              if p.key == 'pkg.torch.onnx.name_scopes'}
+    weights = {t.name for t in prepared.graph.initializer}
+    return [n.name for n in prepared.graph.node
+            if n.op_type == 'MatMul' and not set(n.input[:2]) & weights
+            and (not scopes or "'tokens_to_token" in scopes.get(n.name, ''))]
+
+
 def quantize_onnx(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: bool = True,
-                  op_types: Sequence[str] = QUANTIZED_OPS) -> bytes:
-    """Static QDQ int8 quantization of an fp32 ONNX graph; `calibration` is a list of input batches."""
+                  op_types: Sequence[str] = QUANTIZED_OPS, runtime: str = 'onnxruntime') -> bytes:
+    """Static QDQ int8 quantization of an fp32 ONNX graph for `runtime` (its activation type, `INT8_RUNTIMES`);
+    `calibration` is a list of input batches."""
+    return _quantize(fp32, calibration, per_channel, op_types, runtime)[0]
+
+
+def _quantize(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: bool, op_types: Sequence[str],
+              runtime: str) -> Tuple[bytes, List[str]]:
+    """`quantize_onnx`, and the names of the products left in float (`token_stage_activation_products`)."""
+    activation_type, symmetric = INT8_RUNTIMES[runtime]
     _require('onnxruntime', 'onnx-int8')
     onnx = _require('onnx', 'onnx-int8')
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -110,20 +174,23 @@ def quantize_onnx(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: b
         # ONNX shape inference and ONNX Runtime's graph optimizations first, so the quantizer sees fused,
         # constant-folded products (the symbolic shape pass cannot read the dynamo graph's int-list Constants)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        float_products = token_stage_activation_products(onnx.load_from_string(fp32), onnx.load(str(prepared)))
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator prints its progress
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(op_types), per_channel=per_channel,
-                            activation_type=getattr(QuantType, ACTIVATION_TYPE),
+                            nodes_to_exclude=float_products,
+                            activation_type=getattr(QuantType, activation_type),
                             weight_type=getattr(QuantType, WEIGHT_TYPE),
                             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHOD),
-                            extra_options={'CalibPercentile': CALIBRATION_PERCENTILE})
+                            extra_options={'CalibPercentile': CALIBRATION_PERCENTILE,
+                                           'ActivationSymmetric': symmetric})
         proto = onnx.load(str(target))
     source_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
     del proto.metadata_props[:]
     for key, value in source_meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    return proto.SerializeToString()
+    return proto.SerializeToString(), float_products
 
 
 def _dataset(restored: RestoredModel, dataset: str, data: Optional[str], split: str):
@@ -215,27 +282,30 @@ def export_int8(
         tolerance: float = 1e-4,
         seed: int = 0,
         force: bool = False,
+        runtime: str = 'onnxruntime',
 ) -> Tuple[Path, Path, Int8Report]:
     """Write NAME.int8.onnx and its sidecar; returns (path, sidecar path, Int8Report).
 
     Calibration reads `calibration_images` images of `dataset`'s training split (`data` its folder; none for
-    'fake'); the report compares the fp32 and int8 graphs on the first `eval_images` (None: all) evaluation images.
+    'fake'); the report compares the fp32 and int8 graphs, both run in `runtime`, on the first `eval_images` (None:
+    all) evaluation images.
     The graph takes any batch size at the model's own height and width, from either ONNX exporter.
     """
     check_calibration_source(dataset, data)
+    if runtime == 'openvino':
+        _require('openvino', 'onnx-int8 --int8-runtime openvino')  # before any work
     path = _suffix_path(output, restored.name, 'onnx-int8')
     sidecar_path = path.with_name(path.name + '.json')
     check_outputs([path, sidecar_path], [restored.checkpoint, data], force=force)
     fp32, sidecar, checks = _fp32_onnx(restored, path, onnx_exporter, opset, tolerance, seed)
     calibration = calibration_batches(restored, dataset, data, calibration_images, seed=seed)
-    int8 = quantize_onnx(fp32, calibration, per_channel=per_channel)
+    int8, float_products = _quantize(fp32, calibration, per_channel, QUANTIZED_OPS, runtime)
     eval_set = _dataset(restored, dataset, data, 'val')
-    fp32_session, int8_session = ort_session(fp32), ort_session(int8)
-    count, fp32_top1, int8_top1, agreement = _evaluate(
-        lambda x: fp32_session.run(None, {INPUT_NAME: x})[0], lambda x: int8_session.run(None, {INPUT_NAME: x})[0],
-        eval_set, eval_images)
+    count, fp32_top1, int8_top1, agreement = _evaluate(runner(runtime, fp32), runner(runtime, int8), eval_set,
+                                                       eval_images)
+    activation_type, symmetric = INT8_RUNTIMES[runtime]
     report = Int8Report(count, fp32_top1, int8_top1, agreement, sum(len(b) for b in calibration), 'train', dataset,
-                        data, per_channel, list(QUANTIZED_OPS))
+                        data, per_channel, list(QUANTIZED_OPS), runtime, activation_type, symmetric, float_products)
     sidecar.update(checks_fp32_onnx=checks, int8=dict(asdict(report), top1_drop=report.top1_drop,
                                                      eval_split='val (the test images where a data set has no val)'))
     atomic_write(path, lambda f: f.write(int8), what='int8 ONNX export')
@@ -246,7 +316,7 @@ def export_int8(
 def format_report(report: Int8Report) -> List[str]:
     """The lines `t2tvit export --format onnx-int8` prints about accuracy."""
     source = report.data or report.dataset
-    return [f'calibrated on {report.calibration_images} {report.calibration_split} images of {source}; measured on '
-            f'{report.images} evaluation images:',
+    return [f'calibrated on {report.calibration_images} {report.calibration_split} images of {source}; measured in '
+            f'{RUNTIME_NAMES[report.runtime]} on {report.images} evaluation images:',
             f'  top-1 fp32 ONNX {report.fp32_top1:.2f}%, int8 {report.int8_top1:.2f}% '
             f'(drop {report.top1_drop:+.2f} points); top-1 agreement {report.top1_agreement:.2f}%']
