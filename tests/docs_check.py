@@ -348,11 +348,14 @@ def host_table(result: dict) -> str:
 STUDY = 'ablate-fashion_mnist-1000steps-2026-12-06.json'
 # `t2tvit ablate` with no flags: the timed default
 DEFAULT_STUDY = 'ablate-fashion_mnist-400steps-2026-12-06.json'
+
+
 def int8_speed_table(result: dict) -> str:
     """fp32 and int8 latency in ONNX Runtime and OpenVINO from a `t2tvit benchmark --runs infer:int8` file."""
     q, env = result['int8'], result['environment']
     names = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
-    openvino = f", OpenVINO {q['openvino'].split('-')[0]}" if q.get('openvino', 'not installed') != 'not installed' else ''
+    version = q.get('openvino', 'not installed')
+    openvino = f", OpenVINO {version.split('-')[0]}" if version != 'not installed' else ''
     rows = [f"{env['device'].split(',')[0]}, ONNX Runtime {q['onnxruntime']}{openvino}, "
             f"{q['session_options']['intra_op_num_threads']} threads, {q['img_size']} px, {env['date'][:10]}, "
             f"median of {q['reps']} rounds (load average {env['load_average'][0]:.1f} at the start)", '',
@@ -360,8 +363,8 @@ def int8_speed_table(result: dict) -> str:
             '|---|---|---:|---:|---:|---:|---:|---:|']
     for r in q['models']:
         rows.append(f"| `{r['name']}` | {names[r.get('runtime', 'onnxruntime')]} | {r['batch']} | "
-                    f"{r['fp32']['latency_ms']:.1f} | "
-                    f"{r['int8']['latency_ms']:.1f} | {r['fp32']['images_per_s']:.1f} | {r['int8']['images_per_s']:.1f} | "
+                    f"{r['fp32']['latency_ms']:.1f} | {r['int8']['latency_ms']:.1f} | "
+                    f"{r['fp32']['images_per_s']:.1f} | {r['int8']['images_per_s']:.1f} | "
                     f"**{r['int8_speedup']:.2f}x** |")
     return '\n'.join(rows)
 

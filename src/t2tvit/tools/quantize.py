@@ -38,8 +38,8 @@ from ..engine.build import fake_split_size
 from .export import (INPUT_NAME, ExportError, _max_diff, _onnx_bytes, _onnx_runner, _require, _sidecar,
                      _suffix_path)
 
-__all__ = ['QUANTIZED_OPS', 'INT8_RUNTIMES', 'Int8Report', 'quantize_onnx', 'token_stage_activation_products', 'ort_session', 'runner', 'export_int8',
-           'calibration_batches', 'check_calibration_source', 'format_report']
+__all__ = ['QUANTIZED_OPS', 'INT8_RUNTIMES', 'Int8Report', 'quantize_onnx', 'token_stage_activation_products',
+           'ort_session', 'runner', 'export_int8', 'calibration_batches', 'check_calibration_source', 'format_report']
 
 QUANTIZED_OPS = ('MatMul', 'Gemm', 'Conv')
 WEIGHT_TYPE = 'QInt8'
