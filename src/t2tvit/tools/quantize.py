@@ -46,8 +46,8 @@ WEIGHT_TYPE = 'QInt8'
 # runtime: (activation type, symmetric activations). onnxruntime: uint8 activations with int8 weights (U8S8) are the
 # product its x86 kernels (VNNI, AMX) run fast; int8 activations (S8S8) fall back to a generic kernel there that is
 # slower than fp32. openvino: symmetric int8 activations fold into its int8 products (oneDNN's VNNI/AMX kernels); with
-# asymmetric uint8 ones it subtracts the zero points in separate float passes, and T2T-ViT-7's graph ran 1.6x its
-# fp32 graph instead of 2.1x (batch 1, Intel AMX host, 2026-12-06)
+# asymmetric uint8 ones it subtracts the zero points in separate float passes, and T2T-ViT-7's graph ran 1.5x its
+# fp32 graph instead of 2.0x at batch 16 (benchmarks/xeon-amx-int8-openvino-2026-12-06-ab.json)
 INT8_RUNTIMES = {'onnxruntime': ('QUInt8', False), 'openvino': ('QInt8', True)}
 ACTIVATION_TYPE = INT8_RUNTIMES['onnxruntime'][0]
 RUNTIME_NAMES = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
