@@ -156,3 +156,17 @@ def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16_in_both_runtimes(tm
         assert q['images_per_s'] == pytest.approx(row['batch'] / statistics.median(q['times_s']))
         assert q['file_bytes'] < fp32['file_bytes']  # int8 weights
     assert result['runs'] == [] and not (tmp_path / 'int8.png').exists()  # no torch runs: nothing to plot
+
+
+def test_int8_run_without_openvino_times_onnx_runtime_and_says_so(monkeypatch):
+    import timm
+    from t2tvit.tools import int8_benchmark
+    monkeypatch.setattr(int8_benchmark, 'openvino_version', lambda: None)
+    said = []
+    result = int8_benchmark.int8_latency(
+        [('t2t_vit_mini', 'ours')], lambda name: timm.create_model(name, img_size=28, in_chans=1, depth=1), 28,
+        lambda in_chans: torch.rand(8, in_chans, 28, 28), threads=1, reps=1, log=said.append,
+        batch_iters={1: 1, 16: 1})
+    assert result['runtimes'] == ['onnxruntime'] and result['openvino'] == 'not installed'
+    assert {row['runtime'] for row in result['models']} == {'onnxruntime'}
+    assert any('OpenVINO is not installed (pip install "t2tvit[export]")' in line for line in said)

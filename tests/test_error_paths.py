@@ -150,6 +150,8 @@ def test_a_stop_in_an_epochs_last_step_saves_that_step_and_the_rerun_ends_as_an_
     def log_then_sigterm(self, epoch, step, loss_value, bar):
         log_step(self, epoch, step, loss_value, bar)
         if self.global_step == 4:
+            # the run's handler must be in place, or the signal would end the test process instead of the run
+            assert callable(signal.getsignal(signal.SIGTERM)), signal.getsignal(signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(engine_train.Trainer, 'log_step', log_then_sigterm)
     stopped = engine_train.train(tiny_config(tmp_path, 'preempted'))

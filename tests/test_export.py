@@ -246,10 +246,36 @@ def test_int8_for_openvino_has_symmetric_int8_activations_and_reports_openvino_f
                              fake_num_classes=4, fake_image_size=32, seed=restored.facts['seed'])
     x = torch.stack([eval_set[i][0] for i in range(len(eval_set))]).numpy()
     labels = np.array([eval_set[i][1] for i in range(len(eval_set))])
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(str(path)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
-    int8 = compiled.create_infer_request().infer({0: x})[0].argmax(1)
+    from t2tvit.tools.quantize import _own_signal_stack
+    with _own_signal_stack():  # OpenVINO leaves the thread a signal stack that it frees (see the test below)
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(str(path)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+        int8 = compiled.create_infer_request().infer({0: x})[0].argmax(1)
+        del compiled
     assert report['int8_top1'] == pytest.approx(100 * (int8 == labels).mean())
+
+
+def test_an_openvino_session_leaves_the_threads_signal_stack_as_it_was():
+    """OpenVINO's CPU plugin gives the thread that compiles or runs a model an alternate signal stack of its own and
+    frees it later; left in place, the next signal (a SIGTERM that `train` turns into a saved stop) crashes the
+    process. The runner puts the thread's own stack back after every call."""
+    import ctypes
+    from t2tvit.tools.export import _onnx_bytes
+    from t2tvit.tools.quantize import _SignalStack, runner
+    sigaltstack = ctypes.CDLL(None).sigaltstack
+
+    def current():
+        stack = _SignalStack()
+        assert sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+    model = timm.create_model('t2t_vit_mini', img_size=28, in_chans=1, depth=1).eval()
+    with torch.no_grad():
+        data = _onnx_bytes(model, torch.randn(2, 1, 28, 28), False, 0, 'legacy', 18, '{}')
+    before = current()
+    run = runner('openvino', data)
+    assert current() == before
+    logits = run(np.zeros((2, 1, 28, 28), np.float32))
+    assert logits.shape == (2, model.num_classes) and current() == before
 
 
 @pytest.mark.parametrize('exporter', ['dynamo', 'legacy'])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import io
 import json
 import tempfile
@@ -103,6 +104,32 @@ def openvino_version() -> Optional[str]:
     return openvino.__version__
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _own_signal_stack():
+    """Give the calling thread back its alternate signal stack (`sigaltstack`) after the block.
+
+    OpenVINO's CPU plugin sets one of its own on the thread that compiles or runs a model and frees it with the
+    model; a signal that arrives later (Ctrl-C, a SIGTERM that `t2tvit train` turns into a saved stop) would then be
+    delivered on freed memory and crash the process instead of reaching Python's handler.
+    """
+    try:
+        sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack
+    except (OSError, AttributeError):  # no POSIX C library: nothing to keep
+        yield
+        return
+    old = _SignalStack()
+    saved = sigaltstack(None, ctypes.byref(old)) == 0
+    try:
+        yield
+    finally:
+        if saved:
+            sigaltstack(ctypes.byref(old), None)
+
+
 def runner(runtime: str, data: bytes, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """A CPU session of the ONNX graph `data` in `runtime` (one of INT8_RUNTIMES): images (N, C, H, W) -> logits."""
     if runtime == 'onnxruntime':
@@ -110,13 +137,17 @@ def runner(runtime: str, data: bytes, threads: Optional[int] = None) -> Callable
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
     ov = _require('openvino', 'onnx-int8 --int8-runtime openvino')
     core = ov.Core()
-    with tempfile.TemporaryDirectory(prefix='t2tvit-ov-') as tmp:  # the ONNX reader takes a file
-        path = Path(tmp) / 'model.onnx'
+    with tempfile.TemporaryDirectory(prefix='t2tvit-ov-') as tmp, _own_signal_stack():
+        path = Path(tmp) / 'model.onnx'  # the ONNX reader takes a file
         path.write_bytes(data)
         config = dict(OPENVINO_CONFIG, **({'INFERENCE_NUM_THREADS': threads} if threads is not None else {}))
         compiled = core.compile_model(core.read_model(str(path)), 'CPU', config)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0].copy()
+        request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with _own_signal_stack():
+            return request.infer({0: x})[0].copy()
+    return run
 
 
 class _Batches:
