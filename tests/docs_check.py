@@ -203,7 +203,7 @@ def run_example(example: Example, work: Path, printed: Optional[List[List[str]]]
 
 # --- tables from committed data ------------------------------------------------------------------------------
 
-INT8_BENCHMARK = 'xeon-amx-int8-openvino-2026-12-06.json'
+INT8_BENCHMARK = 'xeon-amx-int8-openvino-2026-12-06-final.json'
 
 
 def load_benchmark(name: str) -> dict:
