@@ -353,7 +353,7 @@ DEFAULT_STUDY = 'ablate-fashion_mnist-400steps-2026-12-06.json'
 def int8_speed_table(result: dict) -> str:
     """fp32 and int8 latency in ONNX Runtime and OpenVINO from a `t2tvit benchmark --runs infer:int8` file."""
     q, env = result['int8'], result['environment']
-    names = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
+    from t2tvit.tools.quantize import RUNTIME_NAMES as names
     version = q.get('openvino', 'not installed')
     openvino = f", OpenVINO {version.split('-')[0]}" if version != 'not installed' else ''
     rows = [f"{env['device'].split(',')[0]}, ONNX Runtime {q['onnxruntime']}{openvino}, "
@@ -374,7 +374,7 @@ def int8_accuracy_table(record: dict) -> str:
     rows = ['| date | checkpoint | runtime | calibration | test images | fp32 top-1 | int8 top-1 | drop | '
             'top-1 agreement |',
             '|---|---|---|---|---:|---:|---:|---:|---:|']
-    names = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
+    from t2tvit.tools.quantize import RUNTIME_NAMES as names
     for r in record['runs']:
         q = r['int8']
         products = (f"{len(q['float_products'])} Performer products in float" if 'float_products' in q

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import io
 import json
 import tempfile
@@ -108,6 +109,15 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
 
 
+@functools.lru_cache(maxsize=None)
+def _sigaltstack() -> Optional[Callable]:
+    """The C library's `sigaltstack`, looked up once; None without a POSIX C library."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).sigaltstack
+    except (OSError, AttributeError):
+        return None
+
+
 @contextlib.contextmanager
 def _own_signal_stack():
     """Give the calling thread back its alternate signal stack (`sigaltstack`) after the block.
@@ -116,9 +126,8 @@ def _own_signal_stack():
     model; a signal that arrives later (Ctrl-C, a SIGTERM that `t2tvit train` turns into a saved stop) would then be
     delivered on freed memory and crash the process instead of reaching Python's handler.
     """
-    try:
-        sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack
-    except (OSError, AttributeError):  # no POSIX C library: nothing to keep
+    sigaltstack = _sigaltstack()
+    if sigaltstack is None:  # nothing to keep
         yield
         return
     old = _SignalStack()
@@ -205,7 +214,8 @@ def _quantize(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: bool,
         # ONNX shape inference and ONNX Runtime's graph optimizations first, so the quantizer sees fused,
         # constant-folded products (the symbolic shape pass cannot read the dynamo graph's int-list Constants)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        float_products = token_stage_activation_products(onnx.load_from_string(fp32), onnx.load(str(prepared)))
+        source_proto = onnx.load_from_string(fp32)
+        float_products = token_stage_activation_products(source_proto, onnx.load(str(prepared)))
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator prints its progress
             quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(op_types), per_channel=per_channel,
@@ -216,7 +226,7 @@ def _quantize(fp32: bytes, calibration: Sequence[np.ndarray], per_channel: bool,
                             extra_options={'CalibPercentile': CALIBRATION_PERCENTILE,
                                            'ActivationSymmetric': symmetric})
         proto = onnx.load(str(target))
-    source_meta = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
+    source_meta = {p.key: p.value for p in source_proto.metadata_props}
     del proto.metadata_props[:]
     for key, value in source_meta.items():
         entry = proto.metadata_props.add()
