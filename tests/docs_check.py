@@ -377,7 +377,7 @@ def int8_accuracy_table(record: dict) -> str:
     from t2tvit.tools.quantize import RUNTIME_NAMES as names
     for r in record['runs']:
         q = r['int8']
-        products = (f"{len(q['float_products'])} Performer products in float" if 'float_products' in q
+        products = (f"{len(q['float_products'])} Performer products in float" if q.get('float_products')
                     else 'all products int8')
         rows.append(f"| {r['date']} | {r['checkpoint']} | {names[q.get('runtime', 'onnxruntime')]} | "
                     f"{q['calibration_images']} training images, {q.get('calibration_method', 'MinMax')}, "
