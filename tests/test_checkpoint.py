@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import t2tvit
 from t2tvit.models import CheckpointError, T2TViT, checkpoint_filter_fn, read_checkpoint
+from t2tvit.models.checkpoint import EVAL_STATE_DICT_KEY, extract_state_dict
 
 TINY = dict(tokens_type='performer', img_size=32, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2., token_dim=8,
             num_classes=4)
@@ -46,6 +47,17 @@ def test_every_container_format_loads(tmp_path, wrap):
     torch.save(payload, path)
     t2tvit.load_checkpoint(target, path)
     _same_outputs(source, target)
+
+
+@pytest.mark.parametrize('named, expected', [('state_dict', 'raw'), ('state_dict_ema', 'ema'), (None, 'ema'),
+                                             ('optimizer', 'ema')])
+def test_a_training_checkpoint_names_the_weights_it_scored(named, expected):
+    """`t2tvit train` writes which set (raw or EMA) scored best.pth's top-1; loaders read that set, else EMA first
+    (a name that is not a weight set is ignored)."""
+    raw, ema = {'w': torch.zeros(2)}, {'w': torch.ones(2)}
+    checkpoint = {'state_dict': raw, 'state_dict_ema': ema, 'optimizer': {'x': torch.zeros(1)},
+                  EVAL_STATE_DICT_KEY: named}
+    assert torch.equal(extract_state_dict(checkpoint)['w'], (raw if expected == 'raw' else ema)['w'])
 
 
 def test_safetensors_round_trip_through_create_model(tmp_path):

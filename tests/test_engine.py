@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import math
 import os
@@ -270,6 +271,27 @@ def test_ema_mixup_and_bf16_run(tmp_path):
     evals = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()
              if json.loads(line)['type'] == 'eval']
     assert 'ema_top1' in evals[-1]
+
+
+def test_best_checkpoint_evaluates_the_weights_that_scored(tmp_path, monkeypatch):
+    """With EMA on, each epoch keeps the better of the raw and EMA weights; best.pth names the set that scored, so
+    evaluating it reads those weights even when they are the raw ones."""
+    train_module = importlib.import_module('t2tvit.engine.train')  # (t2tvit.engine.train is also the function)
+    real = train_module.evaluate
+    # (raw, EMA) held-out top-1 per epoch: epoch 1's raw weights are the best; epoch 2's EMA beats its raw ones
+    scores = iter([60.0, 50.0, 55.0, 58.0])
+
+    def scripted(*args, **kwargs):
+        return dict(real(*args, **kwargs), top1=next(scores))
+    monkeypatch.setattr(train_module, 'evaluate', scripted)
+    result = train(tiny_config(tmp_path, 'ema-raw', epochs=2, model_ema=True, model_ema_decay=0.9))
+    best, last = (read_checkpoint(result.run_dir / name) for name in ('best.pth', 'last.pth'))
+    assert (best['best_epoch'], best['best_top1'], best['eval_state_dict']) == (1, 60.0, 'state_dict')
+    assert last['eval_state_dict'] == 'state_dict_ema'
+    assert any(not torch.equal(best['state_dict'][k], best['state_dict_ema'][k]) for k in best['state_dict'])
+    for state, key in ((best, 'state_dict'), (last, 'state_dict_ema')):
+        loaded = t2tvit.models.checkpoint.extract_state_dict(state)
+        assert all(torch.equal(loaded[k], state[key][k]) for k in state[key])
 
 
 def make_trainer(tmp_path: Path, **overrides):

@@ -35,6 +35,7 @@ from ..cpu_kernels import for_device
 from ..data.streaming import check_bad_samples
 from ..errors import TrainingDiverged
 from ..models import read_checkpoint
+from ..models.checkpoint import EVAL_STATE_DICT_KEY
 from .build import (autocast_for, build_model, eval_transform_for, load_pretrained_weights, preflight,
                     train_transform_for, training_sets)
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
@@ -257,6 +258,7 @@ class Trainer:
     def restore(self) -> None:
         """Where training starts: from the beginning, or where the checkpoint to resume from stopped."""
         self.start_epoch, self.start_step, self.global_step, self.best_top1, self.best_epoch = 0, 0, 0, None, None
+        self.eval_weights: Optional[str] = None  # the weight set (raw or EMA) the last evaluation scored
         if not self.resume:
             return
         config, world = self.config, self.world
@@ -278,6 +280,7 @@ class Trainer:
                   f'{saved_streams[1]} worker(s), now {world} x {config["workers"]}: the rest of epoch '
                   f'{self.start_epoch + 1} reads other samples than the interrupted run would have', file=sys.stderr)
         self.best_top1, self.best_epoch = state.get('best_top1'), state.get('best_epoch')
+        self.eval_weights = state.get(EVAL_STATE_DICT_KEY)
         if self.info.is_main:
             print(f'resuming {self.run_dir} at epoch {self.start_epoch + 1}, step {self.start_step} (global step '
                   f'{self.global_step})')
@@ -506,12 +509,12 @@ class Trainer:
         check_bad_samples(self.val_set, config['on_bad_image'])
         record = {'type': 'eval', 'epoch': epoch + 1, 'global_step': self.global_step, 'split': self.eval_split,
                   **{k: result[k] for k in ('top1', 'top5', 'loss', 'samples')}}
-        score = result['top1']
+        score, self.eval_weights = result['top1'], 'state_dict'
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, loader, self.device, self.num_classes, config['amp'], self.info)
             record.update(ema_top1=ema_result['top1'], ema_top5=ema_result['top5'])
             if ema_result['top1'] >= result['top1']:
-                result, score = ema_result, ema_result['top1']
+                result, score, self.eval_weights = ema_result, ema_result['top1'], 'state_dict_ema'
         self.metrics.write(record)
         if self.tb is not None:
             self.tb.add_scalar('eval/top1', record['top1'], self.global_step)
@@ -540,6 +543,8 @@ class Trainer:
             'scaler': self.scaler.state_dict() if self.scaler is not None else None,
             'epoch': epoch, 'step_in_epoch': step_in_epoch, 'global_step': self.global_step,
             'best_top1': self.best_top1, 'best_epoch': self.best_epoch,
+            # which weights the last evaluation scored (best.pth: those of its best_top1); loaders read that set
+            EVAL_STATE_DICT_KEY: self.eval_weights,
             'classes': list(self.train_set.classes), 'num_classes': num_classes,
             'config': dict(config, num_classes=num_classes),
             'streams': [self.world, config['workers']],  # a stream's sample order depends on them

@@ -28,7 +28,7 @@ __all__ = [
     'CheckpointError', 'CheckpointNotFoundError', 'NotACheckpointError', 'what_file_is', 'read_checkpoint',
     'read_weights', 'download_checkpoint', 'extract_state_dict', 'checkpoint_filter_fn',
     'load_checkpoint', 'mismatch_report', 'from_mmpretrain',
-    'SAFE_GLOBALS', 'STATE_DICT_KEYS',
+    'SAFE_GLOBALS', 'STATE_DICT_KEYS', 'EVAL_STATE_DICT_KEY',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ SAFE_GLOBALS = [argparse.Namespace]
 # Where a training checkpoint keeps its weights, in order of preference: EMA weights evaluate best. 'net': the
 # official transfer_learning.py saves {'net': model.state_dict(), 'acc', 'epoch'} (the CIFAR release files).
 STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'net')
+# A t2tvit training checkpoint names which of its weight sets (state_dict or state_dict_ema) scored its recorded
+# top-1, so that evaluating best.pth reads the weights that were chosen, raw or EMA.
+EVAL_STATE_DICT_KEY = 'eval_state_dict'
 _PREFIXES = ('module.', '_orig_mod.')  # DDP and torch.compile wrappers
 
 
@@ -208,11 +211,13 @@ def from_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The weights inside a checkpoint: EMA first, then raw training weights, then a bare state dict; an mmpretrain
-    layout (`backbone.` keys) is renamed to ours."""
+    """The weights inside a checkpoint: the set it names as evaluated (`EVAL_STATE_DICT_KEY`, written by `t2tvit
+    train`), else EMA first, then raw training weights, then a bare state dict; an mmpretrain layout (`backbone.`
+    keys) is renamed to ours."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'expected a dict of tensors, got {type(checkpoint).__name__}')
-    for key in STATE_DICT_KEYS:
+    named = checkpoint.get(EVAL_STATE_DICT_KEY)
+    for key in ((named,) if named in STATE_DICT_KEYS else ()) + STATE_DICT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
