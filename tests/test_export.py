@@ -261,8 +261,8 @@ def test_an_openvino_session_leaves_the_threads_signal_stack_as_it_was():
     process. The runner puts the thread's own stack back after every call."""
     import ctypes
     from t2tvit.tools.export import _onnx_bytes
-    from t2tvit.tools.quantize import _SignalStack, runner
-    sigaltstack = ctypes.CDLL(None).sigaltstack
+    from t2tvit.tools.quantize import _SignalStack, _sigaltstack, runner
+    sigaltstack = _sigaltstack()
 
     def current():
         stack = _SignalStack()
