@@ -15,9 +15,9 @@ TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2., token
 
 @pytest.fixture(autouse=True)
 def every_kernel(monkeypatch):
-    """The AMD profile, which turns every kernel on, whatever this host's plan: these tests hold each kernel to the
-    plain forward (tests/test_host_kernels.py checks each profile's choice)."""
-    monkeypatch.setenv(cpu_kernels.CPU_PROFILE_ENV, 'amd-avx512')
+    """Every kernel on, whatever this host's plan (no profile turns on all of them): these tests hold each kernel
+    to the plain forward (tests/test_host_kernels.py checks each profile's choice)."""
+    monkeypatch.setattr(cpu_kernels, 'planned_kernels', lambda profile=None: tuple(CPU_KERNELS))
 
 
 def _pair(**kwargs):
@@ -78,7 +78,8 @@ def test_use_cpu_kernels_swaps_layers_in_place_and_refuses_unknown_names():
     assert type(fast.blocks[0]).__name__ == 'CPUBlock' and type(fast.blocks[0].attn).__name__ == 'CPUAttention'
     assert type(plain.blocks[0]).__name__ == 'Block'  # the copy it came from is untouched
     expected = {name: True for name in CPU_KERNELS}
-    expected.update(performer_fusion=False, onednn_linear=onednn_available())  # transformer tokens: no Performer
+    expected.update(performer_fusion=False, onednn_linear=onednn_available(),  # transformer tokens: no Performer
+                    packed_weights=onednn_available())
     assert cpu_kernel_state(fast) == expected
     use_cpu_kernels(fast, exclude=('onednn_linear', 'batch_chunks'))
     state = cpu_kernel_state(fast)
@@ -292,3 +293,72 @@ def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad)
         assert gx1 is None
     for a, b in zip(gp1, gp0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _packed(model: nn.Module) -> dict:
+    """The packed weights `packed_weights` keeps for `model`, by parameter name."""
+    return {name: cpu_kernels._PACKED[p][1] for name, p in model.named_parameters() if p in cpu_kernels._PACKED}
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_packed_weights_keep_the_numbers_and_follow_weight_changes(tokens_type):
+    """Inference products take weights packed once; a changed weight (optimizer step, load_state_dict, another
+    batch size) is packed again, so the outputs stay the plain model's, in fp32 and under bf16 autocast."""
+    plain, fast = _pair(tokens_type=tokens_type)
+    unpacked = use_cpu_kernels(copy.deepcopy(fast), exclude=('packed_weights',))
+    for model in (plain, fast, unpacked):
+        model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+        kept = _packed(fast)
+        products = [m for m in (*fast.tokens_to_token.modules(), *fast.blocks.modules()) if isinstance(m, nn.Linear)]
+        assert len(kept) == len(products) - 1  # every product's weight but the projection, a convolution
+        assert all(w.is_mkldnn for w in kept.values()) and not _packed(unpacked)
+        fast(x)
+        assert all(_packed(fast)[name] is w for name, w in kept.items())  # kept, not packed again
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(x), unpacked(x), rtol=0, atol=1e-6)  # the same bf16 products
+        assert all(w.dtype == torch.bfloat16 for w in _packed(fast).values())
+
+    # training: autograd takes the parameters themselves, then an optimizer step changes them in place
+    for model in (plain, fast):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).square().mean().backward()
+        optimizer.step()
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(fast(x[:1]), plain(x[:1]), rtol=0, atol=1e-5)  # another batch size
+        other = T2TViT(**TINY, tokens_type=tokens_type).state_dict()
+        plain.load_state_dict(other)
+        fast.load_state_dict(other)
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+        # writes through .data bypass the version counter: applying the kernels again drops what was kept
+        for model in (plain, fast):
+            model.blocks[0].mlp.fc1.weight.data.mul_(2)
+        use_cpu_kernels(fast)
+        assert not _packed(fast)
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+def test_packed_weights_are_kept_only_for_weights_they_can_watch():
+    """A weight without a version counter (made in inference mode) or one autograd must see is not kept; a model's
+    packed weights go with it."""
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        frozen = torch.randn(4, 8)
+    trained = nn.Parameter(torch.randn(4, 8))
+    with torch.no_grad():
+        assert not cpu_kernels.packed_weight(frozen, x).is_mkldnn and frozen not in cpu_kernels._PACKED
+    assert not cpu_kernels.packed_weight(trained, x).is_mkldnn and trained not in cpu_kernels._PACKED
+    with torch.no_grad():
+        packed = cpu_kernels.packed_weight(trained, x)
+        assert packed.is_mkldnn and trained in cpu_kernels._PACKED
+        torch.testing.assert_close(cpu_kernels.fused_linear(x, packed), x @ trained.t(), rtol=0, atol=1e-5)
+    count = len(cpu_kernels._PACKED)
+    del trained
+    assert len(cpu_kernels._PACKED) == count - 1

@@ -21,6 +21,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
+| packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 | bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training) | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
 """
@@ -38,6 +39,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .models.blocks import GhostAttention, SEAttention
 from .models.layers import (
@@ -46,8 +48,8 @@ from .models.t2t_vit import T2TModule
 from .errors import InputError
 
 __all__ = ['CPU_KERNELS', 'CPU_PROFILES', 'CPU_PROFILE_ENV', 'CPUKernelError', 'use_cpu_kernels', 'host_kernel_plan',
-           'planned_kernels', 'host_cpu', 'detect_profile', 'onednn_available', 'fused_linear', 'soft_split',
-           'patch_major_order', 'OneDNNLinear']
+           'planned_kernels', 'host_cpu', 'detect_profile', 'onednn_available', 'fused_linear', 'packed_weight',
+           'soft_split', 'patch_major_order', 'OneDNNLinear']
 
 CPU_KERNELS: Dict[str, str] = {
     'strided_unfold': 'soft splits as a strided view of the padded map and one copy (not im2col + transpose copy); '
@@ -60,6 +62,9 @@ CPU_KERNELS: Dict[str, str] = {
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
                      'product; in fp32 training the forward and input-gradient products',
+    'packed_weights': 'in inference, each oneDNN product\'s weight cast and reordered once into oneDNN\'s blocked '
+                      'layout and kept until the weight changes, not cast and reordered on every call (with '
+                      'onednn_linear)',
     'bf16_cpu_attn': 'under CPU bf16 autocast, the blocks\' attention as explicit bf16 products (q k^T, softmax, '
                      'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
     'bf16_cpu_attn_train': 'the explicit bf16 attention products of bf16_cpu_attn only with gradients on (training), '
@@ -102,6 +107,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
+        'packed_weights': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
+                                  'stay as measured'),
         'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
         'bf16_cpu_attn_train': (True, 'adds nothing here: bf16_cpu_attn already takes the explicit products in '
                                       'training as in inference'),
@@ -114,6 +121,9 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
+        'packed_weights': (True, 'oneDNN reorders a plain weight on every product; reordered once and kept, T2T-ViT-14 '
+                                 'inference ran faster on an Intel AMX host (benchmarks/'
+                                 'intel-xeon-amx-2026-12-06-packed-ab.json)'),
         'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
                                  'products did not beat it in inference on an Intel AMX host (same A/B)'),
         'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
@@ -126,6 +136,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
+        'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
         'bf16_cpu_attn_train': (False, 'measured only on AVX-512 BF16 and AMX hosts; SDPA is kept'),
     },
@@ -252,17 +263,57 @@ def cpu_bf16_autocast(x: torch.Tensor) -> bool:
 
 # --- oneDNN products ----------------------------------------------------------------------------------------------
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU product of `x` runs in: autocast's where it is on, else `x`'s own."""
+    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+
+
+# weight -> (what it was packed from and for, the packed weight): weak keys, so a model's packed weights go with it
+_PACKED = WeakIdKeyDictionary()
+
+
+def packed_weight(weight: torch.Tensor, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`weight` (its input columns permuted by `order`) cast to the dtype of `x`'s product and reordered into the
+    blocked layout oneDNN chooses for `x`'s number of rows, for `fused_linear` (kernel `packed_weights`).
+
+    Done once and kept until the weight changes, which its version counter tells: optimizer steps, `load_state_dict`
+    and other in-place updates count. Writes through `.data` are not seen; call `use_cpu_kernels(model)` again after
+    them, which drops the kept weights. One layout is kept per weight: a batch of another size packs it again.
+    """
+    dtype = product_dtype(x)
+    permuted = weight if order is None else weight[:, order]
+    if weight.is_inference() or weight.requires_grad and torch.is_grad_enabled():
+        return permuted.to(dtype)  # no version counter to watch, or a product autograd must see: not kept
+    rows = x.numel() // x.shape[-1]
+    key = (weight._version, weight.data_ptr(), dtype, rows, None if order is None else order.cpu().numpy().tobytes())
+    kept = _PACKED.get(weight)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = key, torch.ops.mkldnn._reorder_linear_weight(permuted.detach().to(dtype), rows)
+        _PACKED[weight] = kept
+    return kept[1]
+
+
+def drop_packed_weights(model: nn.Module) -> None:
+    """Forget the weights `packed_weight` kept for `model`'s parameters."""
+    for p in model.parameters():
+        _PACKED.pop(p, None)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False,
-                 add: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 add: Optional[torch.Tensor] = None, packed: bool = False) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, then exact GELU or `+ add`, as one oneDNN product (check `onednn_inference`).
 
     Under CPU bf16 autocast the product runs in bf16, as autocast's `linear` would, and `add` is added outside it
-    in its own precision (the float32 residual stream stays float32, as under autocast).
+    in its own precision (the float32 residual stream stays float32, as under autocast). `packed` (kernel
+    `packed_weights`) takes the weight as `packed_weight` keeps it; `weight` may also be one it returned.
     """
     op = torch.ops.mkldnn._linear_pointwise
+    if packed and not weight.is_mkldnn:
+        weight = packed_weight(weight, x)
     if torch.is_autocast_enabled('cpu'):
         dtype = torch.get_autocast_dtype('cpu')
-        x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = x.to(dtype), weight if weight.is_mkldnn else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         if add is not None:
             return add + op(x, weight, bias, 'none', [], '')
@@ -298,15 +349,22 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 class OneDNNLinear(nn.Linear):
     """`nn.Linear` (same parameters, same keys) whose CPU products go through oneDNN (kernel `onednn_linear`):
-    in inference as `fused_linear`, in float32 training forward and backward by `_OneDNNLinearFunction`."""
+    in inference as `fused_linear` (its weight kept packed with `packed_weights`), in float32 training forward and
+    backward by `_OneDNNLinearFunction`."""
+
+    packed_weights: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.product(x, self.weight)
+        return self.product(x)
 
-    def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.linear(x, weight, self.bias)`, by oneDNN where it can: `weight` is this layer's, maybe permuted."""
+    def product(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`F.linear(x[..., inverse of order], self.weight, self.bias)`: the product of input features permuted by
+        `order`, by oneDNN where it can."""
         if onednn_inference(x):
-            return fused_linear(x, weight, self.bias)
+            if self.packed_weights:
+                return fused_linear(x, packed_weight(self.weight, x, order), self.bias)
+            return fused_linear(x, self.weight if order is None else self.weight[:, order], self.bias)
+        weight = self.weight if order is None else self.weight[:, order]
         if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled('cpu') and _onednn_eager(x)):
             # on rows: a 2-D product's output is its own tensor, so its 3-D view may be changed in place
@@ -325,10 +383,11 @@ def _mlp_fusable(mlp: nn.Module) -> bool:
             and isinstance(mlp[3], nn.Dropout))
 
 
-def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, packed: bool) -> torch.Tensor:
     """`residual + mlp(x)` in inference (dropout off) as two oneDNN products, for an `_mlp_fusable` MLP."""
     fc1, fc2 = (mlp.fc1, mlp.fc2) if isinstance(mlp, Mlp) else (mlp[0], mlp[2])
-    return fused_linear(fused_linear(x, fc1.weight, fc1.bias, gelu=True), fc2.weight, fc2.bias, add=residual)
+    hidden = fused_linear(x, fc1.weight, fc1.bias, gelu=True, packed=packed)
+    return fused_linear(hidden, fc2.weight, fc2.bias, add=residual, packed=packed)
 
 
 # --- soft splits --------------------------------------------------------------------------------------------------
@@ -391,7 +450,7 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
     if order is None:
         return linear(x)
     if isinstance(linear, OneDNNLinear):
-        return linear.product(x, linear.weight[:, order])
+        return linear.product(x, order)
     return F.linear(x, linear.weight[:, order], linear.bias)
 
 
@@ -465,8 +524,9 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
 class CPUTokenAttention(_CPUKernelLayer, TokenAttention):
     """`TokenAttention` taking permuted input features, and in CPU inference the residual add inside `proj`."""
 
-    KERNELS = ('onednn_linear',)
+    KERNELS = ('onednn_linear', 'packed_weights')
     onednn_linear: bool = False
+    packed_weights: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -476,15 +536,16 @@ class CPUTokenAttention(_CPUKernelLayer, TokenAttention):
             return super().forward(x)
         x, v = self.attend(_linear(self.qkv, x, order))
         if self.onednn_linear and not self.training and onednn_inference(x, self):  # (dropout is off)
-            return fused_linear(x, self.proj.weight, self.proj.bias, add=v)
+            return fused_linear(x, self.proj.weight, self.proj.bias, add=v, packed=self.packed_weights)
         return self.project(x, v)
 
 
 class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
     """`TokenTransformer` taking permuted input features, its MLP fused in CPU inference."""
 
-    KERNELS = ('onednn_linear',)
+    KERNELS = ('onednn_linear', 'packed_weights')
     onednn_linear: bool = False
+    packed_weights: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -494,16 +555,17 @@ class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
             return super().forward(x)
         x = self.attn.forward_permuted(_norm(self.norm1, x, order), order)
         if self.onednn_linear and not self.training and onednn_inference(x, self) and _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
         return x + self.mlp(self.norm2(x))
 
 
 class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
     """`TokenPerformer` taking permuted input features, with `performer_fusion` and its MLP fused in inference."""
 
-    KERNELS = ('onednn_linear', 'performer_fusion')
+    KERNELS = ('onednn_linear', 'performer_fusion', 'packed_weights')
     onednn_linear: bool = False
     performer_fusion: bool = False
+    packed_weights: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -515,11 +577,11 @@ class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
         k, q, v = _linear(self.kqv, _norm(self.norm1, x, order), order).split(self.out_dim, dim=-1)
         y = performer_attention(k, q, v, self.w, self.eps, fused=self.performer_fusion)  # (B, T, d), float32
         if onednn:  # (dropout is off)
-            x = fused_linear(y, self.proj.weight, self.proj.bias, add=v)
+            x = fused_linear(y, self.proj.weight, self.proj.bias, add=v, packed=self.packed_weights)
         else:
             x = self.project(y, v)
         if onednn and _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
         return x + self.mlp(self.norm2(x))
 
 
@@ -541,9 +603,10 @@ class CPUAttention(_CPUKernelLayer, Attention):
     """timm's `Attention` with `bf16_cpu_attn` (and `bf16_cpu_attn_train`), and `forward_add` for the oneDNN
     block."""
 
-    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train')
+    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train', 'packed_weights')
     bf16_cpu_attn: bool = False
     bf16_cpu_attn_train: bool = False
+    packed_weights: bool = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output (B, N, attn_dim) before `proj`."""
@@ -567,7 +630,8 @@ class CPUAttention(_CPUKernelLayer, Attention):
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual + self(x)` in inference, the addition inside `proj`'s oneDNN product."""
-        return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual)
+        return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual,
+                            packed=self.packed_weights)
 
 
 class _BF16HeadsAttention(_CPUKernelLayer):
@@ -595,8 +659,9 @@ class CPUBlock(_CPUKernelLayer, Block):
     """timm's ViT block whose CPU inference runs its products by oneDNN, with the bias, the MLP's GELU and (in fp32)
     both residual additions done inside them (`onednn_linear`)."""
 
-    KERNELS = ('onednn_linear',)
+    KERNELS = ('onednn_linear', 'packed_weights')
     onednn_linear: bool = False
+    packed_weights: bool = False
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
@@ -611,7 +676,7 @@ class CPUBlock(_CPUKernelLayer, Block):
         else:  # SE and Ghost attention; drop paths are off in inference
             x = x + self.attn(self.norm1(x))
         if _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
         return x + self.mlp(self.norm2(x))
 
 
@@ -641,6 +706,10 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
     model's outputs stay those of the plain model (within fp32 rounding). Applying it again re-selects kernels.
     """
     chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
+    onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
+    if not onednn:
+        chosen.discard('packed_weights')  # a layout for oneDNN's products only
+    drop_packed_weights(model)
     for module in list(model.modules()):
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
         if plain is None:
@@ -651,7 +720,6 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
         elif not isinstance(module, cpu_cls):
             continue  # a subclass of its own (e.g. the dense block): keeps its forward
         module._init_cpu_kernels(chosen)
-    onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
     # the token layers' and blocks' Linear layers (not the head: one small product)
     roots = [m for m in (getattr(model, 'tokens_to_token', None), getattr(model, 'blocks', None)) if m is not None]
     for root in roots or [model]:
@@ -660,6 +728,8 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
                 module.__class__ = OneDNNLinear
             elif not onednn and type(module) is OneDNNLinear:
                 module.__class__ = nn.Linear
+            if type(module) is OneDNNLinear:
+                module.packed_weights = 'packed_weights' in chosen
     return model
 
 
