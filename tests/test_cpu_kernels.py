@@ -1,5 +1,6 @@
 """`t2tvit.use_cpu_kernels`: CPU kernels that keep the plain model's numbers and step aside for every tool."""
 import copy
+import math
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ def _pair(**kwargs):
     plain = T2TViT(**TINY, **kwargs)
     fast = use_cpu_kernels(copy.deepcopy(plain))
     if hasattr(fast.tokens_to_token, 'chunk_tokens'):
-        fast.tokens_to_token.chunk_tokens = 1  # batch_chunks engaged
+        fast.tokens_to_token.chunk_tokens = 1  # batch_chunks and page_chunks engaged
+        fast.tokens_to_token.page_bytes = 1
     return plain, fast
 
 
@@ -53,6 +55,7 @@ def test_kernels_keep_outputs_and_gradients(variant):
         plain = T2TViT(**dict(plain_kwargs, **kwargs))
         fast = use_cpu_kernels(copy.deepcopy(plain))
         fast.tokens_to_token.chunk_tokens = 1
+        fast.tokens_to_token.page_bytes = 1
     else:
         plain, fast = _pair(**kwargs)
     assert fast.state_dict().keys() == plain.state_dict().keys()
@@ -98,9 +101,9 @@ def test_kernels_step_aside_for_traces_exports_and_compile():
     t2t = fast.tokens_to_token
     x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
     assert t2t._num_chunks(x3) == 3
-    t2t.chunk_tokens = 2 * 8 * 8  # two images' first-stage tokens (8x8 at 32 px)
+    t2t.chunk_tokens, t2t.page_bytes = 2 * 8 * 8, 2 ** 20  # two images' first-stage tokens (8x8 at 32 px)
     assert t2t._num_chunks(x3) == 2 and t2t._num_chunks(x2) == 1
-    t2t.chunk_tokens = 1
+    t2t.chunk_tokens = t2t.page_bytes = 1
     with torch.no_grad():
         expected = plain(x3)
         torch.testing.assert_close(fast(x3), expected, rtol=0, atol=1e-5)
@@ -222,7 +225,7 @@ def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(va
     monkeypatch.setattr(cpu_kernels, 'fused_linear', counted)
     monkeypatch.setattr(cpu_kernels._OneDNNLinearFunction, 'apply', lambda *a: trained.append(1) or function(*a))
     plain_model, model = _pair(**variant)
-    model.tokens_to_token.chunk_tokens = 16384  # one chunk, so that each layer runs once
+    model.tokens_to_token.chunk_tokens, model.tokens_to_token.page_bytes = 16384, 2 ** 30  # one chunk: each layer once
     model.eval()
     linears = [m for m in (*model.tokens_to_token.modules(), *model.blocks.modules()) if isinstance(m, nn.Linear)]
     assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
@@ -362,3 +365,31 @@ def test_packed_weights_are_kept_only_for_weights_they_can_watch():
     count = len(cpu_kernels._PACKED)
     del trained
     assert len(cpu_kernels._PACKED) == count - 1
+
+
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_page_chunks_keep_the_first_stage_under_the_mmap_threshold(tokens_type):
+    """As few chunks as keep the first stage's widest tensor (its soft split, or its first product's output in the
+    product's dtype) under `page_bytes`; the outputs and maps are the whole batch's."""
+    torch.manual_seed(0)
+    plain = T2TViT(**dict(TINY, in_chans=1, token_dim=32), tokens_type=tokens_type).eval()
+    fast = use_cpu_kernels(copy.deepcopy(plain), kernels=('strided_unfold', 'page_chunks'))
+    t2t = fast.tokens_to_token
+    x = torch.randn(6, 1, 32, 32)
+    # 8 x 8 first-stage tokens; per image: the split 49 wide, the product 96 wide (4 bytes each in fp32, 2 in bf16)
+    split, product = 64 * 49 * 4, 64 * 96 * 4
+    assert t2t._num_chunks(x) == 1
+    t2t.page_bytes = 2 * product + 1  # two images' products fit: 3 chunks in fp32
+    assert t2t._num_chunks(x) == 3
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert t2t._num_chunks(x) == math.ceil(6 / (2 * product // split))  # the split is wider than a bf16 product
+    t2t.page_bytes = product  # not one image fits: one image per chunk
+    assert t2t._num_chunks(x) == 6
+    t2t.page_bytes = 2 * product + 1
+    with torch.no_grad():
+        tokens, maps = t2t.forward_stages(x)
+        whole_tokens, whole_maps = plain.tokens_to_token.forward_stages(x)
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens, whole_tokens, rtol=0, atol=1e-5)
+    for chunked, whole in zip(maps, whole_maps, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)

@@ -53,7 +53,7 @@ def test_every_profile_decides_every_kernel_with_a_reason():
         assert list(plan) == list(CPU_KERNELS), profile
         assert all(isinstance(on, bool) and len(reason) > 20 for on, reason in plan.values()), profile
     # the AMD host's choices are the ones measured there: every kernel on but those written after them
-    assert [k for k, (on, _) in _PLANS['amd-avx512'].items() if not on] == ['packed_weights']
+    assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == {'page_chunks', 'packed_weights'}
     # packed weights are a layout for oneDNN's products: only where onednn_linear is on
     assert all(plan['onednn_linear'][0] or not plan['packed_weights'][0] for plan in _PLANS.values())
     # with AMX the fused SDPA kernel does its bf16 products on AMX; explicit bf16 products only without it
@@ -101,7 +101,8 @@ def test_each_profile_keeps_outputs_and_gradients(profile, variant, monkeypatch)
     torch.manual_seed(0)
     plain = T2TViT(**TINY, **variant)
     fast = use_cpu_kernels(copy.deepcopy(plain))
-    fast.tokens_to_token.chunk_tokens = 1  # batch_chunks, where the profile has it, engaged
+    fast.tokens_to_token.chunk_tokens = 1  # batch_chunks and page_chunks, where the profile has them, engaged
+    fast.tokens_to_token.page_bytes = 1
     state = cpu_kernel_state(fast)
     expected = set(planned_kernels())
     if variant['tokens_type'] == 'transformer':

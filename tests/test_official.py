@@ -81,7 +81,7 @@ def test_outputs_equal_official(fixtures_dir, tiny_configs, name, suffix):
 @pytest.mark.parametrize('name', PLAIN_FIXTURES + ABLATION_FIXTURES)
 def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, name, profile):
     """`use_cpu_kernels` as each host profile chooses them, the T2T module run image by image where the profile
-    takes `batch_chunks` (with a budget of one token): the same logits and maps."""
+    takes `batch_chunks` or `page_chunks` (with a budget of one token or one byte): the same logits and maps."""
     config = tiny_configs[name]
     model = OFFICIAL_CLASSES[config['official_class']](**config['kwargs']).eval()
     t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
@@ -89,8 +89,9 @@ def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, nam
     with torch.no_grad():
         whole_tokens, whole_maps = model.tokens_to_token.forward_stages(io['input'])
         t2tvit.use_cpu_kernels(model, profile=profile)
-        model.tokens_to_token.chunk_tokens = 1
-        chunks = io['input'].shape[0] if 'batch_chunks' in planned_kernels(profile) else 1
+        model.tokens_to_token.chunk_tokens = model.tokens_to_token.page_bytes = 1
+        chunked = {'batch_chunks', 'page_chunks'} & set(planned_kernels(profile))
+        chunks = io['input'].shape[0] if chunked else 1
         assert model.tokens_to_token._num_chunks(io['input']) == chunks
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=1e-5)
         tokens, maps = model.tokens_to_token.forward_stages(io['input'])

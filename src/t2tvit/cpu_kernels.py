@@ -19,6 +19,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | strided_unfold | CPU, any dtype, train and eval | soft splits as a strided view of the padded map gathered in one copy (bit for bit `nn.Unfold`); in training the gradient goes back by col2im (`F.fold`) | `test_strided_soft_split_is_unfold_bit_for_bit`, `test_soft_split_gradient_is_unfold_gradient` |
 | patch_major | CPU, with strided_unfold | the second soft split gathered (row, column, channel) from the channels-last map, the next layer's LayerNorm affine and first weights permuted to match | `test_kernels_keep_outputs_and_gradients` |
 | batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
+| page_chunks | CPU eager | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
@@ -58,6 +59,8 @@ CPU_KERNELS: Dict[str, str] = {
                    'first weights permuted to match (with strided_unfold)',
     'batch_chunks': 'T2T module in batch chunks of about 16k first-stage tokens, so that its 3136-token '
                     'intermediates stay in cache and on reused pages',
+    'page_chunks': 'T2T module in as few batch chunks as keep its first stage\'s widest tensor under glibc\'s 32 MiB '
+                   'mmap threshold, so that it reuses heap pages rather than mapping and zeroing fresh ones each call',
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
@@ -105,6 +108,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'strided_unfold': (True, _LAYOUT),
         'patch_major': (True, _LAYOUT),
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
+        'page_chunks': (False, 'written after the AMD host\'s measurements; batch_chunks (on) already cuts finer'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
         'packed_weights': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
@@ -118,6 +122,9 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'patch_major': (True, _LAYOUT),
         'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
                                 'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
+        'page_chunks': (True, 'at batch 16 the first stage\'s fp32 product output (38.5 MB) passes glibc\'s mmap '
+                              'threshold; in two chunks the T2T module ran faster on a quiet Intel AMX host (benchmarks/'
+                              'intel-xeon-amx-2026-12-06-page-chunks-ab.json)'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
@@ -134,6 +141,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'strided_unfold': (True, _LAYOUT),
         'patch_major': (True, _LAYOUT),
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
+        'page_chunks': (False, 'batch_chunks (on here) already cuts finer'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
@@ -469,23 +477,41 @@ class _CPUKernelLayer:
 
 
 class CPUT2TModule(_CPUKernelLayer, T2TModule):
-    """`T2TModule` with kernels `strided_unfold`, `patch_major` and `batch_chunks` on CPU in eager mode."""
+    """`T2TModule` with kernels `strided_unfold`, `patch_major`, `batch_chunks` and `page_chunks` on CPU in eager
+    mode."""
 
-    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks')
+    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks', 'page_chunks')
     strided_unfold: bool = False
     patch_major: bool = False
     batch_chunks: bool = False
+    page_chunks: bool = False
 
     # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
     # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
     # reused pages rather than fresh ones
     chunk_tokens: int = 16384
 
+    # `page_chunks`: glibc maps every block of this size or more afresh (its largest mmap threshold), so a tensor
+    # that large is faulted in and zeroed page by page on every call; below it, blocks are reused from the heap
+    page_bytes: int = 32 * 2 ** 20
+
     def _num_chunks(self, x: torch.Tensor) -> int:
-        if not self.batch_chunks:
+        if not (self.batch_chunks or self.page_chunks):
             return 1
+        B = x.shape[0]
         h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
-        return max(1, min(x.shape[0], math.ceil(x.shape[0] * h1 * w1 / self.chunk_tokens)))
+        chunks = math.ceil(B * h1 * w1 / self.chunk_tokens) if self.batch_chunks else 1
+        if self.page_chunks:
+            chunks = max(chunks, math.ceil(B / max(1, (self.page_bytes - 1) // self._stage1_bytes(x, h1 * w1))))
+        return max(1, min(B, chunks))
+
+    def _stage1_bytes(self, x: torch.Tensor, tokens: int) -> int:
+        """Bytes of the first stage's widest tensor per image: its soft split, or its first product's output."""
+        layer = self.attention1
+        first = layer.kqv if isinstance(layer, TokenPerformer) else layer.attn.qkv
+        product = torch.finfo(torch.get_autocast_dtype('cpu')).bits // 8 if torch.is_autocast_enabled('cpu') else \
+            x.element_size()
+        return tokens * max(first.in_features * x.element_size(), first.out_features * product)
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if not _eager_cpu(x) or self.grad_checkpointing:
