@@ -378,13 +378,16 @@ def test_page_chunks_keep_the_first_stage_under_the_mmap_threshold(tokens_type):
     x = torch.randn(6, 1, 32, 32)
     # 8 x 8 first-stage tokens; per image: the split 49 wide, the product 96 wide (4 bytes each in fp32, 2 in bf16)
     split, product = 64 * 49 * 4, 64 * 96 * 4
-    assert t2t._num_chunks(x) == 1
-    t2t.page_bytes = 2 * product + 1  # two images' products fit: 3 chunks in fp32
-    assert t2t._num_chunks(x) == 3
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert t2t._num_chunks(x) == math.ceil(6 / (2 * product // split))  # the split is wider than a bf16 product
-    t2t.page_bytes = product  # not one image fits: one image per chunk
-    assert t2t._num_chunks(x) == 6
+    with torch.no_grad():  # inference: page_chunks engages
+        assert t2t._num_chunks(x) == 1
+        t2t.page_bytes = 2 * product + 1  # two images' products fit: 3 chunks in fp32
+        assert t2t._num_chunks(x) == 3
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert t2t._num_chunks(x) == math.ceil(6 / (2 * product // split))  # the split is wider than a bf16 product
+        t2t.page_bytes = product  # not one image fits: one image per chunk
+        assert t2t._num_chunks(x) == 6
+        with torch.enable_grad():  # with autograd every chunk's tensors would stay for the backward: whole
+            assert t2t._num_chunks(x) == 1
     t2t.page_bytes = 2 * product + 1
     with torch.no_grad():
         tokens, maps = t2t.forward_stages(x)

@@ -19,7 +19,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | strided_unfold | CPU, any dtype, train and eval | soft splits as a strided view of the padded map gathered in one copy (bit for bit `nn.Unfold`); in training the gradient goes back by col2im (`F.fold`) | `test_strided_soft_split_is_unfold_bit_for_bit`, `test_soft_split_gradient_is_unfold_gradient` |
 | patch_major | CPU, with strided_unfold | the second soft split gathered (row, column, channel) from the channels-last map, the next layer's LayerNorm affine and first weights permuted to match | `test_kernels_keep_outputs_and_gradients` |
 | batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
-| page_chunks | CPU eager | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
+| page_chunks | CPU eager inference (no autograd) | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
@@ -59,8 +59,9 @@ CPU_KERNELS: Dict[str, str] = {
                    'first weights permuted to match (with strided_unfold)',
     'batch_chunks': 'T2T module in batch chunks of about 16k first-stage tokens, so that its 3136-token '
                     'intermediates stay in cache and on reused pages',
-    'page_chunks': 'T2T module in as few batch chunks as keep its first stage\'s widest tensor under glibc\'s 32 MiB '
-                   'mmap threshold, so that it reuses heap pages rather than mapping and zeroing fresh ones each call',
+    'page_chunks': 'in inference, the T2T module in as few batch chunks as keep its first stage\'s widest tensor '
+                   'under glibc\'s 32 MiB mmap threshold, so that it reuses heap pages rather than mapping and '
+                   'zeroing fresh ones each call',
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
@@ -123,7 +124,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
                                 'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
         'page_chunks': (True, 'at batch 16 the first stage\'s fp32 product output (38.5 MB) passes glibc\'s mmap '
-                              'threshold; in two chunks the T2T module ran faster on a quiet Intel AMX host (benchmarks/'
+                              'threshold; in two chunks fp32 inference ran 1.03x as fast on a quiet Intel AMX host, '
+                              'training 0.94x, so it chunks only without autograd (benchmarks/'
                               'intel-xeon-amx-2026-12-06-page-chunks-ab.json)'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
@@ -501,7 +503,7 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
         B = x.shape[0]
         h1, w1 = token_grid_size(tuple(x.shape[-2:]), 1, self.soft_splits)
         chunks = math.ceil(B * h1 * w1 / self.chunk_tokens) if self.batch_chunks else 1
-        if self.page_chunks:
+        if self.page_chunks and not torch.is_grad_enabled():  # with autograd every chunk's tensors stay for backward
             chunks = max(chunks, math.ceil(B / max(1, (self.page_bytes - 1) // self._stage1_bytes(x, h1 * w1))))
         return max(1, min(B, chunks))
 
