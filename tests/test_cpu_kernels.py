@@ -396,3 +396,36 @@ def test_page_chunks_keep_the_first_stage_under_the_mmap_threshold(tokens_type):
     torch.testing.assert_close(tokens, whole_tokens, rtol=0, atol=1e-5)
     for chunked, whole in zip(maps, whole_maps, strict=True):
         torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_split_chunks_give_the_first_product_the_same_input(tokens_type, monkeypatch):
+    """Under CPU bf16 autocast in inference the first soft split and its LayerNorm run a few images at a time into
+    one bf16 tensor: the same outputs as the plain model's; elsewhere (fp32, autograd) the whole batch at once."""
+    plain, fast = _pair(tokens_type=tokens_type)
+    use_cpu_kernels(fast, kernels=('strided_unfold', 'split_chunks', 'onednn_linear'))
+    whole = use_cpu_kernels(copy.deepcopy(fast), kernels=('strided_unfold', 'onednn_linear')).eval()
+    t2t = fast.tokens_to_token
+    t2t.chunk_tokens = 2 * 8 * 8  # two images' first-stage tokens (8x8 at 32 px)
+    splits = []
+    split = cpu_kernels.soft_split
+    monkeypatch.setattr(cpu_kernels, 'soft_split', lambda x, *a, **k: splits.append(x.shape[0]) or split(x, *a, **k))
+    x = torch.randn(5, 3, 32, 32)
+    for model in (plain, fast):
+        model.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        torch.testing.assert_close(fast(x), whole(x), rtol=0, atol=1e-6)  # the same bf16 products' input
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0.05)
+        splits.clear()
+        fast(x)
+        assert splits[:3] == [2, 2, 1]  # the first split in chunks of two images, then the second split whole
+        splits.clear()
+        fast(x[:1])
+        assert splits[0] == 1
+    splits.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = fast(x)
+        out.float().sum().backward()
+    assert splits[0] == 5 and splits[2] == 5  # fp32, then with autograd: the whole batch

@@ -20,6 +20,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | patch_major | CPU, with strided_unfold | the second soft split gathered (row, column, channel) from the channels-last map, the next layer's LayerNorm affine and first weights permuted to match | `test_kernels_keep_outputs_and_gradients` |
 | batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
 | page_chunks | CPU eager inference (no autograd) | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
+| split_chunks | CPU bf16 autocast inference | the first soft split and its LayerNorm a few images at a time, each cast into one bf16 tensor for the whole batch's first product: their float32 tensors stay small and in cache | `test_split_chunks_*` |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
@@ -62,6 +63,9 @@ CPU_KERNELS: Dict[str, str] = {
     'page_chunks': 'in inference, the T2T module in as few batch chunks as keep its first stage\'s widest tensor '
                    'under glibc\'s 32 MiB mmap threshold, so that it reuses heap pages rather than mapping and '
                    'zeroing fresh ones each call',
+    'split_chunks': 'under CPU bf16 autocast in inference, the first soft split and its LayerNorm a few images at a '
+                    'time, each cast into one bf16 tensor for the whole batch\'s first product, rather than the '
+                    'whole batch\'s float32 split and LayerNorm output at once',
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
@@ -110,6 +114,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'patch_major': (True, _LAYOUT),
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
         'page_chunks': (False, 'written after the AMD host\'s measurements; batch_chunks (on) already cuts finer'),
+        'split_chunks': (False, 'written after the AMD host\'s measurements and not measured there'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
         'packed_weights': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
@@ -127,6 +132,9 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
                               'threshold; in two chunks fp32 inference ran 1.03x as fast on a quiet Intel AMX host, '
                               'training 0.94x, so it chunks only without autograd (benchmarks/'
                               'intel-xeon-amx-2026-12-06-page-chunks-ab.json)'),
+        'split_chunks': (True, 'in bf16 inference the first stage\'s float32 split and LayerNorm output (29.5 MB each at '
+                               'batch 16) were fresh memory on every call; a few images at a time, T2T-ViT-14 ran '
+                               'faster on an Intel AMX host (benchmarks/intel-xeon-amx-2026-12-06-split-chunks-ab.json)'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
@@ -144,6 +152,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'patch_major': (True, _LAYOUT),
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
         'page_chunks': (False, 'batch_chunks (on here) already cuts finer'),
+        'split_chunks': (False, 'measured only on an Intel AMX host'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
@@ -479,14 +488,15 @@ class _CPUKernelLayer:
 
 
 class CPUT2TModule(_CPUKernelLayer, T2TModule):
-    """`T2TModule` with kernels `strided_unfold`, `patch_major`, `batch_chunks` and `page_chunks` on CPU in eager
-    mode."""
+    """`T2TModule` with kernels `strided_unfold`, `patch_major`, `batch_chunks`, `page_chunks` and `split_chunks`
+    on CPU in eager mode."""
 
-    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks', 'page_chunks')
+    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks', 'page_chunks', 'split_chunks')
     strided_unfold: bool = False
     patch_major: bool = False
     batch_chunks: bool = False
     page_chunks: bool = False
+    split_chunks: bool = False
 
     # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
     # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
@@ -534,7 +544,14 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
         B, _, H, W = x.shape
         h1, w1 = token_grid_size((H, W), 1, self.soft_splits)
         h2, w2 = token_grid_size((H, W), 2, self.soft_splits)
-        map1 = self.attention1(self._split(0, x)).transpose(1, 2).reshape(B, -1, h1, w1)
+        layer = self.attention1
+        if (self.split_chunks and cpu_bf16_autocast(x) and not torch.is_grad_enabled()
+                and hasattr(layer, 'forward_normed') and not layer._forward_hooks and not layer._forward_pre_hooks
+                and not _has_hooks(layer)):
+            x1 = layer.forward_normed(self._normed_split(x, h1 * w1), None)
+        else:
+            x1 = layer(self._split(0, x))
+        map1 = x1.transpose(1, 2).reshape(B, -1, h1, w1)
         layer = self.attention2
         if (self.strided_unfold and self.patch_major and hasattr(layer, 'forward_permuted')
                 and not layer._forward_hooks and not layer._forward_pre_hooks):
@@ -545,6 +562,16 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
             x = layer(self._split(1, map1))
         map2 = x.transpose(1, 2).reshape(B, -1, h2, w2)
         return self.split_and_project(map2), [map1, map2]
+
+    def _normed_split(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        """`split_chunks`: the first layer's LayerNorm of the first soft split, cast to the autocast dtype as its
+        product would, computed a few images (about `chunk_tokens` tokens) at a time into one tensor."""
+        norm = self.attention1.norm1
+        out = torch.empty(x.shape[0], tokens, norm.normalized_shape[0], dtype=torch.get_autocast_dtype('cpu'))
+        step = max(1, self.chunk_tokens // tokens)
+        for start in range(0, x.shape[0], step):
+            out[start:start + step] = norm(self._split(0, x[start:start + step]))  # float32, rounded on the copy
+        return out
 
 
 # --- token layers -------------------------------------------------------------------------------------------------
@@ -581,7 +608,11 @@ class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
-        x = self.attn.forward_permuted(_norm(self.norm1, x, order), order)
+        return self.forward_normed(_norm(self.norm1, x, order), order)
+
+    def forward_normed(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer after `norm1`: `x` is `norm1` of its input (features permuted by `order`)."""
+        x = self.attn.forward_permuted(x, order)
         if self.onednn_linear and not self.training and onednn_inference(x, self) and _mlp_fusable(self.mlp):
             return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
         return x + self.mlp(self.norm2(x))
@@ -601,8 +632,12 @@ class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
     def forward_permuted(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
         if order is None and not _eager_cpu(x):
             return super().forward(x)
+        return self.forward_normed(_norm(self.norm1, x, order), order)
+
+    def forward_normed(self, x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer after `norm1`: `x` is `norm1` of its input (features permuted by `order`)."""
         onednn = self.onednn_linear and not self.training and onednn_inference(x, self)
-        k, q, v = _linear(self.kqv, _norm(self.norm1, x, order), order).split(self.out_dim, dim=-1)
+        k, q, v = _linear(self.kqv, x, order).split(self.out_dim, dim=-1)
         y = performer_attention(k, q, v, self.w, self.eps, fused=self.performer_fusion)  # (B, T, d), float32
         if onednn:  # (dropout is off)
             x = fused_linear(y, self.proj.weight, self.proj.bias, add=v, packed=self.packed_weights)
