@@ -132,9 +132,9 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
                               'threshold; in two chunks fp32 inference ran 1.03x as fast on a quiet Intel AMX host, '
                               'training 0.94x, so it chunks only without autograd (benchmarks/'
                               'intel-xeon-amx-2026-12-06-page-chunks-ab.json)'),
-        'split_chunks': (True, 'in bf16 inference the first stage\'s float32 split and LayerNorm output take 29.5 MB each '
-                               'at batch 16; a few images at a time, T2T-ViT-14 took 21% less peak memory at the same '
-                               'speed within noise (1.01x) on an Intel AMX host (benchmarks/'
+        'split_chunks': (True, 'in bf16 inference the first stage\'s float32 split and LayerNorm output take 29.5 MB '
+                               'each at batch 16; a few images at a time, T2T-ViT-14 took 21% less peak memory at the '
+                               'same speed within noise (1.01x) on an Intel AMX host (benchmarks/'
                                'intel-xeon-amx-2026-12-06-split-chunks-ab.json)'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
