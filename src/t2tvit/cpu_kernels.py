@@ -129,8 +129,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
                                 'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
         'page_chunks': (True, 'at batch 16 the first stage\'s fp32 product output (38.5 MB) passes glibc\'s mmap '
-                              'threshold; in two chunks fp32 inference ran 1.03x as fast on a quiet Intel AMX host, '
-                              'training 0.94x, so it chunks only without autograd (benchmarks/'
+                              'threshold; in two chunks fp32 inference ran 1.04x as fast on a quiet Intel AMX host, '
+                              'training 0.95x, so it chunks only without autograd (benchmarks/'
                               'intel-xeon-amx-2026-12-06-page-chunks-ab.json)'),
         'split_chunks': (True, 'in bf16 inference the first stage\'s float32 split and LayerNorm output take 29.5 MB '
                                'each at batch 16; a few images at a time, T2T-ViT-14 took 21% less peak memory at the '
