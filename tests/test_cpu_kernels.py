@@ -429,3 +429,25 @@ def test_split_chunks_give_the_first_product_the_same_input(tokens_type, monkeyp
         out = fast(x)
         out.float().sum().backward()
     assert splits[0] == 5 and splits[2] == 5  # fp32, then with autograd: the whole batch
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+def test_packed_weights_see_weight_ema_updates():
+    """timm's weight EMA updates its copy in place through the state dict's tensors: the evaluation after each
+    update takes the new weights, as training's evaluation of `--model-ema` weights does."""
+    from timm.utils import ModelEmaV3
+    plain, fast = _pair()
+    ema = ModelEmaV3(fast, decay=0.5)
+    use_cpu_kernels(ema.module).eval()
+    reference = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 32, 32)
+    for step in range(2):
+        with torch.no_grad():
+            for p in fast.parameters():
+                p.add_(0.01 * (step + 1))
+        ema.update(fast)
+        reference.load_state_dict({k: v.clone() for k, v in ema.module.state_dict().items()})
+        reference.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ema.module(x), reference(x), rtol=0, atol=1e-5)
+        assert _packed(ema.module)  # the products took packed weights
