@@ -301,14 +301,15 @@ def packed_weight(weight: torch.Tensor, x: torch.Tensor, order: Optional[torch.T
     them, which drops the kept weights. One layout is kept per weight: a batch of another size packs it again.
     """
     dtype = product_dtype(x)
-    permuted = weight if order is None else weight[:, order]
     if weight.is_inference() or weight.requires_grad and torch.is_grad_enabled():
-        return permuted.to(dtype)  # no version counter to watch, or a product autograd must see: not kept
+        # no version counter to watch, or a product autograd must see: not kept
+        return (weight if order is None else weight[:, order]).to(dtype)
     rows = x.numel() // x.shape[-1]
     key = (weight._version, weight.data_ptr(), dtype, rows, None if order is None else order.cpu().numpy().tobytes())
     kept = _PACKED.get(weight)
-    if kept is None or kept[0] != key:
+    if kept is None or kept[0] != key:  # permuted, cast and reordered only here, not on every call
         with torch.no_grad():
+            permuted = weight if order is None else weight[:, order]
             kept = key, torch.ops.mkldnn._reorder_linear_weight(permuted.detach().to(dtype), rows)
         _PACKED[weight] = kept
     return kept[1]
@@ -522,8 +523,7 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
         """Bytes of the first stage's widest tensor per image: its soft split, or its first product's output."""
         layer = self.attention1
         first = layer.kqv if isinstance(layer, TokenPerformer) else layer.attn.qkv
-        product = torch.finfo(torch.get_autocast_dtype('cpu')).bits // 8 if torch.is_autocast_enabled('cpu') else \
-            x.element_size()
+        product = torch.finfo(product_dtype(x)).bits // 8
         return tokens * max(first.in_features * x.element_size(), first.out_features * product)
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
