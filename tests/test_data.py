@@ -17,7 +17,9 @@ from timm.data.auto_augment import RandAugment
 
 from t2tvit.data import DATASETS, DataError, build_dataset, build_transform, fetch_fashion_mnist
 from t2tvit.data.fetch import main as fetch_main
-from t2tvit.data.transforms import posterize_allowing_zero_bits
+from t2tvit.data.transforms import ToNormalizedTensor, posterize_allowing_zero_bits
+from timm.data.transforms import MaybeToTensor
+from torchvision import transforms as T
 
 FOUR_IDX = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
@@ -412,7 +414,7 @@ def test_eval_transform_resizes_by_crop_pct_then_center_crops(in_chans):
 
 def test_transform_fits_mean_std_to_channels():
     grey = build_transform(False, 16, in_chans=1, mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3))
-    normalize = next(t for t in grey.transforms if type(t).__name__ == 'Normalize')
+    normalize = next(t for t in grey.transforms if isinstance(t, T.Normalize))
     assert torch.allclose(torch.as_tensor(normalize.mean), torch.tensor([0.4]))
     assert torch.allclose(torch.as_tensor(normalize.std), torch.tensor([0.2]))
     rgb = build_transform(False, 16, in_chans=3, mean=(0.5,), std=(0.5,))
@@ -422,6 +424,35 @@ def test_transform_fits_mean_std_to_channels():
         build_transform(False, 16, in_chans=4)
     with pytest.raises(DataError, match='2 values'):
         build_transform(False, 16, mean=(0.5, 0.5))
+    with pytest.raises(DataError, match='positive std'):
+        build_transform(False, 16, in_chans=1, std=(0.0,))
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_to_normalized_tensor_gives_timm_s_numbers(training):
+    """build_transform ends in ToNormalizedTensor, which must give exactly what timm's MaybeToTensor then
+    torchvision's Normalize give, for greyscale and RGB images of any size, and take their path for anything else."""
+    rng = np.random.default_rng(3)
+    for in_chans, shape in ((1, (28, 28)), (3, (37, 23, 3)), (3, (224, 224, 3))):
+        mode = 'L' if in_chans == 1 else 'RGB'
+        mean, std = rng.uniform(0.1, 0.9, in_chans), rng.uniform(0.1, 0.5, in_chans)
+        transform = build_transform(training, shape[:2], in_chans=in_chans, mean=mean, std=std, scale=(1.0, 1.0),
+                                    ratio=(shape[1] / shape[0],) * 2, hflip=0.0, color_jitter=None, crop_pct=1.0)
+        fused = [t for t in transform.transforms if isinstance(t, T.Normalize)]
+        assert len(fused) == 1 and type(fused[0]) is ToNormalizedTensor
+        assert not any(isinstance(t, MaybeToTensor) for t in transform.transforms)
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        reference = T.Compose([MaybeToTensor(), T.Normalize(torch.tensor(mean, dtype=torch.float32),
+                                                             torch.tensor(std, dtype=torch.float32))])
+        out = fused[0](image)
+        assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (in_chans, *shape[:2])
+        assert torch.equal(out, reference(image))
+        assert torch.equal(transform(image), reference(image))  # the crop at full size keeps every pixel
+    step = ToNormalizedTensor((0.5,), (0.25,))
+    as_tensor = torch.rand(1, 5, 5)  # a tensor passes through MaybeToTensor as it is, then is normalised
+    assert torch.equal(step(as_tensor), (as_tensor - 0.5) / 0.25)
+    floats = Image.fromarray(rng.uniform(0, 1, (4, 6)).astype(np.float32), 'F')  # not 8-bit: torchvision's path
+    assert torch.equal(step(floats), T.Normalize((0.5,), (0.25,))(MaybeToTensor()(floats)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
