@@ -1,6 +1,7 @@
 """Training engine end to end on tiny data: learning, exact resumption, DDP equivalence, bad input."""
 from __future__ import annotations
 
+import copy
 import errno
 import importlib
 import json
@@ -260,6 +261,39 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     big = train(tiny_config(tmp_path, 'big', epochs=1))
     accumulated = train(tiny_config(tmp_path, 'accum', epochs=1, accum_steps=4))
     assert_same_weights(weights(big.run_dir), weights(accumulated.run_dir), atol=1e-5)
+
+
+@pytest.mark.parametrize('opt', ['adamw', 'sgd', 'nesterov'])
+def test_cpu_training_takes_the_multi_tensor_optimizer_step_with_the_same_numbers(opt, tmp_path, monkeypatch):
+    """On a CPU the optimizer is built with foreach=True (torch chooses it only for CUDA tensors); for the
+    recipes' optimizers that gives the numbers of the per-parameter loop bit for bit."""
+    import timm.optim
+    from t2tvit.engine.build import optimizer_foreach
+    assert optimizer_foreach(opt, torch.device('cpu')) is True
+    assert optimizer_foreach(opt, torch.device('cuda')) is None  # torch's own choice there
+    assert optimizer_foreach('no_such_optimizer', torch.device('cpu')) is None
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))
+    finals = []
+    for foreach in (None, optimizer_foreach(opt, torch.device('cpu'))):
+        model = copy.deepcopy(start)
+        optimizer = timm.optim.create_optimizer_v2(model, opt=opt, lr=0.05, weight_decay=0.05, momentum=0.9,
+                                                   foreach=foreach)
+        assert optimizer.defaults['foreach'] is foreach
+        gradients = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gradients)
+            optimizer.step()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(finals[0], torch.cat([p.detach().flatten() for p in start.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    built = []
+    real_create = timm.optim.create_optimizer_v2
+    monkeypatch.setattr(timm.optim, 'create_optimizer_v2',
+                        lambda *a, **k: built.append(real_create(*a, **k)) or built[-1])
+    train(tiny_config(tmp_path, opt, opt=opt, momentum=0.9, max_steps=1))
+    assert built and built[-1].defaults['foreach'] is True  # what `t2tvit train` built on this CPU
 
 
 def test_ema_mixup_and_bf16_run(tmp_path):

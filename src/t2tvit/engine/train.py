@@ -36,8 +36,8 @@ from ..data.streaming import check_bad_samples
 from ..errors import TrainingDiverged
 from ..models import read_checkpoint
 from ..models.checkpoint import EVAL_STATE_DICT_KEY
-from .build import (autocast_for, build_model, eval_transform_for, load_pretrained_weights, preflight,
-                    train_transform_for, training_sets)
+from .build import (autocast_for, build_model, eval_transform_for, load_pretrained_weights, optimizer_foreach,
+                    preflight, train_transform_for, training_sets)
 from .checkpointing import atomic_torch_save, check_writable, load_training_state
 from .config import ConfigError, save_config
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, collectives, init_distributed
@@ -222,7 +222,8 @@ class Trainer:
         self.lr = config['lr'] * config['batch_size'] / config['lr_base_size']
         self.optimizer = timm.optim.create_optimizer_v2(
             self.model, opt=config['opt'], lr=self.lr, weight_decay=config['weight_decay'],
-            momentum=config['momentum'], layer_decay=config['layer_decay'])
+            momentum=config['momentum'], layer_decay=config['layer_decay'],
+            foreach=optimizer_foreach(config['opt'], self.device))
         if self.streaming:  # every process reads the same number of whole micro-batches per epoch (see WdsDataset)
             probe = self.train_set.stream(None, training=True, batch_size=self.micro_local, workers=config['workers'])
             self.steps_per_epoch = len(probe) // self.micro_local // config['accum_steps']
