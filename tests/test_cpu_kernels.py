@@ -270,6 +270,53 @@ def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(va
 
 
 @pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_bf16_gelu_apart_takes_the_gelu_out_of_the_product_only_under_bf16_autocast(tokens_type, monkeypatch):
+    """With `bf16_gelu_apart` every fused MLP (two token layers, each block) takes its GELU as its own op on the
+    bf16 product, under CPU bf16 autocast in inference only; the outputs stay the plain model's within bf16."""
+    plain, model = _pair(tokens_type=tokens_type)
+    model.tokens_to_token.chunk_tokens, model.tokens_to_token.page_bytes = 16384, 2 ** 30  # one chunk: each MLP once
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    fused, gelu = cpu_kernels.fused_linear, cpu_kernels.F.gelu
+    products, apart = [], []
+    monkeypatch.setattr(cpu_kernels, 'fused_linear',
+                        lambda *a, **k: products.append(k.get('gelu', False)) or fused(*a, **k))
+    monkeypatch.setattr(cpu_kernels.F, 'gelu', lambda t, **k: apart.append(t.dtype) or gelu(t, **k))
+
+    def run(*, bf16: bool, **kernels):
+        use_cpu_kernels(model, **kernels)
+        products.clear(), apart.clear()
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            out = model(x).float()
+        return out, sum(products), list(apart)
+
+    mlps = 2 + len(model.blocks)
+    on, gelu_in_products, gelus = run(bf16=True)
+    assert gelu_in_products == 0 and gelus == [torch.bfloat16] * mlps
+    off, gelu_in_products, gelus = run(bf16=True, exclude=('bf16_gelu_apart',))
+    assert gelu_in_products == mlps and not gelus
+    assert not torch.equal(on, off)  # rounded once after the GELU inside the product, twice apart
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        reference = plain(x).float()
+    torch.testing.assert_close(on, reference, rtol=0, atol=0.05)
+    torch.testing.assert_close(off, reference, rtol=0, atol=0.05)
+    fp32, gelu_in_products, gelus = run(bf16=False)
+    assert gelu_in_products == mlps and not gelus  # fp32 keeps the GELU inside the product
+    use_cpu_kernels(model, exclude=('onednn_linear',))
+    assert not cpu_kernel_state(model)['bf16_gelu_apart']  # a choice within oneDNN's products only
+    with torch.no_grad():
+        torch.testing.assert_close(fp32, plain(x), rtol=0, atol=1e-5)
+    block = model.blocks[0]  # what the block computes: autocast's order, with oneDNN's products
+    tokens = torch.randn(3, 5, block.norm1.normalized_shape[0])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        mid = block.attn.forward_add(block.norm1(tokens), tokens)
+        expected = fused(gelu(fused(block.norm2(mid), block.mlp.fc1.weight, block.mlp.fc1.bias, packed=True)),
+                         block.mlp.fc2.weight, block.mlp.fc2.bias, add=mid, packed=True)
+        assert torch.equal(block(tokens), expected)
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('input_grad', [True, False])
 def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad):

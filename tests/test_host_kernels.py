@@ -53,10 +53,11 @@ def test_every_profile_decides_every_kernel_with_a_reason():
         assert list(plan) == list(CPU_KERNELS), profile
         assert all(isinstance(on, bool) and len(reason) > 20 for on, reason in plan.values()), profile
     # the AMD host's choices are the ones measured there: every kernel on but those written after them
-    written_after = {'page_chunks', 'packed_weights', 'split_chunks'}
+    written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart'}
     assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == written_after
-    # packed weights are a layout for oneDNN's products: only where onednn_linear is on
-    assert all(plan['onednn_linear'][0] or not plan['packed_weights'][0] for plan in _PLANS.values())
+    # packed weights and the GELU apart are choices within oneDNN's products: only where onednn_linear is on
+    assert all(plan['onednn_linear'][0] or not (plan['packed_weights'][0] or plan['bf16_gelu_apart'][0])
+               for plan in _PLANS.values())
     # with AMX the fused SDPA kernel does its bf16 products on AMX; explicit bf16 products only without it
     assert not _PLANS['intel-amx']['bf16_cpu_attn'][0] and not _PLANS['generic']['bf16_cpu_attn'][0]
     # in training the fused kernel's CPU backward is the slow part: explicit products there on AMX too

@@ -24,6 +24,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
+| bf16_gelu_apart | CPU bf16 autocast inference, with onednn_linear | the MLP's GELU as its own op on the product's bf16 output, as autocast computes it, rather than as oneDNN's GELU post-op, which is slower in bf16 on an Intel AMX host | `test_bf16_gelu_apart_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 | bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training) | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
 """
@@ -73,6 +74,8 @@ CPU_KERNELS: Dict[str, str] = {
     'packed_weights': 'in inference, each oneDNN product\'s weight cast and reordered once into oneDNN\'s blocked '
                       'layout and kept until the weight changes, not cast and reordered on every call (with '
                       'onednn_linear)',
+    'bf16_gelu_apart': 'under CPU bf16 autocast in inference, the MLP\'s GELU as its own op on the bf16 product, '
+                       'as autocast computes it, rather than as oneDNN\'s GELU post-op (with onednn_linear)',
     'bf16_cpu_attn': 'under CPU bf16 autocast, the blocks\' attention as explicit bf16 products (q k^T, softmax, '
                      'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
     'bf16_cpu_attn_train': 'the explicit bf16 attention products of bf16_cpu_attn only with gradients on (training), '
@@ -119,6 +122,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
         'packed_weights': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
                                   'stay as measured'),
+        'bf16_gelu_apart': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
+                                   'stay as measured'),
         'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
         'bf16_cpu_attn_train': (True, 'adds nothing here: bf16_cpu_attn already takes the explicit products in '
                                       'training as in inference'),
@@ -142,6 +147,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'packed_weights': (True, 'oneDNN reorders a plain weight on every product; reordered once and kept, T2T-ViT-14 '
                                  'inference ran faster on an Intel AMX host (benchmarks/'
                                  'intel-xeon-amx-2026-12-06-packed-ab.json)'),
+        'bf16_gelu_apart': (True, 'oneDNN\'s bf16 GELU post-op added 1.0 ms to a 1.2 ms product, F.gelu after it 0.7; '
+                                  'T2T-ViT-14 bf16 inference ran 1.015-1.038x as fast with it in three paired runs on '
+                                  'an Intel AMX host, 1.01x and 0.98x in two benchmark A/Bs, within their noise '
+                                  '(benchmarks/intel-xeon-amx-2026-12-06-gelu-apart-paired.json, -gelu-apart-ab*.json)'),
         'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
                                  'products did not beat it in inference on an Intel AMX host (same A/B)'),
         'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
@@ -157,6 +166,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
+        'bf16_gelu_apart': (False, 'a choice between oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
         'bf16_cpu_attn_train': (False, 'measured only on AVX-512 BF16 and AMX hosts; SDPA is kept'),
     },
@@ -404,10 +414,16 @@ def _mlp_fusable(mlp: nn.Module) -> bool:
             and isinstance(mlp[3], nn.Dropout))
 
 
-def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, packed: bool) -> torch.Tensor:
-    """`residual + mlp(x)` in inference (dropout off) as two oneDNN products, for an `_mlp_fusable` MLP."""
+def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, packed: bool,
+                        gelu_apart: bool = False) -> torch.Tensor:
+    """`residual + mlp(x)` in inference (dropout off) as two oneDNN products, for an `_mlp_fusable` MLP; the GELU
+    inside the first, or with `gelu_apart` (kernel `bf16_gelu_apart`) under CPU bf16 autocast after it, on its bf16
+    output as autocast computes it."""
     fc1, fc2 = (mlp.fc1, mlp.fc2) if isinstance(mlp, Mlp) else (mlp[0], mlp[2])
-    hidden = fused_linear(x, fc1.weight, fc1.bias, gelu=True, packed=packed)
+    if gelu_apart and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16:
+        hidden = F.gelu(fused_linear(x, fc1.weight, fc1.bias, packed=packed))
+    else:
+        hidden = fused_linear(x, fc1.weight, fc1.bias, gelu=True, packed=packed)
     return fused_linear(hidden, fc2.weight, fc2.bias, add=residual, packed=packed)
 
 
@@ -599,9 +615,10 @@ class CPUTokenAttention(_CPUKernelLayer, TokenAttention):
 class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
     """`TokenTransformer` taking permuted input features, its MLP fused in CPU inference."""
 
-    KERNELS = ('onednn_linear', 'packed_weights')
+    KERNELS = ('onednn_linear', 'packed_weights', 'bf16_gelu_apart')
     onednn_linear: bool = False
     packed_weights: bool = False
+    bf16_gelu_apart: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -615,17 +632,18 @@ class CPUTokenTransformer(_CPUKernelLayer, TokenTransformer):
         """The layer after `norm1`: `x` is `norm1` of its input (features permuted by `order`)."""
         x = self.attn.forward_permuted(x, order)
         if self.onednn_linear and not self.training and onednn_inference(x, self) and _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights, self.bf16_gelu_apart)
         return x + self.mlp(self.norm2(x))
 
 
 class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
     """`TokenPerformer` taking permuted input features, with `performer_fusion` and its MLP fused in inference."""
 
-    KERNELS = ('onednn_linear', 'performer_fusion', 'packed_weights')
+    KERNELS = ('onednn_linear', 'performer_fusion', 'packed_weights', 'bf16_gelu_apart')
     onednn_linear: bool = False
     performer_fusion: bool = False
     packed_weights: bool = False
+    bf16_gelu_apart: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_permuted(x, None)
@@ -645,7 +663,7 @@ class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
         else:
             x = self.project(y, v)
         if onednn and _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights, self.bf16_gelu_apart)
         return x + self.mlp(self.norm2(x))
 
 
@@ -723,9 +741,10 @@ class CPUBlock(_CPUKernelLayer, Block):
     """timm's ViT block whose CPU inference runs its products by oneDNN, with the bias, the MLP's GELU and (in fp32)
     both residual additions done inside them (`onednn_linear`)."""
 
-    KERNELS = ('onednn_linear', 'packed_weights')
+    KERNELS = ('onednn_linear', 'packed_weights', 'bf16_gelu_apart')
     onednn_linear: bool = False
     packed_weights: bool = False
+    bf16_gelu_apart: bool = False
 
     def _fusable(self, x: torch.Tensor) -> bool:
         return (self.onednn_linear and not self.training and isinstance(self.ls1, nn.Identity)
@@ -740,7 +759,7 @@ class CPUBlock(_CPUKernelLayer, Block):
         else:  # SE and Ghost attention; drop paths are off in inference
             x = x + self.attn(self.norm1(x))
         if _mlp_fusable(self.mlp):
-            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights)
+            return _fused_mlp_residual(self.mlp, self.norm2(x), x, self.packed_weights, self.bf16_gelu_apart)
         return x + self.mlp(self.norm2(x))
 
 
@@ -772,7 +791,7 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
     chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
     onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
     if not onednn:
-        chosen.discard('packed_weights')  # a layout for oneDNN's products only
+        chosen -= {'packed_weights', 'bf16_gelu_apart'}  # choices within oneDNN's products only
     drop_packed_weights(model)
     for module in list(model.modules()):
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
