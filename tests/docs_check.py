@@ -400,6 +400,7 @@ TABLES = {
     'speed-intel-amx-packed-paged': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-packed-paged.json'),
     'speed-intel-amx-split-chunks-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-split-chunks-ab.json'),
     'speed-intel-amx-plan': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-plan.json'),
+    'speed-intel-amx-plan-3': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-plan-3.json'),
     'speed-intel-amx-gelu-apart-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-gelu-apart-ab.json'),
     'speed-intel-amx-gelu-apart-ab-1': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-06-gelu-apart-ab-1.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),

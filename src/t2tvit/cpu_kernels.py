@@ -147,10 +147,11 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'packed_weights': (True, 'oneDNN reorders a plain weight on every product; reordered once and kept, T2T-ViT-14 '
                                  'inference ran faster on an Intel AMX host (benchmarks/'
                                  'intel-xeon-amx-2026-12-06-packed-ab.json)'),
-        'bf16_gelu_apart': (True, 'oneDNN\'s bf16 GELU post-op added 1.0 ms to a 1.2 ms product, F.gelu after it 0.7; '
-                                  'T2T-ViT-14 bf16 inference ran 1.015-1.038x as fast with it in three paired runs on '
-                                  'an Intel AMX host, 1.01x and 0.98x in two benchmark A/Bs, within their noise '
-                                  '(benchmarks/intel-xeon-amx-2026-12-06-gelu-apart-paired.json, -gelu-apart-ab*.json)'),
+        'bf16_gelu_apart': (True, 'oneDNN\'s bf16 GELU post-op added 1.0 ms to a 1.2 ms product, F.gelu after it '
+                                  '0.7; T2T-ViT-14 bf16 inference ran 1.015-1.038x as fast with it in three paired '
+                                  'runs on an Intel AMX host, 1.01x and 0.98x in two benchmark A/Bs, within their '
+                                  'noise (benchmarks/intel-xeon-amx-2026-12-06-gelu-apart-paired.json, '
+                                  '-gelu-apart-ab*.json)'),
         'bf16_cpu_attn': (False, 'with AMX the fused SDPA kernel runs its bf16 products on AMX tiles; explicit '
                                  'products did not beat it in inference on an Intel AMX host (same A/B)'),
         'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
@@ -166,7 +167,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
-        'bf16_gelu_apart': (False, 'a choice between oneDNN\'s products, which onednn_linear (off here) would take'),
+        'bf16_gelu_apart': (False, 'a choice within oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
         'bf16_cpu_attn_train': (False, 'measured only on AVX-512 BF16 and AMX hosts; SDPA is kept'),
     },

@@ -12,7 +12,8 @@ from torchvision import transforms
 
 from .readers import DataError
 
-__all__ = ['build_transform', 'INTERPOLATIONS', 'ConvertImageMode', 'ToNormalizedTensor', 'posterize_allowing_zero_bits']
+__all__ = ['build_transform', 'INTERPOLATIONS', 'ConvertImageMode', 'ToNormalizedTensor',
+           'posterize_allowing_zero_bits']
 
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos', 'random')
 
