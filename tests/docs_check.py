@@ -257,6 +257,12 @@ def demo_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
+def _kept(run: dict) -> str:
+    if not run.get('kept'):
+        return 'no'
+    return f"yes, {run['kept_note']}" if run.get('kept_note') else 'yes'
+
+
 def recipe_search_table(record: dict) -> str:
     """The demo recipe's search: each candidate trained once and judged on the held-out images only."""
     rows = ['| date | candidate | seed | held-out top-1, last epoch | best epoch | threads | training min | kept |',
@@ -264,7 +270,7 @@ def recipe_search_table(record: dict) -> str:
     for run in record['recipe_search']:
         rows.append(f"| {run['date']} | {run['candidate']} | {run['seed']} | {run['heldout_top1']:.2f}% | "
                     f"{run['best_epoch']} ({run['best_heldout_top1']:.2f}%) | {run['threads']} | "
-                    f"{run['train_minutes']:.1f} | {'yes' if run.get('kept') else 'no'} |")
+                    f"{run['train_minutes']:.1f} | {_kept(run)} |")
     return '\n'.join(rows)
 
 
