@@ -421,7 +421,7 @@ def _fused_mlp_residual(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor,
     inside the first, or with `gelu_apart` (kernel `bf16_gelu_apart`) under CPU bf16 autocast after it, on its bf16
     output as autocast computes it."""
     fc1, fc2 = (mlp.fc1, mlp.fc2) if isinstance(mlp, Mlp) else (mlp[0], mlp[2])
-    if gelu_apart and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16:
+    if gelu_apart and cpu_bf16_autocast(x):
         hidden = F.gelu(fused_linear(x, fc1.weight, fc1.bias, packed=packed))
     else:
         hidden = fused_linear(x, fc1.weight, fc1.bias, gelu=True, packed=packed)

@@ -150,7 +150,7 @@ def optimizer_foreach(opt: str, device: torch.device) -> Optional[bool]:
     if torch.device(device).type != 'cpu':
         return None
     try:
-        opt_class = timm.optim.get_optimizer_class(opt.lower().split('_')[-1], bind_defaults=False)
+        opt_class = timm.optim.get_optimizer_class(opt.lower(), bind_defaults=False)
     except (ValueError, AssertionError, ImportError):
         return None  # an unknown name or one this machine cannot run: check_optimizer and timm report it
     return True if 'foreach' in inspect.signature(opt_class).parameters else None
