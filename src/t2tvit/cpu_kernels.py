@@ -131,8 +131,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
     'intel-amx': {
         'strided_unfold': (True, _LAYOUT),
         'patch_major': (True, _LAYOUT),
-        'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on an Intel AMX host the '
-                                'T2T module ran faster whole (A/B in benchmarks/intel-xeon-amx-2026-12-06-notes.json)'),
+        'batch_chunks': (False, 'the chunk size was fitted to the AMD host\'s caches; on a quiet Intel AMX host '
+                                'T2T-ViT-14 ran as fast without it in inference (1.03x bf16, 0.99x fp32) and faster '
+                                'in training (1.06x fp32, 1.02x bf16) (benchmarks/'
+                                'intel-xeon-amx-2026-12-07-batch-chunks-ab*.json)'),
         'page_chunks': (True, 'at batch 16 the first stage\'s fp32 product output (38.5 MB) passes glibc\'s mmap '
                               'threshold; in two chunks fp32 inference ran 1.04x as fast on a quiet Intel AMX host, '
                               'training 0.95x, so it chunks only without autograd (benchmarks/'
