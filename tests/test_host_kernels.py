@@ -7,8 +7,8 @@ import torch
 
 from t2tvit import use_cpu_kernels
 from t2tvit.cpu_kernels import (
-    CPU_KERNELS, CPU_PROFILE_ENV, CPU_PROFILES, CPUKernelError, _PLANS, cpu_kernel_state, detect_profile, host_cpu,
-    host_kernel_plan, onednn_available, planned_kernels)
+    CPU_KERNELS, CPU_PROFILE_ENV, CPU_PROFILES, ONEDNN_CHOICES, CPUKernelError, _PLANS, cpu_kernel_state,
+    detect_profile, host_cpu, host_kernel_plan, onednn_available, planned_kernels)
 from t2tvit.errors import InputError
 from t2tvit.models import T2TViT
 
@@ -56,8 +56,8 @@ def test_every_profile_decides_every_kernel_with_a_reason():
     written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart'}
     assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == written_after
     # packed weights and the GELU apart are choices within oneDNN's products: only where onednn_linear is on
-    assert all(plan['onednn_linear'][0] or not (plan['packed_weights'][0] or plan['bf16_gelu_apart'][0])
-               for plan in _PLANS.values())
+    assert ONEDNN_CHOICES == {'packed_weights', 'bf16_gelu_apart'}
+    assert all(plan['onednn_linear'][0] or not any(plan[k][0] for k in ONEDNN_CHOICES) for plan in _PLANS.values())
     # with AMX the fused SDPA kernel does its bf16 products on AMX; explicit bf16 products only without it
     assert not _PLANS['intel-amx']['bf16_cpu_attn'][0] and not _PLANS['generic']['bf16_cpu_attn'][0]
     # in training the fused kernel's CPU backward is the slow part: explicit products there on AMX too

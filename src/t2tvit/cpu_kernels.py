@@ -82,6 +82,9 @@ CPU_KERNELS: Dict[str, str] = {
                            'where the fused kernel\'s CPU backward is slow',
 }
 
+# kernels that are choices within oneDNN's products: without onednn_linear they have nothing to act on
+ONEDNN_CHOICES = frozenset({'packed_weights', 'bf16_gelu_apart'})
+
 
 class CPUKernelError(InputError, ValueError):
     """A CPU kernel name that does not exist."""
@@ -794,7 +797,7 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
     chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
     onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
     if not onednn:
-        chosen -= {'packed_weights', 'bf16_gelu_apart'}  # choices within oneDNN's products only
+        chosen -= ONEDNN_CHOICES
     drop_packed_weights(model)
     for module in list(model.modules()):
         plain = next((p for p in type(module).__mro__ if p in _SWAPS), None)
