@@ -317,6 +317,46 @@ def test_bf16_gelu_apart_takes_the_gelu_out_of_the_product_only_under_bf16_autoc
 
 
 @pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_fp32_training_products_follow_onednn_linear_train(tokens_type, monkeypatch):
+    """With `onednn_linear` alone, fp32 training takes PyTorch's own products (the plain model's numbers, bit for bit)
+    while inference keeps oneDNN's fused ones; `onednn_linear_train` sends the training products to oneDNN too."""
+    trained, fused_calls = [], []
+    function, fused = cpu_kernels._OneDNNLinearFunction.apply, cpu_kernels.fused_linear
+    monkeypatch.setattr(cpu_kernels._OneDNNLinearFunction, 'apply', lambda *a: trained.append(1) or function(*a))
+    monkeypatch.setattr(cpu_kernels, 'fused_linear', lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    plain = T2TViT(**TINY, tokens_type=tokens_type, t2t_drop_rate=0.)
+    x = torch.randn(2, 3, 32, 32)
+
+    def step(model):
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad for p in model.parameters()]
+
+    reference, reference_grads = step(plain)
+    linears = sum(isinstance(m, nn.Linear) for m in (*plain.tokens_to_token.modules(), *plain.blocks.modules()))
+    for kernels in (('onednn_linear',), ('onednn_linear', 'onednn_linear_train')):
+        model = use_cpu_kernels(copy.deepcopy(plain), kernels=kernels)
+        model.zero_grad()
+        trained.clear()
+        out, grads = step(model)
+        if 'onednn_linear_train' in kernels:
+            assert len(trained) == linears - 1  # all but the last stage's projection, a convolution
+            torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+            for g, r in zip(grads, reference_grads):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        else:
+            assert not trained and torch.equal(out, reference)
+            assert all(torch.equal(g, r) for g, r in zip(grads, reference_grads))
+        assert cpu_kernel_state(model)['onednn_linear_train'] == ('onednn_linear_train' in kernels)
+        fused_calls.clear()
+        with torch.no_grad():
+            model.eval()(x)
+        assert len(fused_calls) == linears - 1  # inference fuses either way
+
+
+@pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('input_grad', [True, False])
 def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad):
@@ -324,6 +364,7 @@ def test_onednn_linear_training_gradients_are_linear_gradients(bias, input_grad)
     plain = nn.Linear(24, 40, bias=bias)
     fast = copy.deepcopy(plain)
     fast.__class__ = OneDNNLinear
+    fast.onednn_linear_train = True
     assert set(fast.state_dict()) == set(plain.state_dict())
     x = torch.randn(3, 7, 24)
     grad = torch.randn(3, 7, 40)

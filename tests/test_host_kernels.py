@@ -55,11 +55,15 @@ def test_every_profile_decides_every_kernel_with_a_reason():
     # the AMD host's choices are the ones measured there: every kernel on but those written after them
     written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart'}
     assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == written_after
-    # packed weights and the GELU apart are choices within oneDNN's products: only where onednn_linear is on
-    assert ONEDNN_CHOICES == {'packed_weights', 'bf16_gelu_apart'}
+    # training products by oneDNN, packed weights and the GELU apart are choices within oneDNN's products: only
+    # where onednn_linear is on
+    assert ONEDNN_CHOICES == {'onednn_linear_train', 'packed_weights', 'bf16_gelu_apart'}
     assert all(plan['onednn_linear'][0] or not any(plan[k][0] for k in ONEDNN_CHOICES) for plan in _PLANS.values())
     # with AMX the fused SDPA kernel does its bf16 products on AMX; explicit bf16 products only without it
     assert not _PLANS['intel-amx']['bf16_cpu_attn'][0] and not _PLANS['generic']['bf16_cpu_attn'][0]
+    # MKL's fp32 products are native on Intel: oneDNN's fused products in inference, MKL's in fp32 training
+    assert _PLANS['intel-amx']['onednn_linear'][0] and not _PLANS['intel-amx']['onednn_linear_train'][0]
+    assert _PLANS['amd-avx512']['onednn_linear_train'][0]
     # in training the fused kernel's CPU backward is the slow part: explicit products there on AMX too
     assert _PLANS['intel-amx']['bf16_cpu_attn_train'][0] and not _PLANS['generic']['bf16_cpu_attn_train'][0]
 

@@ -22,7 +22,8 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | page_chunks | CPU eager inference (no autograd) | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
 | split_chunks | CPU bf16 autocast inference | the first soft split and its LayerNorm a few images at a time, each cast into one bf16 tensor for the whole batch's first product: their float32 tensors stay small and in cache | `test_split_chunks_*` |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
-| onednn_linear | CPU fp32 (inference and training) and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), in inference with the bias, the MLP's GELU and the residual add inside the product; in fp32 training the forward and input-gradient products | `test_onednn_linear_*` |
+| onednn_linear | CPU fp32 and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), with the bias, the MLP's GELU and the residual add inside the product | `test_onednn_linear_*` |
+| onednn_linear_train | CPU fp32 training, with onednn_linear | the Linear layers' forward and input-gradient products through oneDNN too (the weight gradient stays with MKL); without it fp32 training takes PyTorch's own products (MKL's) | `test_onednn_linear_*`, `test_fp32_training_products_follow_onednn_linear_train` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
 | bf16_gelu_apart | CPU bf16 autocast inference, with onednn_linear | the MLP's GELU as its own op on the product's bf16 output, as autocast computes it, rather than as oneDNN's GELU post-op, which is slower in bf16 on an Intel AMX host | `test_bf16_gelu_apart_*` |
 | bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
@@ -70,7 +71,9 @@ CPU_KERNELS: Dict[str, str] = {
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
-                     'product; in fp32 training the forward and input-gradient products',
+                     'product',
+    'onednn_linear_train': 'in fp32 training, the Linear layers\' forward and input-gradient products by oneDNN too '
+                           '(with onednn_linear), rather than MKL\'s',
     'packed_weights': 'in inference, each oneDNN product\'s weight cast and reordered once into oneDNN\'s blocked '
                       'layout and kept until the weight changes, not cast and reordered on every call (with '
                       'onednn_linear)',
@@ -83,7 +86,7 @@ CPU_KERNELS: Dict[str, str] = {
 }
 
 # kernels that are choices within oneDNN's products: without onednn_linear they have nothing to act on
-ONEDNN_CHOICES = frozenset({'packed_weights', 'bf16_gelu_apart'})
+ONEDNN_CHOICES = frozenset({'onednn_linear_train', 'packed_weights', 'bf16_gelu_apart'})
 
 
 class CPUKernelError(InputError, ValueError):
@@ -123,6 +126,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'split_chunks': (False, 'written after the AMD host\'s measurements and not measured there'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
+        'onednn_linear_train': (True, 'measured with onednn_linear on AMD EPYC, fp32 training included: there MKL '
+                                      'takes a generic path'),
         'packed_weights': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
                                   'stay as measured'),
         'bf16_gelu_apart': (False, 'written after the AMD host\'s measurements and not measured there; its kernels '
@@ -149,6 +154,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
+        'onednn_linear_train': (False, 'MKL\'s own fp32 products are native here and faster: a T2T-ViT-14 fp32 '
+                                       'training step ran 1.07x and 1.04x as fast with them as with oneDNN\'s in two '
+                                       'quiet A/Bs on an Intel AMX host (benchmarks/'
+                                       'intel-xeon-amx-2026-12-07-onednn-train-ab*.json)'),
         'packed_weights': (True, 'oneDNN reorders a plain weight on every product; reordered once and kept, T2T-ViT-14 '
                                  'inference ran faster on an Intel AMX host (benchmarks/'
                                  'intel-xeon-amx-2026-12-06-packed-ab.json)'),
@@ -171,6 +180,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'split_chunks': (False, 'measured only on an Intel AMX host'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
+        'onednn_linear_train': (False, 'a choice within oneDNN\'s products, which onednn_linear (off here) would take'),
         'packed_weights': (False, 'a layout for oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_gelu_apart': (False, 'a choice within oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
@@ -387,9 +397,10 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 class OneDNNLinear(nn.Linear):
     """`nn.Linear` (same parameters, same keys) whose CPU products go through oneDNN (kernel `onednn_linear`):
     in inference as `fused_linear` (its weight kept packed with `packed_weights`), in float32 training forward and
-    backward by `_OneDNNLinearFunction`."""
+    backward by `_OneDNNLinearFunction` with `onednn_linear_train`, by `F.linear` without it."""
 
     packed_weights: bool = False
+    onednn_linear_train: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x)
@@ -402,8 +413,8 @@ class OneDNNLinear(nn.Linear):
                 return fused_linear(x, packed_weight(self.weight, x, order), self.bias)
             return fused_linear(x, self.weight if order is None else self.weight[:, order], self.bias)
         weight = self.weight if order is None else self.weight[:, order]
-        if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled('cpu') and _onednn_eager(x)):
+        if (self.onednn_linear_train and x.dtype == torch.float32 and weight.dtype == torch.float32
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu') and _onednn_eager(x)):
             # on rows: a 2-D product's output is its own tensor, so its 3-D view may be changed in place
             rows = _OneDNNLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, self.bias)
             return rows.view(*x.shape[:-1], rows.shape[-1])
@@ -817,8 +828,11 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
                 module.__class__ = OneDNNLinear
             elif not onednn and type(module) is OneDNNLinear:
                 module.__class__ = nn.Linear
+                for name in ONEDNN_CHOICES & vars(module).keys():  # the plain layer keeps none of its settings
+                    delattr(module, name)
             if type(module) is OneDNNLinear:
                 module.packed_weights = 'packed_weights' in chosen
+                module.onednn_linear_train = 'onednn_linear_train' in chosen
     return model
 
 
