@@ -415,6 +415,8 @@ TABLES = {
     'speed-intel-amx-onednn-train-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-onednn-train-ab.json'),
     'speed-intel-amx-onednn-train-ab-2': ('docs/speed.md', host_table,
                                           'intel-xeon-amx-2026-12-07-onednn-train-ab-2.json'),
+    'speed-intel-amx-plan-4': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-4.json'),
+    'speed-intel-amx-plan-5': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-5.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
