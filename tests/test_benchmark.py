@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from t2tvit.cli.main import main
-from t2tvit.cpu_kernels import CPU_KERNELS
-from t2tvit.tools.benchmark import BenchmarkError, config_from_options, parse_runs
+from t2tvit.cpu_kernels import CPU_KERNELS, CPU_PROFILE_ENV
+from t2tvit.tools.benchmark import BenchmarkError, config_from_options, parse_runs, validate
 
 
 def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
@@ -63,6 +63,21 @@ def test_benchmark_runs_end_to_end_writing_json_and_png(tmp_path, capsys):
 def test_benchmark_refuses_bad_options_with_the_fix(argv, message, capsys):
     assert main(['benchmark', '--no-variants-table', '--output', 'none'] + argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('profile,kernel', [('intel-amx', 'batch_chunks'), ('intel-amx', 'onednn_linear_train'),
+                                            ('generic', 'onednn_linear'), ('amd-avx512', 'packed_weights')])
+def test_ab_of_a_kernel_the_plan_has_off_names_the_fix(profile, kernel, monkeypatch, capsys):
+    """A copy without a kernel the plan leaves off is the same model: `--ab` refuses it and says how to time it."""
+    monkeypatch.setenv(CPU_PROFILE_ENV, profile)
+    argv = ['benchmark', '--no-variants-table', '--output', 'none', '--device', 'cpu', '--models', 't2t_vit_mini',
+            '--peers', 'none', '--ab']
+    assert main(argv + [f'strided_unfold,{kernel}']) == 2
+    err = capsys.readouterr().err
+    assert f"--ab: {kernel} is off in this host's plan (profile {profile})" in err
+    assert f'{CPU_PROFILE_ENV}=PROFILE' in err and len(err.strip().splitlines()) == 1
+    config = config_from_options('cpu', models=['t2t_vit_mini'], peers=[], ab='strided_unfold', device='cpu')
+    assert validate(config).ab == ('strided_unfold',)  # a kernel the plan has on is timed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a CUDA device is visible')

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from ..engine.checkpointing import atomic_write
 from ..models import list_variants, load_checkpoint
-from ..cpu_kernels import CPU_KERNELS, fused_linear, host_kernel_plan, onednn_available, use_cpu_kernels
+from ..cpu_kernels import (
+    CPU_KERNELS, CPU_PROFILE_ENV, fused_linear, host_kernel_plan, onednn_available, use_cpu_kernels)
 from ..errors import InputError
 from ..outputs import claim_all, free_stem
 from .complexity import (
@@ -166,6 +167,14 @@ def validate(config: BenchConfig) -> BenchConfig:
             _fail(f'--ab: {name!r} is not a CPU kernel; one of {", ".join(CPU_KERNELS)} (or all)')
     if config.ab and not config.models:
         _fail('--ab compares our models with CPU kernels on and off: give --models')
+    if config.device == 'cpu' and config.ab and set(config.ab) != set(CPU_KERNELS):
+        plan = host_kernel_plan()
+        off = [name for name in config.ab if not plan['kernels'][name]['on']]
+        if off:
+            _fail(f'--ab: {", ".join(off)} {"is" if len(off) == 1 else "are"} off in this host\'s plan (profile '
+                  f'{plan["profile"]}), so the copy without {"it" if len(off) == 1 else "them"} would be the same '
+                  f'model; name kernels the plan has on, or force a profile that has {"it" if len(off) == 1 else "them"} '
+                  f'on with {CPU_PROFILE_ENV}=PROFILE')
     if config.device == 'cuda' and not torch.cuda.is_available():
         _fail('--device cuda: no CUDA device is visible here; use --device cpu (with --smoke for a quick check)')
     return config
