@@ -171,10 +171,10 @@ def validate(config: BenchConfig) -> BenchConfig:
         plan = host_kernel_plan()
         off = [name for name in config.ab if not plan['kernels'][name]['on']]
         if off:
-            _fail(f'--ab: {", ".join(off)} {"is" if len(off) == 1 else "are"} off in this host\'s plan (profile '
-                  f'{plan["profile"]}), so the copy without {"it" if len(off) == 1 else "them"} would be the same '
-                  f'model; name kernels the plan has on, or force a profile that has {"it" if len(off) == 1 else "them"} '
-                  f'on with {CPU_PROFILE_ENV}=PROFILE')
+            is_, it = ('is', 'it') if len(off) == 1 else ('are', 'them')
+            _fail(f'--ab: {", ".join(off)} {is_} off in this host\'s plan (profile {plan["profile"]}), so the copy '
+                  f'without {it} would be the same model; name kernels the plan has on, or force a profile that has '
+                  f'{it} on with {CPU_PROFILE_ENV}=PROFILE')
     if config.device == 'cuda' and not torch.cuda.is_available():
         _fail('--device cuda: no CUDA device is visible here; use --device cpu (with --smoke for a quick check)')
     return config
