@@ -350,6 +350,44 @@ def host_table(result: dict) -> str:
     return '\n'.join(rows)
 
 
+# every all-four-mode run of the intel-amx plan as it shipped then: (files, the label of its T2T-ViT-14 row); a
+# driver-script A/B's plan-as-shipped row is its `[-KERNEL]` copy
+INTEL_PLAN_RUNS = [
+    (['intel-xeon-amx-2026-12-06.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-06-quiet.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-06-packed-paged.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-06-plan.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-06-plan-2.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-06-plan-3.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-07-batch-chunks-ab.json', 'intel-xeon-amx-2026-12-07-batch-chunks-ab-train.json'],
+     't2t_vit_14 [-batch_chunks]'),
+    (['intel-xeon-amx-2026-12-07-plan-4.json'], 't2t_vit_14'),
+    (['intel-xeon-amx-2026-12-07-plan-5.json'], 't2t_vit_14'),
+]
+MODES = ['infer:fp32:eager', 'infer:bf16:eager', 'train:fp32:eager', 'train:bf16:eager']
+
+
+def plan_runs_table(_: None = None) -> str:
+    """Per MAC against the reference (DeiT-S) in each mode, and bf16 MFU beside the reference's, for every run of
+    `INTEL_PLAN_RUNS`: the targets' standing across runs, each figure from its file."""
+    rows = ['| run (benchmarks/) | began | fp32 inference | bf16 inference | fp32 training | bf16 training | '
+            'bf16 MFU, inference / training (DeiT-S\'s) |', '|---|---|---:|---:|---:|---:|---|']
+    for files, label in INTEL_PLAN_RUNS:
+        runs = {run['run']: run for f in files for run in load_benchmark(f)['runs']}
+        per_mac, mfu = {}, {}
+        for mode in MODES:
+            models = runs[mode]['models']
+            ref = next(m for m in models if m['name'] == runs[mode]['reference'] and not m['slow_paths'])
+            ours = next(m for m in models if m['label'] == label)
+            per_mac[mode] = ours['x_reference'] * ours['macs_all'] / ref['macs_all']
+            mfu[mode] = f"{ours['mfu']:.1%} ({ref['mfu']:.1%})"
+        began = load_benchmark(files[0])['environment']['date'].replace('T', ' ')[:16]
+        name = ', '.join(f.removesuffix('.json').removeprefix('intel-xeon-amx-') for f in files)
+        rows.append(f"| {name} | {began} | " + ' | '.join(f'{per_mac[m]:.2f}' for m in MODES) +
+                    f" | {mfu['infer:bf16:eager']} / {mfu['train:bf16:eager']} |")
+    return '\n'.join(rows)
+
+
 # the seeded design study behind docs/ablation.md's findings (`t2tvit ablate`, then `visualize --compare`)
 STUDY = 'ablate-fashion_mnist-1000steps-2026-12-06.json'
 # `t2tvit ablate` with no flags: the timed default
@@ -417,6 +455,7 @@ TABLES = {
                                           'intel-xeon-amx-2026-12-07-onednn-train-ab-2.json'),
     'speed-intel-amx-plan-4': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-4.json'),
     'speed-intel-amx-plan-5': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-5.json'),
+    'speed-intel-amx-standing': ('docs/speed.md', plan_runs_table, None),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
