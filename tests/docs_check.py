@@ -373,7 +373,8 @@ def plan_runs_table(_: None = None) -> str:
     rows = ['| run (benchmarks/) | began | fp32 inference | bf16 inference | fp32 training | bf16 training | '
             'bf16 MFU, inference / training (DeiT-S\'s) |', '|---|---|---:|---:|---:|---:|---|']
     for files, label in INTEL_PLAN_RUNS:
-        runs = {run['run']: run for f in files for run in load_benchmark(f)['runs']}
+        results = [load_benchmark(f) for f in files]
+        runs = {run['run']: run for result in results for run in result['runs']}
         per_mac, mfu = {}, {}
         for mode in MODES:
             models = runs[mode]['models']
@@ -381,7 +382,7 @@ def plan_runs_table(_: None = None) -> str:
             ours = next(m for m in models if m['label'] == label)
             per_mac[mode] = ours['x_reference'] * ours['macs_all'] / ref['macs_all']
             mfu[mode] = f"{ours['mfu']:.1%} ({ref['mfu']:.1%})"
-        began = load_benchmark(files[0])['environment']['date'].replace('T', ' ')[:16]
+        began = results[0]['environment']['date'].replace('T', ' ')[:16]
         name = ', '.join(f.removesuffix('.json').removeprefix('intel-xeon-amx-') for f in files)
         rows.append(f"| {name} | {began} | " + ' | '.join(f'{per_mac[m]:.2f}' for m in MODES) +
                     f" | {mfu['infer:bf16:eager']} / {mfu['train:bf16:eager']} |")
