@@ -333,16 +333,25 @@ def models_table(_: object = None) -> str:
     return '\n'.join(rows)
 
 
+def _reference(run: dict) -> dict:
+    """The run's reference model (DeiT-S), as timed without A/B changes."""
+    return next(m for m in run['models'] if m['name'] == run['reference'] and not m['slow_paths'])
+
+
+def _per_mac(model: dict, reference: dict) -> float:
+    """Images/s over the reference's, scaled by the two models' MACs: the issue's per-MAC ratio."""
+    return model['x_reference'] * model['macs_all'] / reference['macs_all']
+
+
 def host_table(result: dict) -> str:
     """Per run of a `t2tvit benchmark` file: each model against the reference per image and per MAC, then the CPU
     kernels the host's plan chose (`environment.cpu_kernels`) and why."""
     rows = ['| run | model | images/s | x reference | x reference per MAC | MFU |', '|---|---|---:|---:|---:|---:|']
     for run in result['runs']:
-        ref = next(m for m in run['models'] if m['name'] == run['reference'] and not m['slow_paths'])
+        ref = _reference(run)
         for i, m in enumerate(run['models']):
-            per_mac = m['x_reference'] * m['macs_all'] / ref['macs_all']
             rows.append(f"| {run['run'] if i == 0 else ''} | `{m['label']}` | {m['images_per_s']:.2f} | "
-                        f"{m['x_reference']:.2f} | {per_mac:.2f} | {m['mfu']:.1%} |")
+                        f"{m['x_reference']:.2f} | {_per_mac(m, ref):.2f} | {m['mfu']:.1%} |")
     plan = result['environment']['cpu_kernels']
     rows += ['', f"CPU kernels, profile `{plan['profile']}` ({plan['profile_source']}; flags "
                  f"{', '.join(plan['cpu']['flags'])}):", '', '| kernel | on | why |', '|---|---|---|']
@@ -377,10 +386,9 @@ def plan_runs_table(_: None = None) -> str:
         runs = {run['run']: run for result in results for run in result['runs']}
         per_mac, mfu = {}, {}
         for mode in MODES:
-            models = runs[mode]['models']
-            ref = next(m for m in models if m['name'] == runs[mode]['reference'] and not m['slow_paths'])
-            ours = next(m for m in models if m['label'] == label)
-            per_mac[mode] = ours['x_reference'] * ours['macs_all'] / ref['macs_all']
+            ref = _reference(runs[mode])
+            ours = next(m for m in runs[mode]['models'] if m['label'] == label)
+            per_mac[mode] = _per_mac(ours, ref)
             mfu[mode] = f"{ours['mfu']:.1%} ({ref['mfu']:.1%})"
         began = results[0]['environment']['date'].replace('T', ' ')[:16]
         name = ', '.join(f.removesuffix('.json').removeprefix('intel-xeon-amx-') for f in files)

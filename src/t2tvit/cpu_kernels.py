@@ -307,6 +307,21 @@ def cpu_bf16_autocast(x: torch.Tensor) -> bool:
             and torch.get_autocast_dtype('cpu') == torch.bfloat16)
 
 
+# --- what every swapped-in layer shares ---------------------------------------------------------------------------
+
+class _CPUKernelLayer:
+    """What every layer class `use_cpu_kernels` swaps in shares: `KERNELS`, the kernels it takes, each declared on
+    the class as a bool attribute that is off until `_init_cpu_kernels` sets it."""
+
+    KERNELS: ClassVar[Tuple[str, ...]] = ()
+
+    def _init_cpu_kernels(self, chosen: Set[str]) -> None:
+        """Turn on the kernels of `KERNELS` that are in `chosen`, and off the others."""
+        for name in self.KERNELS:
+            setattr(self, name, name in chosen)
+
+
+
 # --- oneDNN products ----------------------------------------------------------------------------------------------
 
 def product_dtype(x: torch.Tensor) -> torch.dtype:
@@ -394,11 +409,12 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-class OneDNNLinear(nn.Linear):
+class OneDNNLinear(_CPUKernelLayer, nn.Linear):
     """`nn.Linear` (same parameters, same keys) whose CPU products go through oneDNN (kernel `onednn_linear`):
     in inference as `fused_linear` (its weight kept packed with `packed_weights`), in float32 training forward and
     backward by `_OneDNNLinearFunction` with `onednn_linear_train`, by `F.linear` without it."""
 
+    KERNELS = ('packed_weights', 'onednn_linear_train')
     packed_weights: bool = False
     onednn_linear_train: bool = False
 
@@ -509,18 +525,6 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
 
 
 # --- the T2T module -----------------------------------------------------------------------------------------------
-
-class _CPUKernelLayer:
-    """What every layer class `use_cpu_kernels` swaps in shares: `KERNELS`, the kernels it takes, each declared on
-    the class as a bool attribute that is off until `_init_cpu_kernels` sets it."""
-
-    KERNELS: ClassVar[Tuple[str, ...]] = ()
-
-    def _init_cpu_kernels(self, chosen: Set[str]) -> None:
-        """Turn on the kernels of `KERNELS` that are in `chosen`, and off the others."""
-        for name in self.KERNELS:
-            setattr(self, name, name in chosen)
-
 
 class CPUT2TModule(_CPUKernelLayer, T2TModule):
     """`T2TModule` with kernels `strided_unfold`, `patch_major`, `batch_chunks`, `page_chunks` and `split_chunks`
@@ -828,11 +832,10 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
                 module.__class__ = OneDNNLinear
             elif not onednn and type(module) is OneDNNLinear:
                 module.__class__ = nn.Linear
-                for name in ONEDNN_CHOICES & vars(module).keys():  # the plain layer keeps none of its settings
-                    delattr(module, name)
+                for name in OneDNNLinear.KERNELS:  # the plain layer keeps none of its settings
+                    vars(module).pop(name, None)
             if type(module) is OneDNNLinear:
-                module.packed_weights = 'packed_weights' in chosen
-                module.onednn_linear_train = 'onednn_linear_train' in chosen
+                module._init_cpu_kernels(chosen)
     return model
 
 
