@@ -113,6 +113,7 @@ def test_kernels_step_aside_for_traces_exports_and_compile():
         exported = torch.export.export(fast, (x2,), dynamic_shapes=({0: batch},))
         assert 'mkldnn' not in str(exported.graph)
         torch.testing.assert_close(exported.module()(x3), expected, rtol=0, atol=1e-5)
+        assert 't2tvit' not in str(exported.graph)  # compiled_splits is for torch.compile only
         compiled = torch.compile(fast, backend='aot_eager')
         torch.testing.assert_close(compiled(x3), expected, rtol=0, atol=1e-5)
 
@@ -539,3 +540,87 @@ def test_packed_weights_see_weight_ema_updates():
         with torch.no_grad():
             torch.testing.assert_close(ema.module(x), reference(x), rtol=0, atol=1e-5)
         assert _packed(ema.module)  # the products took packed weights
+
+
+@pytest.mark.parametrize('shape,split,patch_major', [((2, 3, 32, 32), (7, 4, 2), False),
+                                                     ((2, 5, 13, 9), (3, 2, 1), True),
+                                                     ((1, 1, 10, 7), (2, 3, 0), False)])
+def test_compiled_splits_op_is_unfold_with_its_gradient(shape, split, patch_major):
+    """`t2tvit::soft_split` is the eager gather as an op: Unfold's values, a shape-only fake for tracing, and
+    Unfold's gradient through its backward op (torch.library's own checks of an op's registration)."""
+    x = torch.randn(shape, requires_grad=True)
+    kernel = split[0]
+    expected = torch.nn.Unfold(kernel, stride=split[1], padding=split[2])(x).transpose(1, 2)
+    if patch_major:
+        expected = expected[..., patch_major_order(shape[1], kernel)]
+    out = torch.ops.t2tvit.soft_split(x, *split, patch_major)
+    assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
+    grad = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+    torch.library.opcheck(torch.ops.t2tvit.soft_split.default, (x, *split, patch_major))
+
+
+def _compiled_graphs(model: nn.Module, x: torch.Tensor, train: bool = False):
+    """`model`'s output (and gradients) under torch.compile, and the forward and backward graphs it compiled."""
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    if not train:
+        with torch.no_grad():
+            return compiled(x), None, graphs
+    out = compiled(x)
+    out.square().mean().backward()
+    return out, [p.grad for p in model.parameters()], graphs
+
+
+@pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
+def test_compiled_splits_put_the_split_op_in_the_compiled_graph(tokens_type):
+    """Under torch.compile the soft splits are `t2tvit::soft_split` calls, forward and backward, with the plain
+    model's outputs and gradients; without the kernel the graph gathers the patches itself (the plain forward)."""
+    plain, fast = _pair(tokens_type=tokens_type)
+    x = torch.randn(2, 3, 32, 32)
+    for model in (plain, fast):
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.  # the same gradients in training: compiled and eager dropout draw different masks
+    with torch.no_grad():
+        expected = plain(x)
+    out, _, graphs = _compiled_graphs(fast, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert sum(g.count('t2tvit.soft_split.default') for g in graphs) == 2  # both soft splits, one op each
+    without = use_cpu_kernels(copy.deepcopy(fast), exclude=('compiled_splits',))
+    out, _, graphs = _compiled_graphs(without, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert not any('t2tvit' in g for g in graphs) and any('im2col' in g for g in graphs)
+
+    plain.train()
+    fast.train()
+    plain(x).square().mean().backward()
+    out, grads, graphs = _compiled_graphs(fast, x, train=True)
+    forward, backward = graphs
+    assert forward.count('t2tvit.soft_split.default') == 2
+    assert backward.count('t2tvit.soft_split_backward') == 1  # the second split's: the image takes no gradient
+    for (name, p), grad in zip(plain.named_parameters(), grads):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_splits_under_inductor():
+    """The graph inductor builds with the op: the plain model's outputs in fp32 and bf16 autocast inference."""
+    plain, fast = _pair(tokens_type='performer')
+    plain.eval()
+    fast.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=0, atol=1e-5)
+        with torch.autocast('cpu', torch.bfloat16):
+            torch.testing.assert_close(compiled(x).float(), plain(x).float(), rtol=0, atol=0.05)

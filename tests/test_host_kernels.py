@@ -53,7 +53,7 @@ def test_every_profile_decides_every_kernel_with_a_reason():
         assert list(plan) == list(CPU_KERNELS), profile
         assert all(isinstance(on, bool) and len(reason) > 20 for on, reason in plan.values()), profile
     # the AMD host's choices are the ones measured there: every kernel on but those written after them
-    written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart'}
+    written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart', 'compiled_splits'}
     assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == written_after
     # training products by oneDNN, packed weights and the GELU apart are choices within oneDNN's products: only
     # where onednn_linear is on
@@ -66,6 +66,9 @@ def test_every_profile_decides_every_kernel_with_a_reason():
     assert _PLANS['amd-avx512']['onednn_linear_train'][0]
     # in training the fused kernel's CPU backward is the slow part: explicit products there on AMX too
     assert _PLANS['intel-amx']['bf16_cpu_attn_train'][0] and not _PLANS['generic']['bf16_cpu_attn_train'][0]
+    # under torch.compile inductor's fused gather indexes element by element on any CPU: the op everywhere but
+    # on the AMD host, whose kernels stay as measured there
+    assert _PLANS['intel-amx']['compiled_splits'][0] and _PLANS['generic']['compiled_splits'][0]
 
 
 @pytest.mark.parametrize('profile', list(CPU_PROFILES))

@@ -4,8 +4,10 @@ on x86 CPUs, applied to a built model on purpose by `use_cpu_kernels(model)`.
 The model that `timm.create_model` returns runs one computation whatever runs it (eager, traced, scripted, compiled,
 exported, FLOP-counted). This module swaps its layers for subclasses with the same parameters and state-dict keys
 whose forward takes a CPU kernel where one applies (on CPU, in eager mode, outside dispatch modes such as the FLOP
-counter) and otherwise runs the model's own forward, so a model with these kernels still traces, compiles and
-exports to the plain computation. `t2tvit` commands and `t2tvit benchmark` apply them on CPU unless told not to.
+counter) and otherwise runs the model's own forward, so a model with these kernels still traces and exports to the
+plain computation. Under `torch.compile` on CPU one kernel stays (`compiled_splits`): the soft splits become an op
+the graph calls, with the values of the plain model's unfold. `t2tvit` commands and `t2tvit benchmark` apply them on
+CPU unless told not to.
 
 Which kernels a model gets depends on the host (`host_kernel_plan()`): the CPU's flags pick a profile of
 `CPU_PROFILES` ('amd-avx512', 'intel-amx', 'generic'), and each profile turns each kernel on or off with a stated
@@ -21,6 +23,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | batch_chunks | CPU eager | the T2T module in batch chunks of about 16k first-stage tokens, so its 3136-token intermediates stay in cache and on reused pages | `test_kernels_keep_outputs_and_gradients`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` (one image per chunk) |
 | page_chunks | CPU eager inference (no autograd) | the T2T module in as few batch chunks as keep its first stage's widest tensor under glibc's 32 MiB mmap threshold, so that it is served from reused heap pages, not freshly mapped ones | `test_kernels_keep_outputs_and_gradients`, `test_page_chunks_*`, `test_official.py::test_outputs_equal_official_with_cpu_kernels` |
 | split_chunks | CPU bf16 autocast inference | the first soft split and its LayerNorm a few images at a time, each cast into one bf16 tensor for the whole batch's first product: their float32 tensors stay small and in cache | `test_split_chunks_*` |
+| compiled_splits | CPU under `torch.compile`, any dtype, train and eval | the T2T module's CPU path with each soft split as the op `t2tvit::soft_split` (the strided gather; col2im backward), so that inductor does not fuse the gather into the LayerNorm after it, whose CPU code then computes every element's index by division | `test_compiled_splits_*` |
 | performer_fusion | CPU, fp32 math (also under autocast) | Performer kernel math in fewer passes: the row term as the GEMM's bias, exp in place, the normaliser applied to the m-wide features | `test_kernels_keep_outputs_and_gradients` |
 | onednn_linear | CPU fp32 and bf16 autocast inference | Linear products through oneDNN (`torch.ops.mkldnn._linear_pointwise`, faster than MKL on AMD), with the bias, the MLP's GELU and the residual add inside the product | `test_onednn_linear_*` |
 | onednn_linear_train | CPU fp32 training, with onednn_linear | the Linear layers' forward and input-gradient products through oneDNN too (the weight gradient stays with MKL); without it fp32 training takes PyTorch's own products (MKL's) | `test_onednn_linear_*`, `test_fp32_training_products_follow_onednn_linear_train` |
@@ -68,6 +71,9 @@ CPU_KERNELS: Dict[str, str] = {
     'split_chunks': 'under CPU bf16 autocast in inference, the first soft split and its LayerNorm a few images at a '
                     'time, each cast into one bf16 tensor for the whole batch\'s first product, rather than the '
                     'whole batch\'s float32 split and LayerNorm output at once',
+    'compiled_splits': 'under torch.compile on CPU, the T2T module\'s CPU path with its soft splits as one op that '
+                       'the compiled graph calls (the strided gather; col2im backward), not inductor\'s own gather '
+                       'fused into the LayerNorm after it, which indexes element by element',
     'performer_fusion': 'Performer kernel math in fewer passes: row terms as the GEMM bias, exp in place',
     'onednn_linear': 'Linear layers as oneDNN products rather than MKL\'s, which are slower on AMD: in inference '
                      '(fp32 or bf16 autocast) with the bias, the GELU or the fp32 residual add done inside the '
@@ -116,6 +122,8 @@ CPU_PROFILES: Dict[str, str] = {
 ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'avx_vnni', 'amx_tile', 'amx_bf16', 'amx_int8')
 
 _LAYOUT = 'memory layout and passes only: the same products, so the gain does not depend on the instruction set'
+_COMPILED_SPLITS = ('torch.compile only: the eager kernels\' exact gather, where inductor\'s CPU code for the fused '
+                    'gather and LayerNorm computes each element\'s index by division, whatever the instruction set')
 # profile -> kernel -> (on, why); every kernel of CPU_KERNELS appears in every profile (a test holds it)
 _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
     'amd-avx512': {
@@ -124,6 +132,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache; measured on AMD EPYC'),
         'page_chunks': (False, 'written after the AMD host\'s measurements; batch_chunks (on) already cuts finer'),
         'split_chunks': (False, 'written after the AMD host\'s measurements and not measured there'),
+        'compiled_splits': (False, 'written after the AMD host\'s measurements and not measured there'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'oneDNN\'s fp32 products beat MKL\'s on AMD, where MKL takes a generic path'),
         'onednn_linear_train': (True, 'measured with onednn_linear on AMD EPYC, fp32 training included: there MKL '
@@ -151,6 +160,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
                                'each at batch 16; a few images at a time, T2T-ViT-14 took 21% less peak memory at the '
                                'same speed within noise (1.01x) on an Intel AMX host (benchmarks/'
                                'intel-xeon-amx-2026-12-06-split-chunks-ab.json)'),
+        'compiled_splits': (True, _COMPILED_SPLITS + '; compiled T2T-ViT-14 inference ran 1.04x and 1.08x (fp32), '
+                                  '1.10x and 1.21x (bf16) as fast with it in two A/Bs on an Intel AMX host, a '
+                                  'training step 0.99x (fp32) and 1.08x (bf16) (benchmarks/'
+                                  'intel-xeon-amx-2026-12-07-compiled-splits-ab*.json)'),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (True, 'fuses bias, GELU and residual into the product, and oneDNN runs bf16 on AMX; '
                                 'faster than without it on an Intel AMX host too (same A/B)'),
@@ -178,6 +191,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'batch_chunks': (True, 'keeps the T2T module\'s widest intermediates in cache, on any CPU'),
         'page_chunks': (False, 'batch_chunks (on here) already cuts finer'),
         'split_chunks': (False, 'measured only on an Intel AMX host'),
+        'compiled_splits': (True, _COMPILED_SPLITS),
         'performer_fusion': (True, _LAYOUT),
         'onednn_linear': (False, 'which of oneDNN and MKL is faster depends on the CPU; the default library is kept'),
         'onednn_linear_train': (False, 'a choice within oneDNN\'s products, which onednn_linear (off here) would take'),
@@ -263,6 +277,11 @@ def _eager_cpu(x: torch.Tensor) -> bool:
     """`x` is on CPU in plain eager mode: not traced, scripted, compiled or under a dispatch mode (FLOP counter)."""
     return (x.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
+
+
+def _compiled_cpu(x: torch.Tensor) -> bool:
+    """`x` is on CPU under `torch.compile` (not `torch.export`, whose graph holds the plain computation)."""
+    return x.device.type == 'cpu' and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def _has_onednn_linear() -> bool:
@@ -470,24 +489,68 @@ def _gather_patches(x: torch.Tensor, kernel: int, stride: int, padding: int, pat
     return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, h, w, C*k*k) copy -> (B, h*w, C*k*k)
 
 
+def _fold_patches(grad: torch.Tensor, size: List[int], channels: int, kernel: int, stride: int, padding: int,
+                  patch_major: bool) -> torch.Tensor:
+    """The gradient of a soft split by col2im (`F.fold`), which sums the overlapping patches' gradients in one pass:
+    on CPU several times faster than the backward of two nested `unfold` views."""
+    B, L, _ = grad.shape
+    if patch_major:  # (row, column, channel) -> Unfold's (channel, row, column)
+        cols = grad.view(B, L, kernel, kernel, channels).permute(0, 4, 2, 3, 1).reshape(B, -1, L)
+    else:
+        cols = grad.transpose(1, 2)
+    return F.fold(cols, size, kernel, padding=padding, stride=stride)
+
+
 class _SoftSplitWithFoldBackward(torch.autograd.Function):
-    """The strided gather forward; backward by col2im (`F.fold`), which sums the overlapping patches' gradients in
-    one pass: on CPU several times faster than the backward of two nested `unfold` views."""
+    """The strided gather forward; backward by `_fold_patches`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
-        ctx.geometry = (tuple(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+        ctx.geometry = (list(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
         return _gather_patches(x, kernel, stride, padding, patch_major)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        size, channels, kernel, stride, padding, patch_major = ctx.geometry
-        B, L, _ = grad.shape
-        if patch_major:  # (row, column, channel) -> Unfold's (channel, row, column)
-            cols = grad.view(B, L, kernel, kernel, channels).permute(0, 4, 2, 3, 1).reshape(B, -1, L)
-        else:
-            cols = grad.transpose(1, 2)
-        return F.fold(cols, size, kernel, padding=padding, stride=stride), None, None, None, None
+        return _fold_patches(grad, *ctx.geometry), None, None, None, None
+
+
+# Under torch.compile the soft split is one op the compiled graph calls (kernel `compiled_splits`): traced, the gather
+# would be fused into the LayerNorm after it, whose CPU code then computes every element's index by division.
+@torch.library.custom_op('t2tvit::soft_split', mutates_args=())
+def _soft_split_op(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+    out = _gather_patches(x, kernel, stride, padding, patch_major)
+    return out.clone() if out._is_view() else out  # an op's output is its own tensor
+
+
+@_soft_split_op.register_fake
+def _(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
+    B, C, H, W = x.shape
+    h, w = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
+    return x.new_empty(B, h * w, C * kernel * kernel)
+
+
+@torch.library.custom_op('t2tvit::soft_split_backward', mutates_args=())
+def _soft_split_backward_op(grad: torch.Tensor, size: List[int], channels: int, kernel: int, stride: int,
+                            padding: int, patch_major: bool) -> torch.Tensor:
+    return _fold_patches(grad, size, channels, kernel, stride, padding, patch_major)
+
+
+@_soft_split_backward_op.register_fake
+def _(grad: torch.Tensor, size: List[int], channels: int, kernel: int, stride: int, padding: int,
+      patch_major: bool) -> torch.Tensor:
+    return grad.new_empty(grad.shape[0], channels, *size)
+
+
+def _soft_split_op_context(ctx, inputs, output) -> None:
+    x, kernel, stride, padding, patch_major = inputs
+    ctx.geometry = (list(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+
+
+def _soft_split_op_backward(ctx, grad: torch.Tensor):
+    return _soft_split_backward_op(grad, *ctx.geometry), None, None, None, None
+
+
+_soft_split_op.register_autograd(_soft_split_op_backward, setup_context=_soft_split_op_context)
 
 
 def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool = False) -> torch.Tensor:
@@ -495,8 +558,11 @@ def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_ma
 
     (B, C, H, W) -> (B, h*w, C*k*k), features ordered (channel, row, column) as Unfold orders them, or with
     `patch_major` (row, column, channel): a copy of whole channel vectors, much faster from a channels-last map
-    (features permuted by `patch_major_order`). With a gradient the backward runs by `F.fold`.
+    (features permuted by `patch_major_order`). With a gradient the backward runs by `F.fold`. Under
+    `torch.compile` (not `torch.export`) it is the op `torch.ops.t2tvit.soft_split`, which the graph calls.
     """
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.ops.t2tvit.soft_split(x, kernel, stride, padding, patch_major)
     if torch.is_grad_enabled() and x.requires_grad:
         return _SoftSplitWithFoldBackward.apply(x, kernel, stride, padding, patch_major)
     return _gather_patches(x, kernel, stride, padding, patch_major)
@@ -528,14 +594,15 @@ def _linear(linear: nn.Linear, x: torch.Tensor, order: Optional[torch.Tensor]) -
 
 class CPUT2TModule(_CPUKernelLayer, T2TModule):
     """`T2TModule` with kernels `strided_unfold`, `patch_major`, `batch_chunks`, `page_chunks` and `split_chunks`
-    on CPU in eager mode."""
+    on CPU in eager mode, and `compiled_splits` under `torch.compile` on CPU."""
 
-    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks', 'page_chunks', 'split_chunks')
+    KERNELS = ('strided_unfold', 'patch_major', 'batch_chunks', 'page_chunks', 'split_chunks', 'compiled_splits')
     strided_unfold: bool = False
     patch_major: bool = False
     batch_chunks: bool = False
     page_chunks: bool = False
     split_chunks: bool = False
+    compiled_splits: bool = False
 
     # first-stage tokens per batch chunk (`batch_chunks`): a batch of 16 at 224 px runs as 4 chunks of 4 images,
     # whose widest intermediate (12544 x 192 floats, 9.6 MB) stays below glibc's 32 MB mmap threshold and so on
@@ -564,6 +631,8 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
         return tokens * max(first.in_features * x.element_size(), first.out_features * product)
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if self.compiled_splits and not self.grad_checkpointing and _compiled_cpu(x):
+            return self._cpu_stages(x)  # the splits as ops the graph calls; the eager-only kernels step aside
         if not _eager_cpu(x) or self.grad_checkpointing:
             return super().forward_stages(x)
         chunks = self._num_chunks(x)
@@ -574,7 +643,7 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
         return torch.cat([tokens for tokens, _ in parts]), maps
 
     def _split(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self.strided_unfold:
+        if self.strided_unfold or _compiled_cpu(x):
             return soft_split(x, *self.soft_splits[index])
         return (self.soft_split0, self.soft_split1)[index](x).transpose(1, 2)
 
@@ -591,7 +660,7 @@ class CPUT2TModule(_CPUKernelLayer, T2TModule):
             x1 = layer(self._split(0, x))
         map1 = x1.transpose(1, 2).reshape(B, -1, h1, w1)
         layer = self.attention2
-        if (self.strided_unfold and self.patch_major and hasattr(layer, 'forward_permuted')
+        if ((self.strided_unfold or _compiled_cpu(x)) and self.patch_major and hasattr(layer, 'forward_permuted')
                 and not layer._forward_hooks and not layer._forward_pre_hooks):
             # features (row, column, channel): whole channel vectors copied from the channels-last map
             x = soft_split(map1, *self.soft_splits[1], patch_major=True)  # (B, h2*w2, 3*3*token_dim)
