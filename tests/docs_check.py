@@ -466,6 +466,8 @@ TABLES = {
                                            'intel-xeon-amx-2026-12-07-compiled-splits-ab.json'),
     'speed-intel-amx-compiled-splits-ab-infer': ('docs/speed.md', host_table,
                                                  'intel-xeon-amx-2026-12-07-compiled-splits-ab-infer.json'),
+    'speed-intel-amx-compiled-attn-ab': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-compiled-attn-ab.json'),
+    'speed-intel-amx-eager-compiled': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-eager-compiled.json'),
     'speed-intel-amx-plan-4': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-4.json'),
     'speed-intel-amx-plan-5': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-5.json'),
     'speed-intel-amx-standing': ('docs/speed.md', plan_runs_table, None),

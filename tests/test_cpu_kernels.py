@@ -21,6 +21,14 @@ def every_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, 'planned_kernels', lambda profile=None: tuple(CPU_KERNELS))
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """The compile tests here leave no graphs behind: every model is the same forward code, and other files' tests
+    compile it with `fullgraph=True`, which fails past dynamo's recompile limit."""
+    yield
+    torch._dynamo.reset()
+
+
 def _pair(**kwargs):
     """A plain model and the same weights with every CPU kernel, the T2T module one image per chunk."""
     torch.manual_seed(0)
@@ -569,7 +577,7 @@ def _compiled_graphs(model: nn.Module, x: torch.Tensor, train: bool = False):
         graphs.append(str(gm.graph))
         return gm
 
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # a graph of its own for each call
     compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
     if not train:
         with torch.no_grad():
@@ -624,3 +632,36 @@ def test_compiled_splits_under_inductor():
         torch.testing.assert_close(compiled(x), plain(x), rtol=0, atol=1e-5)
         with torch.autocast('cpu', torch.bfloat16):
             torch.testing.assert_close(compiled(x).float(), plain(x).float(), rtol=0, atol=0.05)
+
+
+def test_bf16_cpu_attention_train_holds_under_compile():
+    """Under torch.compile the graph of a bf16 training step holds the explicit attention products, not the fused
+    kernel (whose CPU backward is the slow part), with the plain model's gradients to bf16 rounding; without the
+    kernel, the fused kernel as in the plain model."""
+    plain, fast = _pair()
+    x = torch.randn(2, 3, 32, 32)
+
+    def step(model):
+        graphs = []
+
+        def keep(gm, example_inputs):  # the graph dynamo captured, run as it is
+            graphs.append(str(gm.graph))
+            return gm
+
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.compile(model, backend=keep, fullgraph=True)(x).float().sum().backward()
+        return graphs[0], next(model.blocks[0].attn.parameters()).grad.clone()
+
+    plain.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        plain(x).float().sum().backward()
+    expected = next(plain.blocks[0].attn.parameters()).grad
+    use_cpu_kernels(fast.train(), kernels=('bf16_cpu_attn_train',))
+    graph, grad = step(fast)
+    assert 'scaled_dot_product' not in graph and 'softmax' in graph
+    torch.testing.assert_close(grad, expected, rtol=0.1, atol=0.1)
+    use_cpu_kernels(fast, kernels=())
+    graph, _ = step(fast)
+    assert graph.count('scaled_dot_product') >= len(fast.blocks)

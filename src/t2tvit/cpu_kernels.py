@@ -5,9 +5,10 @@ The model that `timm.create_model` returns runs one computation whatever runs it
 exported, FLOP-counted). This module swaps its layers for subclasses with the same parameters and state-dict keys
 whose forward takes a CPU kernel where one applies (on CPU, in eager mode, outside dispatch modes such as the FLOP
 counter) and otherwise runs the model's own forward, so a model with these kernels still traces and exports to the
-plain computation. Under `torch.compile` on CPU one kernel stays (`compiled_splits`): the soft splits become an op
-the graph calls, with the values of the plain model's unfold. `t2tvit` commands and `t2tvit benchmark` apply them on
-CPU unless told not to.
+plain computation. Under `torch.compile` on CPU two kinds stay: `compiled_splits`, the soft splits as an op the
+graph calls, with the values of the plain model's unfold; and the explicit bf16 attention products (`bf16_cpu_attn`,
+`bf16_cpu_attn_train`), plain PyTorch ops that the graph holds instead of the fused kernel. `t2tvit` commands and
+`t2tvit benchmark` apply them on CPU unless told not to.
 
 Which kernels a model gets depends on the host (`host_kernel_plan()`): the CPU's flags pick a profile of
 `CPU_PROFILES` ('amd-avx512', 'intel-amx', 'generic'), and each profile turns each kernel on or off with a stated
@@ -29,8 +30,8 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | onednn_linear_train | CPU fp32 training, with onednn_linear | the Linear layers' forward and input-gradient products through oneDNN too (the weight gradient stays with MKL); without it fp32 training takes PyTorch's own products (MKL's) | `test_onednn_linear_*`, `test_fp32_training_products_follow_onednn_linear_train` |
 | packed_weights | CPU inference with onednn_linear (fp32 and bf16 autocast) | each product's weight cast and reordered once into oneDNN's blocked layout, kept until the weight changes (its version counter) | `test_packed_weights_*` |
 | bf16_gelu_apart | CPU bf16 autocast inference, with onednn_linear | the MLP's GELU as its own op on the product's bf16 output, as autocast computes it, rather than as oneDNN's GELU post-op, which is slower in bf16 on an Intel AMX host | `test_bf16_gelu_apart_*` |
-| bf16_cpu_attn | CPU bf16 autocast | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
-| bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training) | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
+| bf16_cpu_attn | CPU bf16 autocast, eager or compiled | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
+| bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training), eager or compiled | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
 """
 import copy
 import functools
@@ -183,7 +184,8 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
                                  'products did not beat it in inference on an Intel AMX host (same A/B)'),
         'bf16_cpu_attn_train': (True, 'in training the fused kernel\'s CPU backward dominates: explicit products '
                                       'made a T2T-ViT-14 bf16 training step 1.19x as fast on an Intel AMX host '
-                                      '(benchmarks/intel-xeon-amx-2026-12-06-quiet-attn-ab.json)'),
+                                      '(benchmarks/intel-xeon-amx-2026-12-06-quiet-attn-ab.json), and 1.23x under '
+                                      'torch.compile (benchmarks/intel-xeon-amx-2026-12-07-compiled-attn-ab.json)'),
     },
     'generic': {
         'strided_unfold': (True, _LAYOUT),
@@ -320,10 +322,13 @@ def onednn_inference(x: torch.Tensor, module: Optional[nn.Module] = None) -> boo
             and (module is None or not _has_hooks(module)))
 
 
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+
+
 def cpu_bf16_autocast(x: torch.Tensor) -> bool:
     """Whether `x` is on CPU, eager, inside a bf16 autocast region."""
-    return (_eager_cpu(x) and torch.is_autocast_enabled('cpu')
-            and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+    return _eager_cpu(x) and _bf16_autocast()
 
 
 # --- what every swapped-in layer shares ---------------------------------------------------------------------------
@@ -766,9 +771,10 @@ def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
 
 def _explicit_bf16(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `layer` takes explicit bf16 attention products for `x`: `bf16_cpu_attn` under CPU bf16 autocast, or
-    `bf16_cpu_attn_train` there with gradients on."""
+    `bf16_cpu_attn_train` there with gradients on; eager or under `torch.compile`, whose graph calls the same fused
+    kernel and its slow CPU backward."""
     wanted = layer.bf16_cpu_attn or (layer.bf16_cpu_attn_train and torch.is_grad_enabled())
-    return wanted and cpu_bf16_autocast(x)
+    return wanted and _bf16_autocast() and (_eager_cpu(x) or _compiled_cpu(x))
 
 
 class CPUAttention(_CPUKernelLayer, Attention):
