@@ -881,8 +881,9 @@ def use_cpu_kernels(model: nn.Module, kernels: Optional[Iterable[str]] = None, e
     `kernels`: the names to use (default: those this host's plan turns on, `host_kernel_plan(profile)`; `profile`
     or `T2TVIT_CPU_PROFILE` forces another host's); `exclude`: names to leave out (e.g. for an A/B timing). Layers
     are swapped in place for subclasses with the same parameters, buffers and state-dict keys, whose forward falls
-    back to the plain one off CPU, when traced, scripted, compiled or exported, and under dispatch modes, so the
-    model's outputs stay those of the plain model (within fp32 rounding). Applying it again re-selects kernels.
+    back to the plain one off CPU, when traced, scripted or exported, and under dispatch modes (under torch.compile
+    only `compiled_splits` and the explicit bf16 attention products stay), so the model's outputs stay those of the
+    plain model (within fp32 rounding). Applying it again re-selects kernels.
     """
     chosen = set(_check_names(planned_kernels(profile) if kernels is None else kernels)) - set(_check_names(exclude))
     onednn = 'onednn_linear' in chosen and _ONEDNN_LINEAR
