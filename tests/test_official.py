@@ -100,6 +100,24 @@ def test_outputs_equal_official_with_cpu_kernels(fixtures_dir, tiny_configs, nam
         torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', PLAIN_FIXTURES)
+def test_outputs_equal_official_compiled_with_cpu_kernels(fixtures_dir, tiny_configs, name):
+    """Under torch.compile the kernels of the Intel plan that stay (the soft splits as `t2tvit::soft_split`, the
+    second one patch-major) give the official logits too."""
+    config = tiny_configs[name]
+    model = OFFICIAL_CLASSES[config['official_class']](**config['kwargs']).eval()
+    t2tvit.load_checkpoint(model, fixtures_dir / 'official' / f'{name}.pth.tar')
+    t2tvit.use_cpu_kernels(model, profile='intel-amx')
+    io = _io(fixtures_dir, name)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            logits = torch.compile(model, backend='aot_eager', fullgraph=True)(io['input'])
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits, io['logits'], rtol=0, atol=1e-5)
+
+
 def test_ema_weights_are_preferred(fixtures_dir, tiny_configs):
     """The .pth.tar holds two different weight sets; the outputs belong to state_dict_ema."""
     path = fixtures_dir / 'official' / 'tiny_performer.pth.tar'
