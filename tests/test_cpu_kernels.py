@@ -102,7 +102,8 @@ def test_use_cpu_kernels_swaps_layers_in_place_and_refuses_unknown_names():
 
 
 def test_kernels_step_aside_for_traces_exports_and_compile():
-    """Chunks follow the batch size and oneDNN products are eager-only: graphs must hold the plain computation."""
+    """Chunks follow the batch size and oneDNN products are eager-only: traced and exported graphs hold the plain
+    computation, and a compiled one (its soft splits as ops, `compiled_splits`) the same values."""
     plain, fast = _pair()
     fast.eval()
     plain.eval()
