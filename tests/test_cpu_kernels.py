@@ -569,15 +569,21 @@ def test_compiled_splits_op_is_unfold_with_its_gradient(shape, split, patch_majo
     torch.library.opcheck(torch.ops.t2tvit.soft_split.default, (x, *split, patch_major))
 
 
-def _compiled_graphs(model: nn.Module, x: torch.Tensor, train: bool = False):
-    """`model`'s output (and gradients) under torch.compile, and the forward and backward graphs it compiled."""
-    from torch._dynamo.backends.common import aot_autograd
+def _graph_recorder():
+    """A compiler that runs each graph as it is and keeps its text in the returned list."""
     graphs = []
 
     def keep(gm, example_inputs):
         graphs.append(str(gm.graph))
         return gm
 
+    return graphs, keep
+
+
+def _compiled_graphs(model: nn.Module, x: torch.Tensor, train: bool = False):
+    """`model`'s output (and gradients) under torch.compile, and the forward and backward graphs it compiled."""
+    from torch._dynamo.backends.common import aot_autograd
+    graphs, keep = _graph_recorder()
     torch._dynamo.reset()  # a graph of its own for each call
     compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
     if not train:
@@ -643,12 +649,7 @@ def test_bf16_cpu_attention_train_holds_under_compile():
     x = torch.randn(2, 3, 32, 32)
 
     def step(model):
-        graphs = []
-
-        def keep(gm, example_inputs):  # the graph dynamo captured, run as it is
-            graphs.append(str(gm.graph))
-            return gm
-
+        graphs, keep = _graph_recorder()  # the graph dynamo captured, run as it is
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         with torch.autocast('cpu', dtype=torch.bfloat16):

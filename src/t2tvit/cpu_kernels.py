@@ -281,9 +281,14 @@ def _eager_cpu(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
 
 
+def _compiling() -> bool:
+    """Under `torch.compile` (not `torch.export`, whose graph holds the plain computation)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _compiled_cpu(x: torch.Tensor) -> bool:
-    """`x` is on CPU under `torch.compile` (not `torch.export`, whose graph holds the plain computation)."""
-    return x.device.type == 'cpu' and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    """`x` is on CPU under `torch.compile`."""
+    return x.device.type == 'cpu' and _compiling()
 
 
 def _has_onednn_linear() -> bool:
@@ -506,12 +511,17 @@ def _fold_patches(grad: torch.Tensor, size: List[int], channels: int, kernel: in
     return F.fold(cols, size, kernel, padding=padding, stride=stride)
 
 
+def _fold_geometry(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> tuple:
+    """What `_fold_patches` needs besides the gradient, from a soft split's input and arguments."""
+    return list(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major
+
+
 class _SoftSplitWithFoldBackward(torch.autograd.Function):
     """The strided gather forward; backward by `_fold_patches`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
-        ctx.geometry = (list(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+        ctx.geometry = _fold_geometry(x, kernel, stride, padding, patch_major)
         return _gather_patches(x, kernel, stride, padding, patch_major)
 
     @staticmethod
@@ -530,7 +540,7 @@ def _soft_split_op(x: torch.Tensor, kernel: int, stride: int, padding: int, patc
 @_soft_split_op.register_fake
 def _(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_major: bool) -> torch.Tensor:
     B, C, H, W = x.shape
-    h, w = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
+    h, w = token_grid_size((H, W), 1, ((kernel, stride, padding),))
     return x.new_empty(B, h * w, C * kernel * kernel)
 
 
@@ -547,8 +557,7 @@ def _(grad: torch.Tensor, size: List[int], channels: int, kernel: int, stride: i
 
 
 def _soft_split_op_context(ctx, inputs, output) -> None:
-    x, kernel, stride, padding, patch_major = inputs
-    ctx.geometry = (list(x.shape[-2:]), x.shape[1], kernel, stride, padding, patch_major)
+    ctx.geometry = _fold_geometry(*inputs)
 
 
 def _soft_split_op_backward(ctx, grad: torch.Tensor):
@@ -566,7 +575,7 @@ def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int, patch_ma
     (features permuted by `patch_major_order`). With a gradient the backward runs by `F.fold`. Under
     `torch.compile` (not `torch.export`) it is the op `torch.ops.t2tvit.soft_split`, which the graph calls.
     """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if _compiling():
         return torch.ops.t2tvit.soft_split(x, kernel, stride, padding, patch_major)
     if torch.is_grad_enabled() and x.requires_grad:
         return _SoftSplitWithFoldBackward.apply(x, kernel, stride, padding, patch_major)
