@@ -260,7 +260,9 @@ def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(va
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         calls.clear()
         fast_bf16 = model(x)  # bf16 products as autocast's, the float32 residual stream kept
-    assert len(calls) == len(linears) and fast_bf16.dtype == plain_bf16.dtype
+    # where oneDNN has no bf16 products (AVX2-only CPUs), autocast's own products run
+    assert len(calls) == (len(linears) if onednn_available(torch.bfloat16) else 0)
+    assert fast_bf16.dtype == plain_bf16.dtype
     torch.testing.assert_close(fast_bf16.float(), plain_bf16.float(), rtol=0, atol=0.05)
     calls.clear()
     model(x).sum().backward()  # autograd: the products by the autograd function, nothing fused
@@ -280,6 +282,31 @@ def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(va
 
 
 @pytest.mark.skipif(not onednn_available(), reason='this PyTorch has no oneDNN')
+def test_onednn_linear_leaves_bf16_to_autocast_where_onednn_has_no_bf16_products(monkeypatch):
+    """On a CPU where oneDNN has no bf16 products (AVX2 only, e.g. AMD EPYC Zen 3; forced here), bf16 autocast
+    inference takes autocast's own products, fp32 inference still oneDNN's, and the benchmark's peak GEMM in bf16
+    times torch.mm alone."""
+    from t2tvit.tools import benchmark
+    monkeypatch.setattr(cpu_kernels, '_ONEDNN_BF16', False)
+    fused, calls = cpu_kernels.fused_linear, []
+    monkeypatch.setattr(cpu_kernels, 'fused_linear', lambda *a, **k: calls.append(1) or fused(*a, **k))
+    plain, model = _pair(tokens_type='performer')
+    plain.eval(), model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not onednn_available(torch.bfloat16) and not cpu_kernels.onednn_inference(x)
+            got, want = model(x), plain(x)
+        assert not calls
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-5)
+    assert calls  # fp32 inference: oneDNN's products
+    a = torch.randn(8, 8)
+    assert list(benchmark._gemm_libraries(torch.device('cpu'), a.bfloat16(), a.bfloat16())) == ['torch.mm']
+    assert list(benchmark._gemm_libraries(torch.device('cpu'), a, a)) == ['torch.mm', 'oneDNN']
+
+
+@pytest.mark.skipif(not onednn_available(torch.bfloat16), reason='oneDNN has no bf16 products on this CPU')
 @pytest.mark.parametrize('tokens_type', ['performer', 'transformer'])
 def test_bf16_gelu_apart_takes_the_gelu_out_of_the_product_only_under_bf16_autocast(tokens_type, monkeypatch):
     """With `bf16_gelu_apart` every fused MLP (two token layers, each block) takes its GELU as its own op on the
@@ -421,7 +448,9 @@ def test_packed_weights_keep_the_numbers_and_follow_weight_changes(tokens_type):
         assert all(_packed(fast)[name] is w for name, w in kept.items())  # kept, not packed again
         with torch.autocast('cpu', dtype=torch.bfloat16):
             torch.testing.assert_close(fast(x), unpacked(x), rtol=0, atol=1e-6)  # the same bf16 products
-        assert all(w.dtype == torch.bfloat16 for w in _packed(fast).values())
+        # packed for bf16 where oneDNN has bf16 products; elsewhere autocast's own products take the plain weights
+        bf16 = onednn_available(torch.bfloat16)
+        assert all(w.dtype == (torch.bfloat16 if bf16 else torch.float32) for w in _packed(fast).values())
 
     # training: autograd takes the parameters themselves, then an optimizer step changes them in place
     for model in (plain, fast):

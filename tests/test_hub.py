@@ -123,5 +123,6 @@ def test_the_folder_is_a_hub_repository(hub_folder, tmp_path, monkeypatch):
     from_transformers = AutoModelForImageClassification.from_pretrained('org/t2t-tiny', cache_dir=cache).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(from_transformers(pixel_values=x).logits, from_timm(x))
+        # to fp32 rounding: transformers' weights sit at other addresses, where a CPU product may add in another order
+        assert (from_transformers(pixel_values=x).logits - from_timm(x)).abs().max().item() <= 1e-6
     assert from_timm.num_classes == from_transformers.config.num_labels == 4

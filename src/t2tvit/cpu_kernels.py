@@ -301,9 +301,20 @@ def _has_onednn_linear() -> bool:
 _ONEDNN_LINEAR = _has_onednn_linear()
 
 
-def onednn_available() -> bool:
-    """Whether this PyTorch has oneDNN's fused linear product (x86 and Arm wheels do)."""
-    return _ONEDNN_LINEAR
+def _has_onednn_bf16() -> bool:
+    try:
+        return _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_BF16 = _has_onednn_bf16()
+
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch has oneDNN's fused linear product (x86 and Arm wheels do) for `dtype` on this CPU: its
+    bf16 products need AVX-512 (oneDNN has none for AVX2-only CPUs such as AMD EPYC Zen 3)."""
+    return _ONEDNN_BF16 if dtype == torch.bfloat16 else _ONEDNN_LINEAR
 
 
 def _onednn_eager(x: torch.Tensor) -> bool:
@@ -316,11 +327,12 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def onednn_inference(x: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
-    """Whether `fused_linear` may stand in for `module`'s layers on `x`: float32 (or under CPU bf16 autocast), no
-    autograd (the fused op has no backward), eager on CPU, and no hooks on the layers inside `module` (they would
-    not be called)."""
+    """Whether `fused_linear` may stand in for `module`'s layers on `x`: float32 (or under CPU bf16 autocast, where
+    oneDNN has bf16 products on this CPU), no autograd (the fused op has no backward), eager on CPU, and no hooks on
+    the layers inside `module` (they would not be called)."""
     if torch.is_autocast_enabled('cpu'):
-        dtypes = (torch.float32, torch.bfloat16) if torch.get_autocast_dtype('cpu') == torch.bfloat16 else ()
+        bf16 = torch.get_autocast_dtype('cpu') == torch.bfloat16 and _ONEDNN_BF16
+        dtypes = (torch.float32, torch.bfloat16) if bf16 else ()
     else:
         dtypes = (torch.float32,)
     return (x.dtype in dtypes and not torch.is_grad_enabled() and _onednn_eager(x)

@@ -311,9 +311,10 @@ def _seconds(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> flo
 
 def _gemm_libraries(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], Any]]:
     """The n^3 products this PyTorch can run: `torch.mm` (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and, on CPU,
-    oneDNN's, which the `onednn_linear` CPU kernel uses and which on AMD CPUs is much faster than MKL's."""
+    oneDNN's where it has products of `a`'s dtype here (its bf16 ones need AVX-512), which the `onednn_linear` CPU
+    kernel uses and which on AMD CPUs with AVX-512 is much faster than MKL's."""
     libraries: Dict[str, Callable[[], Any]] = {'torch.mm': lambda: torch.mm(a, b)}
-    if device.type == 'cpu' and onednn_available():
+    if device.type == 'cpu' and onednn_available(a.dtype):
         weight = b.t().contiguous()  # linear(a, W) = a @ W^T = a @ b
         libraries['oneDNN'] = lambda: fused_linear(a, weight)
     return libraries
