@@ -137,6 +137,33 @@ def test_peak_is_the_fastest_gemm_library_and_mfu_is_also_given_against_the_othe
     assert peak['library'] == 'fast' and peak['libraries_time_ratio']['slow'] == pytest.approx(3.)
 
 
+def test_a_gemm_library_far_slower_at_the_probe_is_left_out_of_the_peak(monkeypatch):
+    """bf16 `torch.mm` on an AVX2-only CPU ran 14x slower than the same product in a Linear layer's layout (a minute
+    a product at n=2048): a library over TOO_SLOW times the fastest on the probe product is never timed at full size
+    or in the rounds, and the peak's JSON lists it with its ratio."""
+    from t2tvit.tools import benchmark
+    from t2tvit.tools.benchmark import TOO_SLOW, _matmul_entry, _summarise, _time_rounds
+    sizes = []
+
+    def libraries(device, a, b):
+        sizes.append(a.shape[0])
+        return {name: (lambda name=name: calls.append((name, a.shape[0]))) for name in ('crawl', 'fast', 'near')}
+    times = {'crawl': 0.01 * (TOO_SLOW + 1), 'fast': 0.01, 'near': 0.01 * TOO_SLOW}
+    calls = []
+    monkeypatch.setattr(benchmark, '_gemm_libraries', libraries)
+    monkeypatch.setattr(benchmark, '_seconds', lambda fn, device, iters=1: (fn(), times[calls[-1][0]])[1])
+    gemm = _matmul_entry(torch.device('cpu'), 'bf16', 1024, 0.05)
+    assert sizes == [benchmark.PROBE_SIZE, 1024]
+    assert ('crawl', 1024) not in calls and ('near', 1024) in calls  # at the limit: still timed
+    assert set(gemm.library_times_s) == set(gemm.library_products) == {'fast', 'near'}
+    calls.clear()
+    _time_rounds([(benchmark.Entry(name='m', kind='ours', step=lambda: calls.append(('fast', 0))), gemm)],
+                 benchmark.BenchConfig(reps=2), torch.device('cpu'))
+    assert not [c for c in calls if c[0] == 'crawl']
+    peak = _summarise(gemm, None, gemm)
+    assert peak['libraries_left_out'] == {'crawl': pytest.approx(TOO_SLOW + 1)}
+
+
 def test_int8_run_times_fp32_and_int8_onnx_at_batch_1_and_16_in_both_runtimes(tmp_path, capsys):
     import onnxruntime
     import openvino

@@ -285,7 +285,7 @@ def test_onednn_linear_takes_every_product_where_it_can_and_keeps_the_numbers(va
 def test_onednn_linear_leaves_bf16_to_autocast_where_onednn_has_no_bf16_products(monkeypatch):
     """On a CPU where oneDNN has no bf16 products (AVX2 only, e.g. AMD EPYC Zen 3; forced here), bf16 autocast
     inference takes autocast's own products, fp32 inference still oneDNN's, and the benchmark's peak GEMM in bf16
-    times torch.mm alone."""
+    times torch's own products alone."""
     from t2tvit.tools import benchmark
     monkeypatch.setattr(cpu_kernels, '_ONEDNN_BF16', False)
     fused, calls = cpu_kernels.fused_linear, []
@@ -302,8 +302,8 @@ def test_onednn_linear_leaves_bf16_to_autocast_where_onednn_has_no_bf16_products
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-5)
     assert calls  # fp32 inference: oneDNN's products
     a = torch.randn(8, 8)
-    assert list(benchmark._gemm_libraries(torch.device('cpu'), a.bfloat16(), a.bfloat16())) == ['torch.mm']
-    assert list(benchmark._gemm_libraries(torch.device('cpu'), a, a)) == ['torch.mm', 'oneDNN']
+    assert list(benchmark._gemm_libraries(torch.device('cpu'), a.bfloat16(), a.bfloat16())) == ['torch.mm', 'F.linear']
+    assert list(benchmark._gemm_libraries(torch.device('cpu'), a, a)) == ['torch.mm', 'F.linear', 'oneDNN']
 
 
 @pytest.mark.skipif(not onednn_available(torch.bfloat16), reason='oneDNN has no bf16 products on this CPU')

@@ -285,6 +285,8 @@ class Entry:
     # gemm: seconds of one n^3 product by each library, at set-up (best of 5) and then once at the start of each round
     library_times_s: Dict[str, List[float]] = field(default_factory=dict)
     library_products: Dict[str, Callable[[], Any]] = field(default_factory=dict, repr=False)
+    # gemm: libraries left out of its timing, with their time over the fastest one's at the probe size
+    libraries_left_out: Dict[str, float] = field(default_factory=dict)
     product_flops: float = 0.
     library: str = ''  # gemm: the library whose product is the peak
     step: Optional[Callable[[], None]] = field(default=None, repr=False)
@@ -310,14 +312,34 @@ def _seconds(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> flo
 
 
 def _gemm_libraries(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> Dict[str, Callable[[], Any]]:
-    """The n^3 products this PyTorch can run: `torch.mm` (MKL or OpenBLAS on CPU, cuBLAS on CUDA) and, on CPU,
-    oneDNN's where it has products of `a`'s dtype here (its bf16 ones need AVX-512), which the `onednn_linear` CPU
-    kernel uses and which on AMD CPUs with AVX-512 is much faster than MKL's."""
-    libraries: Dict[str, Callable[[], Any]] = {'torch.mm': lambda: torch.mm(a, b)}
+    """The n^3 products this PyTorch can run: `torch.mm` (MKL or OpenBLAS on CPU, cuBLAS on CUDA); `F.linear`, the
+    same library with `b` stored transposed as a Linear layer keeps its weight (in bf16 on an AVX2-only CPU, where
+    no library has bf16 products, PyTorch's own loops run 14x faster in that layout); and, on CPU, oneDNN's where it
+    has products of `a`'s dtype here (its bf16 ones need AVX-512), which the `onednn_linear` CPU kernel uses and
+    which on AMD CPUs with AVX-512 is much faster than MKL's."""
+    weight = b.t().contiguous()  # linear(a, W) = a @ W^T = a @ b
+    libraries: Dict[str, Callable[[], Any]] = {'torch.mm': lambda: torch.mm(a, b),
+                                               'F.linear': lambda: F.linear(a, weight)}
     if device.type == 'cpu' and onednn_available(a.dtype):
-        weight = b.t().contiguous()  # linear(a, W) = a @ W^T = a @ b
         libraries['oneDNN'] = lambda: fused_linear(a, weight)
     return libraries
+
+
+PROBE_SIZE = 512  # side of the square product that finds which GEMM libraries are worth timing at full size
+TOO_SLOW = 4.  # a library this many times slower than the fastest at the probe is left out of the peak's timing
+
+
+def _probe_libraries(device: torch.device, dtype: torch.dtype, n: int) -> Dict[str, float]:
+    """Per library: seconds of a `min(n, PROBE_SIZE)`-sided product over the fastest library's (set-up call first)."""
+    g = torch.Generator(device='cpu').manual_seed(1)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    libraries = _gemm_libraries(device, a, b)
+    seconds = {}
+    for name, product in libraries.items():
+        _seconds(product, device)  # first call: library set-up
+        seconds[name] = _seconds(product, device)
+    fastest = max(min(seconds.values()), 1e-9)
+    return {name: t / fastest for name, t in seconds.items()}
 
 
 def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: float) -> Entry:
@@ -327,13 +349,16 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
     averages the same speed changes a model step sees, so that per-round MFU compares like with like. Every library
     is timed first (interleaved, best of 5): the peak is the fastest one's, so that no model can beat the "peak" by
     calling a faster library than the GEMM did. Where there are several, each round also times one product of each,
-    for MFU against the slower ones.
+    for MFU against the slower ones. A library `TOO_SLOW` times slower than the fastest on a small probe product is
+    left out (bf16 `torch.mm` on an AVX2-only CPU took a minute a product at n=2048) and listed in the JSON.
     """
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    probe = _probe_libraries(device, dtype, min(n, PROBE_SIZE))
     g = torch.Generator(device='cpu').manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    libraries = _gemm_libraries(device, a, b)
+    libraries = {name: product for name, product in _gemm_libraries(device, a, b).items()
+                 if probe[name] <= TOO_SLOW}
     for product in libraries.values():
         _seconds(product, device)  # first call: library set-up
     best = {name: math.inf for name in libraries}
@@ -351,6 +376,7 @@ def _matmul_entry(device: torch.device, precision: str, n: int, min_seconds: flo
     entry = Entry(name=f'gemm {n}x{n}x{n} {precision} {fastest} x{repeats}', kind='gemm',
                   flops_per_step=2. * n ** 3 * repeats, step=step, product_flops=2. * n ** 3, library=fastest)
     entry.library_times_s = {name: [seconds] for name, seconds in best.items()}
+    entry.libraries_left_out = {name: ratio for name, ratio in probe.items() if ratio > TOO_SLOW}
     if len(libraries) > 1:
         entry.library_products = libraries
     return entry
@@ -471,7 +497,8 @@ def _summarise(entry: Entry, reference: Optional[Entry], gemm: Entry) -> Dict[st
         result.update(flops_per_s=statistics.median(flops), flops_per_s_min=min(flops), flops_per_s_max=max(flops),
                       libraries_flops_per_s={name: entry.product_flops / statistics.median(times)
                                              for name, times in entry.library_times_s.items()},
-                      library=entry.library, libraries_time_ratio=_library_ratios(entry))
+                      library=entry.library, libraries_time_ratio=_library_ratios(entry),
+                      libraries_left_out=entry.libraries_left_out)
         return result
     rates = [entry.images_per_step / t for t in entry.times_s]
     peak = [gemm.flops_per_step / t for t in entry.peak_times_s]  # the GEMM around each of this model's steps
