@@ -73,3 +73,25 @@ def test_training_with_amp_auto_records_what_it_ran(monkeypatch, tmp_path, flags
     result = train(config)
     assert yaml.safe_load((result.run_dir / 'config.yaml').read_text())['amp'] == expected
     assert used and set(used) == {expected}  # every training and evaluation step ran under it
+
+
+@pytest.mark.parametrize('flags,warned', [(AMX_HOST, False), (ZEN4_HOST, False), (OLD_AVX512_HOST, True),
+                                          (frozenset({'avx2'}), True)])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, tmp_path, capsys, flags, warned):
+    """`amp: bf16` on a CPU without a bf16 unit runs, with one warning line that names the fix; auto, none and a
+    GPU never warn."""
+    from conftest import TINY_RUN_MODEL
+    from t2tvit.engine import resolve_config, train
+    from t2tvit.engine.precision import emulated_bf16_warning
+    monkeypatch.setattr(precision, 'cpu_flags', lambda: flags)
+    assert (emulated_bf16_warning('bf16', CPU) is not None) == warned
+    assert emulated_bf16_warning('auto', CPU) is emulated_bf16_warning('none', CPU) is None
+    assert emulated_bf16_warning('bf16', torch.device('cuda')) is None
+    config = resolve_config(None, dict(
+        model='t2t_vit_mini', model_kwargs=TINY_RUN_MODEL, dataset='fake', img_size=32, in_chans=3, num_classes=4,
+        fake_num_samples=8, batch_size=8, epochs=1, workers=0, warmup_epochs=0, progress='off', aa=None,
+        color_jitter=None, amp='bf16', output=str(tmp_path), run_name='run', seed=0))
+    train(config)
+    lines = [line for line in capsys.readouterr().err.splitlines() if 'emulated' in line]
+    assert len(lines) == int(warned)
+    assert all(line.startswith('warning: bf16 on this CPU is emulated') and 'amp auto' in line for line in lines)

@@ -43,7 +43,7 @@ from .config import ConfigError, save_config
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, collectives, init_distributed
 from .evaluate import eval_loader, evaluate
 from .metrics import MetricsLog, plot_confusion, plot_curves, write_eval_json
-from .precision import resolve_amp
+from .precision import emulated_bf16_warning, resolve_amp
 from .preflight import NonFiniteOutputError, check_run_folder
 from .sampling import (RankBatches, SeededTransform, StreamTransform, derived_seed, epoch_micro_batches,
                        first_batches, seed_everything)
@@ -139,6 +139,9 @@ class Trainer:
         self.start_time = time.time()
         config = dict(config, amp=resolve_amp(config['amp'], info.device))  # 'auto': bf16 where native, else none
         self.config, self.info, self.device, self.world = config, info, info.device, info.world_size
+        emulated = emulated_bf16_warning(config['amp'], info.device)
+        if emulated and info.is_main:
+            print(emulated, file=sys.stderr)
         self.check_batching()
         preflight(config, self.micro_local, self.device)
         self.run_dir = run_dir_for(config)

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.checkpointing import atomic_write
+from ..engine.precision import emulated_bf16_warning
 from ..models import list_variants, load_checkpoint
 from ..cpu_kernels import (
     CPU_KERNELS, CPU_PROFILE_ENV, fused_linear, host_kernel_plan, onednn_available, use_cpu_kernels)
@@ -714,6 +715,9 @@ def _torch_runs(config: BenchConfig, device: torch.device, complexity: Dict[str,
     for (mode, compile_), runs in groups.items():
         log(f'runs {", ".join(r.label for r in runs)}: batch {config.batch_size}, {config.img_size} px, '
             f'{config.reps} rounds x {config.iters} steps')
+        emulated = next(filter(None, (emulated_bf16_warning(r.precision, device) for r in runs)), None)
+        if emulated:
+            log(emulated)
         for run_result in _run_group(runs, config, device, complexity, rss, log):
             result['runs'].append(run_result)
             log(format_run(run_result))
