@@ -397,6 +397,43 @@ def plan_runs_table(_: None = None) -> str:
     return '\n'.join(rows)
 
 
+def _plan_per_mac(files: List[str], label: str) -> Dict[str, float]:
+    """Per mode, `label`'s per-MAC ratio against the reference in the benchmark files `files`."""
+    runs = {run['run']: run for f in files for run in load_benchmark(f)['runs']}
+    return {mode: _per_mac(next(m for m in runs[mode]['models'] if m['label'] == label), _reference(runs[mode]))
+            for mode in MODES if mode in runs}
+
+
+def hosts_table(_: None = None) -> str:
+    """Per host, T2T-ViT-14 with its host's plan against DeiT-S per MAC in each eager mode: every run of the
+    Intel plan as a range, the AVX2-only AMD EPYC's runs, and the AVX-512 AMD EPYC's kernel A/B of 2026-12-02 (an
+    older format: images/s over DeiT-S, scaled here by the two models' MACs from that host's benchmark file)."""
+    rows = ['| host (profile) | runs (benchmarks/) | fp32 inference | bf16 inference | fp32 training | '
+            'bf16 training |', '|---|---|---:|---:|---:|---:|']
+    complexity = load_benchmark('amd-epyc-2026-11-27.json')['complexity']
+    macs = complexity['t2t_vit_14']['macs_all'] / complexity['deit_small_patch16_224']['macs_all']
+    old = {r['run'] + ':eager': r['x_deit_small'] * macs
+           for r in load_benchmark('amd-epyc-2026-12-02-cpu-kernels-ab.json')['results']
+           if r['entry'] == 't2t_vit_14 | new main (use_cpu_kernels)'}
+    intel = [_plan_per_mac(files, label) for files, label in INTEL_PLAN_RUNS]
+    avx2 = _plan_per_mac(['amd-epyc-avx2-2026-12-07.json', 'amd-epyc-avx2-2026-12-07-train.json'], 't2t_vit_14')
+
+    def cell(values: List[float], note: str = '') -> str:
+        if not values:
+            return 'not timed'
+        low, high = min(values), max(values)
+        return (f'{low:.2f}' if len(values) == 1 else f'{low:.2f}-{high:.2f}') + note
+
+    rows.append('| AMD EPYC with AVX-512 (`amd-avx512`) | amd-epyc-2026-12-02-cpu-kernels-ab (7 rounds) | '
+                + ' | '.join(cell([old[m]] if m in old else []) for m in MODES) + ' |')
+    rows.append(f'| Intel Xeon with AMX (`intel-amx`) | the {len(intel)} runs above | '
+                + ' | '.join(cell([r[m] for r in intel]) for m in MODES) + ' |')
+    emulated = {'infer:bf16:eager': ' (bf16 emulated)'}
+    rows.append('| AMD EPYC Zen 3, AVX2 only (`generic`) | amd-epyc-avx2-2026-12-07, -train (3 rounds) | '
+                + ' | '.join(cell([avx2[m]] if m in avx2 else [], emulated.get(m, '')) for m in MODES) + ' |')
+    return '\n'.join(rows)
+
+
 # the seeded design study behind docs/ablation.md's findings (`t2tvit ablate`, then `visualize --compare`)
 STUDY = 'ablate-fashion_mnist-1000steps-2026-12-06.json'
 # `t2tvit ablate` with no flags: the timed default
@@ -471,6 +508,11 @@ TABLES = {
     'speed-intel-amx-plan-4': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-4.json'),
     'speed-intel-amx-plan-5': ('docs/speed.md', host_table, 'intel-xeon-amx-2026-12-07-plan-5.json'),
     'speed-intel-amx-standing': ('docs/speed.md', plan_runs_table, None),
+    'speed-hosts': ('docs/speed.md', hosts_table, None),
+    'speed-amd-avx2': ('docs/speed.md', host_table, 'amd-epyc-avx2-2026-12-07.json'),
+    'speed-amd-avx2-train': ('docs/speed.md', host_table, 'amd-epyc-avx2-2026-12-07-train.json'),
+    'speed-amd-avx2-compiled-splits-ab': ('docs/speed.md', host_table,
+                                          'amd-epyc-avx2-2026-12-07-compiled-splits-ab.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
@@ -482,6 +524,7 @@ TABLES = {
     'models': ('README.md', models_table, None),
     'int8-speed': ('docs/speed.md', int8_speed_table, INT8_BENCHMARK),
     'int8-speed-export': ('docs/export.md', int8_speed_table, INT8_BENCHMARK),
+    'int8-speed-amd-avx2': ('docs/speed.md', int8_speed_table, 'amd-epyc-avx2-2026-12-07-int8.json'),
     'int8-accuracy': ('docs/export.md', int8_accuracy_table, 'demo-fashion_mnist-int8.json'),
 }
 
