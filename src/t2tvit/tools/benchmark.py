@@ -331,7 +331,7 @@ TOO_SLOW = 4.  # a library this many times slower than the fastest at the probe 
 
 
 def _probe_libraries(device: torch.device, dtype: torch.dtype, n: int) -> Dict[str, float]:
-    """Per library: seconds of a `min(n, PROBE_SIZE)`-sided product over the fastest library's (set-up call first)."""
+    """Per library: seconds of an `n`-sided product over the fastest library's, each timed after a set-up call."""
     g = torch.Generator(device='cpu').manual_seed(1)
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     libraries = _gemm_libraries(device, a, b)
