@@ -376,32 +376,32 @@ INTEL_PLAN_RUNS = [
 MODES = ['infer:fp32:eager', 'infer:bf16:eager', 'train:fp32:eager', 'train:bf16:eager']
 
 
+def _plan_models(files: List[str], label: str) -> Dict[str, Tuple[dict, dict]]:
+    """Per mode in the benchmark files `files`: (`label`'s row, the reference's row)."""
+    runs = {run['run']: run for f in files for run in load_benchmark(f)['runs']}
+    return {mode: (next(m for m in runs[mode]['models'] if m['label'] == label), _reference(runs[mode]))
+            for mode in MODES if mode in runs}
+
+
+def _plan_per_mac(files: List[str], label: str) -> Dict[str, float]:
+    """Per mode, `label`'s per-MAC ratio against the reference in the benchmark files `files`."""
+    return {mode: _per_mac(ours, ref) for mode, (ours, ref) in _plan_models(files, label).items()}
+
+
 def plan_runs_table(_: None = None) -> str:
     """Per MAC against the reference (DeiT-S) in each mode, and bf16 MFU beside the reference's, for every run of
     `INTEL_PLAN_RUNS`: the targets' standing across runs, each figure from its file."""
     rows = ['| run (benchmarks/) | began | fp32 inference | bf16 inference | fp32 training | bf16 training | '
             'bf16 MFU, inference / training (DeiT-S\'s) |', '|---|---|---:|---:|---:|---:|---|']
     for files, label in INTEL_PLAN_RUNS:
-        results = [load_benchmark(f) for f in files]
-        runs = {run['run']: run for result in results for run in result['runs']}
-        per_mac, mfu = {}, {}
-        for mode in MODES:
-            ref = _reference(runs[mode])
-            ours = next(m for m in runs[mode]['models'] if m['label'] == label)
-            per_mac[mode] = _per_mac(ours, ref)
-            mfu[mode] = f"{ours['mfu']:.1%} ({ref['mfu']:.1%})"
-        began = results[0]['environment']['date'].replace('T', ' ')[:16]
+        models = _plan_models(files, label)
+        per_mac = {mode: _per_mac(ours, ref) for mode, (ours, ref) in models.items()}
+        mfu = {mode: f"{ours['mfu']:.1%} ({ref['mfu']:.1%})" for mode, (ours, ref) in models.items()}
+        began = load_benchmark(files[0])['environment']['date'].replace('T', ' ')[:16]
         name = ', '.join(f.removesuffix('.json').removeprefix('intel-xeon-amx-') for f in files)
         rows.append(f"| {name} | {began} | " + ' | '.join(f'{per_mac[m]:.2f}' for m in MODES) +
                     f" | {mfu['infer:bf16:eager']} / {mfu['train:bf16:eager']} |")
     return '\n'.join(rows)
-
-
-def _plan_per_mac(files: List[str], label: str) -> Dict[str, float]:
-    """Per mode, `label`'s per-MAC ratio against the reference in the benchmark files `files`."""
-    runs = {run['run']: run for f in files for run in load_benchmark(f)['runs']}
-    return {mode: _per_mac(next(m for m in runs[mode]['models'] if m['label'] == label), _reference(runs[mode]))
-            for mode in MODES if mode in runs}
 
 
 def hosts_table(_: None = None) -> str:

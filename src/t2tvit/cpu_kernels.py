@@ -337,8 +337,7 @@ def onednn_inference(x: torch.Tensor, module: Optional[nn.Module] = None) -> boo
     oneDNN has bf16 products on this CPU), no autograd (the fused op has no backward), eager on CPU, and no hooks on
     the layers inside `module` (they would not be called)."""
     if torch.is_autocast_enabled('cpu'):
-        bf16 = torch.get_autocast_dtype('cpu') == torch.bfloat16 and _ONEDNN_BF16
-        dtypes = (torch.float32, torch.bfloat16) if bf16 else ()
+        dtypes = (torch.float32, torch.bfloat16) if _bf16_autocast() and _ONEDNN_BF16 else ()
     else:
         dtypes = (torch.float32,)
     return (x.dtype in dtypes and not torch.is_grad_enabled() and _onednn_eager(x)

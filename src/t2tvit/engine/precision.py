@@ -48,9 +48,9 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return 'none'
 
 
-def emulated_bf16_warning(amp: str, device: torch.device, flags: Optional[FrozenSet[str]] = None) -> Optional[str]:
+def emulated_bf16_warning(amp: str, device: torch.device) -> Optional[str]:
     """A one-line warning when bf16 is asked for on a CPU without native bf16 (e.g. AVX2 only), else None."""
-    if amp != 'bf16' or device.type != 'cpu' or native_bf16_cpu(flags):
+    if amp != 'bf16' or device.type != 'cpu' or native_bf16_cpu():
         return None
     return ('warning: bf16 on this CPU is emulated (no AMX or AVX-512 BF16): on an AVX2-only AMD EPYC, T2T-ViT-14 '
             'inference ran 7x slower than in fp32 and a training step\'s first call 22x; amp auto (or none) runs '
