@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,18 +101,54 @@ def test_demo_examples_print_what_the_documents_show(example, tmp_path_factory):
     """`make docs-check`: needs `make demo`'s run folder (or T2TVIT_DEMO_RUN) and Fashion-MNIST (or T2TVIT_DATA)."""
     if not (DEMO_RUN / 'best.pth').is_file() or not DATA.is_dir():
         pytest.skip(f'run `make demo` first: no {DEMO_RUN}/best.pth or no {DATA}')
-    work = _demo_scratch()
-    assert run_example(example, work) == []
+    work, demo = _demo_scratch()
+    assert run_example(example, work, demo=demo) == []
+    if example.model != demo.id:
+        warnings.warn(f'{example.where}: shown with demo model {example.model or "(unnamed)"}, this one is '
+                      f'{demo.id}: checked for form only')
 
 
 _DEMO_SCRATCH = []
 
 
-def _demo_scratch() -> Path:
+def _demo_scratch():
     # one folder for all demo examples: the ONNX example reads what the export example wrote
     if not _DEMO_SCRATCH:
-        _DEMO_SCRATCH.append(docs_check.scratch_folder(DEMO_RUN, DATA))
+        _DEMO_SCRATCH.append((docs_check.scratch_folder(DEMO_RUN, DATA), docs_check.demo_model(DEMO_RUN)))
     return _DEMO_SCRATCH[0]
+
+
+def test_another_demo_model_is_checked_for_form_only(tmp_path):
+    """A demo example shown with one model and run with another: the same lines, any numbers and class names."""
+    classes = ('T-shirt/top', 'Shirt', 'Pullover', 'Ankle boot')
+    assert line_matches('   97.31%  Pullover', '   61.02%  T-shirt/top', 0, 0, classes)
+    assert line_matches('test0: Ankle boot 100.0%, Shirt 0.0%', 'test0: Shirt 88.1%, Ankle boot 11.9%', 0, 0, classes)
+    assert not line_matches('   97.31%  Pullover', '   97.31%  Trouser', 0, 0, classes)  # not a class of the model
+    assert not line_matches('   97.31%  Pullover', 'Pullover', 0, 0, classes)  # the number is gone
+    assert not output_matches(['0.97  Pullover', '0.02  Shirt'], ['0.97  Pullover'], 0, 0, classes)
+    step = ('python -c "print(\'0.61  Shirt\')"', ['0.97  Pullover'])
+    shown_with = docs_check.Example(tmp_path / 'doc.md', 3, 'demo', model='aaaaaaaaaaaa', steps=[step])
+    assert run_example(shown_with, tmp_path, demo=docs_check.DemoModel('bbbbbbbbbbbb', classes)) == []
+    same_model = run_example(shown_with, tmp_path, demo=docs_check.DemoModel('aaaaaaaaaaaa', classes))
+    assert len(same_model) == 1 and '0.61  Shirt' in same_model[0]  # the model shown: number by number
+
+
+def test_demo_model_id_names_the_weights(tmp_path):
+    import torch
+
+    weights = {'head.weight': torch.arange(6.).view(2, 3), 'head.bias': torch.zeros(2, dtype=torch.bfloat16)}
+    ids = []
+    for i, change in enumerate([None, None, ('head.weight', 1e-3), ('head.bias', 1.)]):
+        state = {k: v.clone() for k, v in weights.items()}
+        if change:
+            state[change[0]].view(-1)[0] += change[1]
+        run = tmp_path / str(i)
+        run.mkdir()
+        torch.save({'state_dict': state, 'epoch': i, 'classes': ['a', 'b']}, run / 'best.pth')
+        model = docs_check.demo_model(run)
+        assert model.classes == ('a', 'b') and len(model.id) == 12
+        ids.append(model.id)
+    assert ids[0] == ids[1] and len(set(ids)) == 3  # the epoch is no part of it; each weight change is
 
 
 def test_models_page_variant_table_is_the_codes():
@@ -169,3 +206,15 @@ def test_design_study_record_is_complete_and_its_verdicts_are_computed():
             {'verdict': claim['verdict'], 'reason': claim['reason']}, claim['claim']
     for row in record['variants']:
         assert summarize(row['top1'])['ci95'] == row['ci95'], row['variant']
+
+
+def test_writing_a_demo_example_names_the_model_that_printed_it(tmp_path):
+    doc = tmp_path / 'doc.md'
+    doc.write_text('Text.\n\n<!-- check: demo model=aaaaaaaaaaaa rtol=0.02 atol=0.05 -->\n```console\n'
+                   '$ t2tvit predict x.png\n   97.31%  Pullover\n```\nAfter.\n')
+    example, = docs_check.examples(doc)
+    assert (example.model, example.rtol, example.atol) == ('aaaaaaaaaaaa', 0.02, 0.05)
+    docs_check.rewrite(example, [['   61.02%  Shirt']], model='0123456789ab')
+    assert doc.read_text() == ('Text.\n\n<!-- check: demo model=0123456789ab rtol=0.02 atol=0.05 -->\n```console\n'
+                               '$ t2tvit predict x.png\n   61.02%  Shirt\n```\nAfter.\n')
+    assert docs_check.examples(doc)[0].model == '0123456789ab'
