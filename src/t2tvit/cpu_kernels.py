@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .cpu_heap import keep_heap_pages
 from .models.blocks import GhostAttention, SEAttention
 from .models.layers import (
     TokenAttention, TokenPerformer, TokenTransformer, attention, performer_attention, token_grid_size)
@@ -953,5 +954,9 @@ def cpu_kernel_state(model: nn.Module) -> Dict[str, bool]:
 
 
 def for_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """What `t2tvit` commands run: `use_cpu_kernels(model)` when `device` is a CPU, the model as it is elsewhere."""
-    return use_cpu_kernels(model) if torch.device(device).type == 'cpu' else model
+    """What `t2tvit` commands run: on a CPU `use_cpu_kernels(model)`, and freed memory kept for reuse
+    (`t2tvit.cpu_heap.keep_heap_pages`, once a process); elsewhere the model as it is."""
+    if torch.device(device).type != 'cpu':
+        return model
+    keep_heap_pages()
+    return use_cpu_kernels(model)

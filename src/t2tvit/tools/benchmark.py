@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..engine.checkpointing import atomic_write
 from ..engine.precision import emulated_bf16_warning
 from ..models import list_variants, load_checkpoint
+from ..cpu_heap import KEEP_HEAP_ENV, heap_state, keep_heap_pages
 from ..cpu_kernels import (
     CPU_KERNELS, CPU_PROFILE_ENV, fused_linear, host_kernel_plan, onednn_available, use_cpu_kernels)
 from ..errors import InputError
@@ -641,7 +642,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
         timm=timm.__version__, t2tvit=__version__, threads=torch.get_num_threads(), command=' '.join(sys.argv),
         load_average=os.getloadavg() if hasattr(os, 'getloadavg') else None,
         # what else decides CPU speed: the allocator (MALLOC_*, LD_PRELOAD) and OpenMP threads
-        env={k: v for k, v in os.environ.items() if k.startswith(('MALLOC_', 'OMP_', 'MKL_', 'KMP_', 'LD_PRELOAD'))},
+        env={k: v for k, v in os.environ.items()
+             if k.startswith(('MALLOC_', 'GLIBC_TUNABLES', 'OMP_', 'MKL_', 'KMP_', 'LD_PRELOAD', KEEP_HEAP_ENV))},
+        heap=heap_state() if device.type == 'cpu' else None,  # freed memory kept for reuse, for every model timed
         cpu_kernels=host_kernel_plan() if device.type == 'cpu' else None,  # which CPU kernels our models took, why
     )
     if device.type == 'cuda':
@@ -748,6 +751,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
     """Time every run of `config`, write JSON (after each run) and a PNG, and return the results."""
     validate(config)
     device = _set_up(config)
+    if device.type == 'cpu':
+        keep_heap_pages()  # as `t2tvit` commands do on CPU; the same for every model timed
     rss = _CpuPeakRss() if device.type == 'cpu' else None
     result = _new_result(config, device, rss)
     stem = _results_stem(config, device, log)
