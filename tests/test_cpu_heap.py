@@ -18,7 +18,7 @@ GLIBC = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    monkeypatch.setattr(cpu_heap, '_STATE', {'kept': False, 'why': 'not asked for'})
+    monkeypatch.setattr(cpu_heap, '_STATE', None)
 
 
 class FakeMallopt:

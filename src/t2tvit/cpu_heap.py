@@ -13,9 +13,9 @@ step; in the benchmark's process, T2T-ViT-14's fp32 training step went from 0.84
 `keep_heap_pages()` sets them for the whole process, once: `t2tvit` commands on CPU do (through
 `t2tvit.cpu_kernels.for_device`), as does `t2tvit benchmark`, for every model it times. It leaves the allocator as
 it is where it is not glibc's, where the environment already tunes it (`MALLOC_MMAP_THRESHOLD_`,
-`MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, or another allocator preloaded), and with `T2TVIT_KEEP_HEAP=0`. The
-cost: a process keeps up to `TRIM_THRESHOLD` of freed memory mapped instead of giving it back (its peak stayed
-within 3% in those runs).
+`MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`, or another allocator preloaded), and with
+`T2TVIT_KEEP_HEAP=0`. The cost: a process keeps up to `TRIM_THRESHOLD` of freed memory mapped instead of giving it
+back (its peak stayed within 3% in those runs).
 """
 import ctypes
 import os
@@ -30,7 +30,7 @@ TRIM_THRESHOLD = 512 << 20  # freed memory at the heap's top kept up to this siz
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 _TUNING_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_', 'GLIBC_TUNABLES')
 
-_STATE: Dict[str, Any] = {'kept': False, 'why': 'not asked for'}
+_STATE: Optional[Dict[str, Any]] = None  # what keep_heap_pages did, once it has run
 
 
 def _why_not(environ) -> Optional[str]:
@@ -49,23 +49,20 @@ def _why_not(environ) -> Optional[str]:
 def keep_heap_pages(environ=None, mallopt: Optional[Callable[[int, int], int]] = None) -> Dict[str, Any]:
     """Have glibc keep freed memory for reuse (see the module's docstring); returns `heap_state()`. Once per
     process: later calls change nothing. `environ` and `mallopt` stand in for the real ones in tests."""
-    if _STATE.get('why') != 'not asked for':
-        return heap_state()
-    why = _why_not(os.environ if environ is None else environ)
-    if why is None:
-        mallopt = mallopt or ctypes.CDLL(None).mallopt
-        # the mmap threshold first: setting either fixes both, and glibc's rule would otherwise keep its own
-        if not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) or not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
-            why = 'glibc refused the thresholds (mallopt)'
-    _STATE.clear()
-    if why is None:
-        _STATE.update(kept=True, mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD)
-    else:
-        _STATE.update(kept=False, why=why)
+    global _STATE
+    if _STATE is None:
+        why = _why_not(os.environ if environ is None else environ)
+        if why is None:
+            mallopt = mallopt or ctypes.CDLL(None).mallopt
+            # the mmap threshold first: setting either fixes both, and glibc's rule would otherwise keep its own
+            if not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) or not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+                why = 'glibc refused the thresholds (mallopt)'
+        _STATE = (dict(kept=True, mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD) if why is None
+                  else dict(kept=False, why=why))
     return heap_state()
 
 
 def heap_state() -> Dict[str, Any]:
     """What `keep_heap_pages` did in this process: `kept` and the thresholds, or `why` not (recorded by
     `t2tvit benchmark`)."""
-    return dict(_STATE)
+    return dict(_STATE) if _STATE is not None else {'kept': False, 'why': 'not asked for'}

@@ -766,10 +766,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Di
 
     log(f'device: {result["environment"]["device"]}; torch {torch.__version__}, timm {timm.__version__}')
     heap = result['environment']['heap']
-    if heap is not None:
-        log(f'heap: freed memory kept for reuse (glibc: mmap threshold {heap["mmap_threshold"] >> 20} MiB, trim '
-            f'threshold {heap["trim_threshold"] >> 20} MiB)' if heap['kept'] else f'heap: the allocator\'s own '
-            f'thresholds ({heap["why"]})')
+    if heap and heap['kept']:
+        log(f'heap: freed memory kept for reuse (glibc: mmap threshold {heap["mmap_threshold"] >> 20} MiB, '
+            f'trim threshold {heap["trim_threshold"] >> 20} MiB)')
+    elif heap:
+        log(f'heap: the allocator\'s own thresholds ({heap["why"]})')
     if config.variants_table:
         rows = complexity_rows()
         result['variants'] = [r.to_dict() for r in rows]
