@@ -222,15 +222,22 @@ def _noise(line: str) -> bool:
     return line.startswith(('Warning:', '  warnings.warn')) or '[W:onnxruntime:' in line or '\x1b[' in line
 
 
+def form_only(example: Example, demo: Optional[DemoModel]) -> Optional[str]:
+    """Why `example` is checked for form only when run with `demo` (a demo example shown with another model), or
+    None when it is compared number by number."""
+    if example.kind != 'demo' or demo is None or example.model == demo.id:
+        return None
+    return f'shown with demo model {example.model or "(unnamed)"}, run with {demo.id}: checked for form only'
+
+
 def run_example(example: Example, work: Path, printed: Optional[List[List[str]]] = None,
                 demo: Optional[DemoModel] = None) -> List[str]:
     """Problems found (empty when every step printed what the document shows); `printed` collects the output.
     `demo`: the demo model the examples run with; a demo example shown with another model is checked for form."""
     problems = []
     status = 0
-    labels = None
-    if example.kind == 'demo' and demo is not None and example.model != demo.id:
-        labels = demo.classes
+    why_form = form_only(example, demo)
+    labels = demo.classes if why_form else None
     for command, shown in example.steps:
         if command.strip() == 'echo $?':
             got = [str(status)]
@@ -244,8 +251,7 @@ def run_example(example: Example, work: Path, printed: Optional[List[List[str]]]
         if example.kind == 'python' and status != 0:
             problems.append(f'{example.where}: the Python example failed:\n' + '\n'.join(got[-15:]))
         elif not output_matches(shown, got, example.rtol, example.atol, labels):
-            what = ('' if labels is None else
-                    f' (form only: shown with {example.model or "an unnamed model"}, run with {demo.id})')
+            what = f' ({why_form})' if why_form else ''
             problems.append(f'{example.where}: `{command}` printed\n' + '\n'.join(got) +
                             f'\n--- the document shows{what} ---\n' + '\n'.join(shown))
     return problems
@@ -481,12 +487,11 @@ def hosts_table(_: None = None) -> str:
     emulated = {'infer:bf16:eager': ' (bf16 emulated)'}
     rows.append('| AMD EPYC Zen 3, AVX2 only (`generic`) | amd-epyc-avx2-2026-12-07, -train (3 rounds) | '
                 + ' | '.join(cell([avx2[m]] if m in avx2 else [], emulated.get(m, '')) for m in MODES) + ' |')
-    kept = {}
-    for arm in load_benchmark(HEAP_AB)['benchmark_runs']:
-        for r in arm['runs'] if arm['kept'] else []:
-            kept.setdefault(r['run'], []).append(r['per_mac'])
-    rows.append(f'| the same, freed memory kept (since 2026-12-07) | {HEAP_AB[:-5]} (4 processes, 3-5 rounds) | '
-                + ' | '.join(cell(kept.get(m, [])) for m in MODES) + ' |')
+    kept_arms = [arm for arm in load_benchmark(HEAP_AB)['benchmark_runs'] if arm['kept']]
+    kept = {m: [r['per_mac'] for arm in kept_arms for r in arm['runs'] if r['run'] == m] for m in MODES}
+    reps = sorted({r['reps'] for arm in kept_arms for r in arm['runs']})
+    rows.append(f'| the same, freed memory kept (since 2026-12-07) | {HEAP_AB[:-5]} ({len(kept_arms)} processes, '
+                f'{reps[0]}-{reps[-1]} rounds) | ' + ' | '.join(cell(kept[m]) for m in MODES) + ' |')
     return '\n'.join(rows)
 
 
@@ -532,28 +537,29 @@ def int8_accuracy_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
-# name in docs -> (document, function, benchmark file)
 HEAP_AB = 'amd-epyc-avx2-2026-12-07-heap-ab.json'
 
 
 def heap_ab_table(record: dict) -> str:
     """The heap A/B: each benchmark process (one per arm), then the median over the arms."""
-    rows = ['| process | heap | run | T2T-ViT-14 images/s | DeiT-S images/s | per MAC against DeiT-S | MFU T2T-ViT-14 | '
-            'MFU DeiT-S |', '|---|---|---|---:|---:|---:|---:|---:|']
+    rows = ['| process | heap | run | T2T-ViT-14 images/s | DeiT-S images/s | per MAC against DeiT-S | '
+            'MFU T2T-ViT-14 | MFU DeiT-S |', '|---|---|---|---:|---:|---:|---:|---:|']
+    heap = {True: 'kept', False: "glibc's"}
     for arm in record['benchmark_runs']:
-        heap = 'kept' if arm['kept'] else "glibc's"
         for i, r in enumerate(arm['runs']):
-            first = i == 0
-            rows.append(f"| {arm['file'] + ', ' + arm['date'][11:16] if first else ''} | {heap if first else ''} | "
-                        f"{r['run']} ({r['reps']} rounds) | {r['t2t_images_per_s']:.1f} | {r['deit_images_per_s']:.1f} | "
-                        f"{r['per_mac']:.2f} | {r['t2t_mfu']:.1%} | {r['deit_mfu']:.1%} |")
+            process, kind = (f"{arm['file']}, {arm['date'][11:16]}", heap[arm['kept']]) if i == 0 else ('', '')
+            rows.append(f"| {process} | {kind} | {r['run']} ({r['reps']} rounds) | {r['t2t_images_per_s']:.1f} | "
+                        f"{r['deit_images_per_s']:.1f} | {r['per_mac']:.2f} | {r['t2t_mfu']:.1%} | "
+                        f"{r['deit_mfu']:.1%} |")
+    arms = sum(arm['kept'] for arm in record['benchmark_runs'])  # as many of each
     for key, m in record['benchmark_median_over_arms'].items():
-        run, heap = key.split()
-        rows.append(f"| median of 4 | {'kept' if heap == 'kept' else 'glibc' + chr(39) + 's'} | {run} | | | "
+        run, kind = key.split()
+        rows.append(f"| median of {arms} | {heap[kind == 'kept']} | {run} | | | "
                     f"**{m['per_mac']:.2f}** | {m['t2t_mfu']:.1%} | {m['deit_mfu']:.1%} |")
     return '\n'.join(rows)
 
 
+# name in docs -> (document, function, benchmark file)
 TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
     'complexity': ('docs/speed.md', complexity_table, 'amd-epyc-2026-11-27.json'),
@@ -661,9 +667,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if example.kind in kinds:
                 printed: List[List[str]] = []
                 found = run_example(example, work, printed, demo)
-                if demo is not None and example.kind == 'demo' and example.model != demo.id and not args.write:
-                    print(f'{example.where}: shown with demo model {example.model or "(unnamed)"}, this one is '
-                          f'{demo.id}: checked for form only', file=sys.stderr)
+                why_form = form_only(example, demo)
+                if why_form and not args.write:
+                    print(f'{example.where}: {why_form}', file=sys.stderr)
                 if args.write and example.kind == 'demo':
                     to_write.append((example, printed))
                 else:

@@ -103,9 +103,9 @@ def test_demo_examples_print_what_the_documents_show(example, tmp_path_factory):
         pytest.skip(f'run `make demo` first: no {DEMO_RUN}/best.pth or no {DATA}')
     work, demo = _demo_scratch()
     assert run_example(example, work, demo=demo) == []
-    if example.model != demo.id:
-        warnings.warn(f'{example.where}: shown with demo model {example.model or "(unnamed)"}, this one is '
-                      f'{demo.id}: checked for form only')
+    why_form = docs_check.form_only(example, demo)
+    if why_form:
+        warnings.warn(f'{example.where}: {why_form}')
 
 
 _DEMO_SCRATCH = []
