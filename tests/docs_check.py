@@ -430,6 +430,8 @@ INTEL_PLAN_RUNS = [
     (['intel-xeon-amx-2026-12-07-plan-5.json'], 't2t_vit_14'),
 ]
 MODES = ['infer:fp32:eager', 'infer:bf16:eager', 'train:fp32:eager', 'train:bf16:eager']
+# the heap A/B on the AVX2-only AMD EPYC: its own table, and its kept arms' row of the per-host table
+HEAP_AB = 'amd-epyc-avx2-2026-12-07-heap-ab.json'
 
 
 def _plan_models(files: List[str], label: str) -> Dict[str, Tuple[dict, dict]]:
@@ -535,9 +537,6 @@ def int8_accuracy_table(record: dict) -> str:
                     f"{products} | {q['images']:,} | {q['fp32_top1']:.2f}% | "
                     f"{q['int8_top1']:.2f}% | {q['top1_drop']:.2f} | {q['top1_agreement']:.2f}% |")
     return '\n'.join(rows)
-
-
-HEAP_AB = 'amd-epyc-avx2-2026-12-07-heap-ab.json'
 
 
 def heap_ab_table(record: dict) -> str:
