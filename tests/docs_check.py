@@ -558,6 +558,25 @@ def heap_ab_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
+def split_table(record: dict) -> str:
+    """Where T2T-ViT-14's time goes against DeiT-S's: whole models, blocks alone and the T2T module alone, per mode,
+    as the median and the fastest of the rounds."""
+    rows = ['| mode (rounds) | of the rounds | T2T-ViT-14, s | its blocks, s | its T2T module, s | DeiT-S, s | '
+            "DeiT-S's blocks, s | per MAC, whole | per MAC, blocks | T2T module's share of time (of MACs) | "
+            'T2T module at parity, s |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for mode, label in (('infer', 'fp32 inference'), ('train', 'fp32 training')):
+        run = record['split'][mode]
+        for stat in ('median', 'min'):
+            s, t = run[stat]['seconds'], run[stat]
+            first = f"{label} ({run['rounds']})" if stat == 'median' else ''
+            rows.append(f"| {first} | {'median' if stat == 'median' else 'fastest'} | {s['t2t']:.2f} | "
+                        f"{s['t2t_blocks']:.2f} | {s['t2t_module']:.2f} | {s['deit']:.2f} | {s['deit_blocks']:.2f} | "
+                        f"{t['per_mac_whole']:.2f} | {t['per_mac_blocks']:.2f} | "
+                        f"{t['t2t_module_share_of_time']:.1%} ({t['t2t_module_share_of_macs']:.1%}) | "
+                        f"{t['t2t_module_budget_s']:.2f} |")
+    return '\n'.join(rows)
+
+
 # name in docs -> (document, function, benchmark file)
 TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
@@ -596,6 +615,7 @@ TABLES = {
     'speed-amd-avx2-compiled-splits-ab': ('docs/speed.md', host_table,
                                           'amd-epyc-avx2-2026-12-07-compiled-splits-ab.json'),
     'heap-amd-avx2': ('docs/speed.md', heap_ab_table, HEAP_AB),
+    'split-amd-avx2': ('docs/speed.md', split_table, 'amd-epyc-avx2-2026-12-07-split.json'),
     'demo': ('docs/training.md', demo_table, 'demo-fashion_mnist.json'),
     'recipe-search': ('docs/training.md', recipe_search_table, 'demo-fashion_mnist.json'),
     'ablation': ('docs/ablation.md', ablation_table, 'ablate-fashion_mnist-2026-11-27.json'),
