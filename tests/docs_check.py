@@ -474,7 +474,8 @@ def hosts_table(_: None = None) -> str:
            for r in load_benchmark('amd-epyc-2026-12-02-cpu-kernels-ab.json')['results']
            if r['entry'] == 't2t_vit_14 | new main (use_cpu_kernels)'}
     intel = [_plan_per_mac(files, label) for files, label in INTEL_PLAN_RUNS]
-    avx2 = _plan_per_mac(['amd-epyc-avx2-2026-12-07.json', 'amd-epyc-avx2-2026-12-07-train.json'], 't2t_vit_14')
+    avx2 = _plan_per_mac(['amd-epyc-avx2-2026-12-07.json', 'amd-epyc-avx2-2026-12-07-train.json',
+                          'amd-epyc-avx2-2026-12-07-train-bf16.json'], 't2t_vit_14')
 
     def cell(values: List[float], note: str = '') -> str:
         if not values:
@@ -486,8 +487,8 @@ def hosts_table(_: None = None) -> str:
                 + ' | '.join(cell([old[m]] if m in old else []) for m in MODES) + ' |')
     rows.append(f'| Intel Xeon with AMX (`intel-amx`) | the {len(intel)} runs above | '
                 + ' | '.join(cell([r[m] for r in intel]) for m in MODES) + ' |')
-    emulated = {'infer:bf16:eager': ' (bf16 emulated)'}
-    rows.append('| AMD EPYC Zen 3, AVX2 only (`generic`) | amd-epyc-avx2-2026-12-07, -train (3 rounds) | '
+    emulated = {mode: ' (bf16 emulated)' for mode in MODES if ':bf16:' in mode}
+    rows.append('| AMD EPYC Zen 3, AVX2 only (`generic`) | amd-epyc-avx2-2026-12-07, -train, -train-bf16 (3 rounds) | '
                 + ' | '.join(cell([avx2[m]] if m in avx2 else [], emulated.get(m, '')) for m in MODES) + ' |')
     kept_arms = [arm for arm in load_benchmark(HEAP_AB)['benchmark_runs'] if arm['kept']]
     kept = {m: [r['per_mac'] for arm in kept_arms for r in arm['runs'] if r['run'] == m] for m in MODES}
@@ -612,6 +613,7 @@ TABLES = {
     'speed-hosts': ('docs/speed.md', hosts_table, None),
     'speed-amd-avx2': ('docs/speed.md', host_table, 'amd-epyc-avx2-2026-12-07.json'),
     'speed-amd-avx2-train': ('docs/speed.md', host_table, 'amd-epyc-avx2-2026-12-07-train.json'),
+    'speed-amd-avx2-train-bf16': ('docs/speed.md', host_table, 'amd-epyc-avx2-2026-12-07-train-bf16.json'),
     'speed-amd-avx2-compiled-splits-ab': ('docs/speed.md', host_table,
                                           'amd-epyc-avx2-2026-12-07-compiled-splits-ab.json'),
     'heap-amd-avx2': ('docs/speed.md', heap_ab_table, HEAP_AB),
