@@ -175,15 +175,64 @@ def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast
             model(x)
         return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
 
-    assert block_sdpa_calls() == 0
-    assert block_sdpa_calls(exclude=('bf16_cpu_attn',)) == depth
+    assert block_sdpa_calls(exclude=('short_attn',)) == 0
+    assert block_sdpa_calls(exclude=('bf16_cpu_attn', 'short_attn')) == depth
     calls.clear()
     with torch.no_grad():
-        fp32 = model(x)  # outside autocast the fused kernel stays
+        fp32 = model(x)  # outside autocast the fused kernel stays (short_attn, off here, would take it away)
     assert sum(1 for shape in calls if shape[1] > 1) == depth
     use_cpu_kernels(model)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
+def test_short_attention_takes_explicit_products_only_for_short_sequences(block_type, monkeypatch):
+    """`short_attn`: the blocks' attention as explicit products in eager fp32 runs while a sequence has at most
+    SHORT_ATTN_TOKENS tokens, the fused kernel above that and wherever the kernel is off."""
+    plain, model = _pair(block_type=block_type)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = _record_sdpa_shapes(monkeypatch)
+    depth = len(model.blocks)
+    tokens = model.patch_embed.num_patches + 1 if hasattr(model, 'patch_embed') else None
+
+    def block_sdpa_calls(kernels) -> int:
+        use_cpu_kernels(model, kernels=kernels)
+        calls.clear()
+        with torch.no_grad():
+            model(x)
+        lengths = {shape[2] for shape in calls if shape[1] > 1}
+        assert tokens is None or lengths <= {tokens}
+        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+
+    assert block_sdpa_calls(('short_attn',)) == 0
+    assert block_sdpa_calls(()) == depth
+    monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', 3)  # these 32 px inputs make longer sequences
+    assert block_sdpa_calls(('short_attn',)) == depth
+    monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', 10 ** 6)
+    with torch.no_grad():  # traced, the model's own computation: the fused kernel in every block
+        traced = torch.jit.trace(use_cpu_kernels(copy.deepcopy(plain).eval(), kernels=('short_attn',)), x)
+    assert str(traced.inlined_graph).count('aten::scaled_dot_product_attention') == depth
+
+
+@pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
+def test_short_attention_keeps_outputs_and_gradients(block_type):
+    """`short_attn` alone, in training (dropout off in these layers): the plain model's outputs and gradients
+    within fp32 rounding."""
+    plain, model = _pair(block_type=block_type)
+    use_cpu_kernels(model, kernels=('short_attn',))
+    x = torch.randn(2, 3, 32, 32)
+    outputs, grads = [], []
+    for m in (model, plain):
+        m.train()
+        out = m(x)
+        out.sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in m.blocks.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=5e-5, msg=name)  # |grad| < 0.1
 
 
 @pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])

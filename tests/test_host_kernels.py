@@ -53,7 +53,8 @@ def test_every_profile_decides_every_kernel_with_a_reason():
         assert list(plan) == list(CPU_KERNELS), profile
         assert all(isinstance(on, bool) and len(reason) > 20 for on, reason in plan.values()), profile
     # the AMD host's choices are the ones measured there: every kernel on but those written after them
-    written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart', 'compiled_splits'}
+    written_after = {'page_chunks', 'packed_weights', 'split_chunks', 'bf16_gelu_apart', 'compiled_splits',
+                     'short_attn'}
     assert {k for k, (on, _) in _PLANS['amd-avx512'].items() if not on} == written_after
     # training products by oneDNN, packed weights and the GELU apart are choices within oneDNN's products: only
     # where onednn_linear is on
@@ -69,6 +70,8 @@ def test_every_profile_decides_every_kernel_with_a_reason():
     # under torch.compile inductor's fused gather indexes element by element on any CPU: the op everywhere but
     # on the AMD host, whose kernels stay as measured there
     assert _PLANS['intel-amx']['compiled_splits'][0] and _PLANS['generic']['compiled_splits'][0]
+    # explicit products for short sequences: measured on the AVX2-only AMD EPYC (generic) only
+    assert _PLANS['generic']['short_attn'][0] and not _PLANS['intel-amx']['short_attn'][0]
 
 
 @pytest.mark.parametrize('profile', list(CPU_PROFILES))

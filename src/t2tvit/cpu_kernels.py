@@ -32,6 +32,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | bf16_gelu_apart | CPU bf16 autocast inference, with onednn_linear | the MLP's GELU as its own op on the product's bf16 output, as autocast computes it, rather than as oneDNN's GELU post-op, which is slower in bf16 on an Intel AMX host | `test_bf16_gelu_apart_*` |
 | bf16_cpu_attn | CPU bf16 autocast, eager or compiled | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 | bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training), eager or compiled | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
+| short_attn | CPU eager, any dtype, train and eval | the blocks' attention as explicit products when a sequence has at most `SHORT_ATTN_TOKENS` (129) tokens, as at 28-160 px, where the fused kernel's work per (image, head) outweighs its products | `test_short_attention_*` |
 """
 import copy
 import functools
@@ -91,7 +92,15 @@ CPU_KERNELS: Dict[str, str] = {
                      'then v), which beat the fused kernel on AVX-512 BF16 without AMX',
     'bf16_cpu_attn_train': 'the explicit bf16 attention products of bf16_cpu_attn only with gradients on (training), '
                            'where the fused kernel\'s CPU backward is slow',
+    'short_attn': 'in eager CPU runs, the blocks\' attention as explicit products (q k^T, softmax, then v) when a '
+                  'sequence has at most SHORT_ATTN_TOKENS tokens, where the fused kernel\'s work per image and head '
+                  'outweighs its products',
 }
+
+# `short_attn`: the longest sequence that takes explicit attention products (an 8 x 8 token grid and the class token
+# is 65; 128 px at stride 16). On an AVX2-only AMD EPYC explicit products were faster at 17-129 tokens and slower in
+# inference at 145 and 197 (docs/speed-log.md, "Short sequences")
+SHORT_ATTN_TOKENS = 129
 
 # kernels that are choices within oneDNN's products: without onednn_linear they have nothing to act on
 ONEDNN_CHOICES = frozenset({'onednn_linear_train', 'packed_weights', 'bf16_gelu_apart'})
@@ -146,6 +155,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'bf16_cpu_attn': (True, 'AVX-512 BF16 without AMX: explicit bf16 products beat the fused SDPA kernel'),
         'bf16_cpu_attn_train': (True, 'adds nothing here: bf16_cpu_attn already takes the explicit products in '
                                       'training as in inference'),
+        'short_attn': (False, 'written after the AMD host\'s measurements and not measured there'),
     },
     'intel-amx': {
         'strided_unfold': (True, _LAYOUT),
@@ -187,6 +197,7 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
                                       'made a T2T-ViT-14 bf16 training step 1.19x as fast on an Intel AMX host '
                                       '(benchmarks/intel-xeon-amx-2026-12-06-quiet-attn-ab.json), and 1.23x under '
                                       'torch.compile (benchmarks/intel-xeon-amx-2026-12-07-compiled-attn-ab.json)'),
+        'short_attn': (False, 'measured only on an AVX2-only AMD EPYC; not measured on an Intel AMX host'),
     },
     'generic': {
         'strided_unfold': (True, _LAYOUT),
@@ -208,6 +219,10 @@ _PLANS: Dict[str, Dict[str, Tuple[bool, str]]] = {
         'bf16_gelu_apart': (False, 'a choice within oneDNN\'s products, which onednn_linear (off here) would take'),
         'bf16_cpu_attn': (False, 'explicit bf16 products pay only with AVX-512 BF16 and no AMX; SDPA is kept'),
         'bf16_cpu_attn_train': (False, 'measured only on AVX-512 BF16 and AMX hosts; SDPA is kept'),
+        'short_attn': (True, 'on an AVX2-only AMD EPYC (Zen 3), fp32, explicit products ran 1.03-2.78x as fast as '
+                             'the fused kernel in inference and 1.15-2.34x in training at 17-129 tokens, and 0.81-0.97x '
+                             'in inference at 145; the demo\'s training step (17 tokens) 1.12x as fast '
+                             '(benchmarks/amd-epyc-avx2-2026-12-07-short-attn.json)'),
     },
 }
 
@@ -792,7 +807,7 @@ class CPUTokenPerformer(_CPUKernelLayer, TokenPerformer):
 # --- backbone blocks ----------------------------------------------------------------------------------------------
 
 def _explicit_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) v as explicit products (`bf16_cpu_attn`), with `attn`'s scale and dropout."""
+    """softmax(q k^T * scale) v as explicit products, with `attn`'s scale and dropout."""
     return attention(q, k, v, attn.scale, attn.attn_drop.p if attn.training else 0., fused=False)
 
 
@@ -804,13 +819,22 @@ def _explicit_bf16(layer: nn.Module, x: torch.Tensor) -> bool:
     return wanted and _bf16_autocast() and (_eager_cpu(x) or _compiled_cpu(x))
 
 
-class CPUAttention(_CPUKernelLayer, Attention):
-    """timm's `Attention` with `bf16_cpu_attn` (and `bf16_cpu_attn_train`), and `forward_add` for the oneDNN
-    block."""
+def _explicit(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` takes explicit attention products for `x` (its input or queries, tokens on dim -2): a short
+    sequence in an eager CPU run (`short_attn`), or the bf16 kernels' choice (`_explicit_bf16`)."""
+    if layer.short_attn and _eager_cpu(x) and x.shape[-2] <= SHORT_ATTN_TOKENS:
+        return True
+    return _explicit_bf16(layer, x)
 
-    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train', 'packed_weights')
+
+class CPUAttention(_CPUKernelLayer, Attention):
+    """timm's `Attention` with explicit products where they are faster (`short_attn`, `bf16_cpu_attn`,
+    `bf16_cpu_attn_train`), and `forward_add` for the oneDNN block."""
+
+    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train', 'short_attn', 'packed_weights')
     bf16_cpu_attn: bool = False
     bf16_cpu_attn_train: bool = False
+    short_attn: bool = False
     packed_weights: bool = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -818,14 +842,14 @@ class CPUAttention(_CPUKernelLayer, Attention):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and not _explicit_bf16(self, x):  # as timm's: SDPA's own scale
+        if self.fused_attn and not _explicit(self, x):  # as timm's: SDPA's own scale
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             x = _explicit_attention(self, q, k, v)
         return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
 
     def _plain(self, x: torch.Tensor) -> bool:
-        return self.gate is not None or not _explicit_bf16(self, x)
+        return self.gate is not None or not _explicit(self, x)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -839,24 +863,26 @@ class CPUAttention(_CPUKernelLayer, Attention):
                             packed=self.packed_weights)
 
 
-class _BF16HeadsAttention(_CPUKernelLayer):
-    """For the SE and Ghost attention layers: explicit products under CPU bf16 autocast (`bf16_cpu_attn`)."""
+class _ExplicitHeadsAttention(_CPUKernelLayer):
+    """For the SE and Ghost attention layers: explicit products where they are faster (`short_attn`,
+    `bf16_cpu_attn`, `bf16_cpu_attn_train`)."""
 
-    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train')
+    KERNELS = ('bf16_cpu_attn', 'bf16_cpu_attn_train', 'short_attn')
     bf16_cpu_attn: bool = False
     bf16_cpu_attn_train: bool = False
+    short_attn: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if _explicit_bf16(self, q):
+        if _explicit(self, q):
             return _explicit_attention(self, q, k, v)
         return super().attend(q, k, v)
 
 
-class CPUSEAttention(_BF16HeadsAttention, SEAttention):
+class CPUSEAttention(_ExplicitHeadsAttention, SEAttention):
     pass
 
 
-class CPUGhostAttention(_BF16HeadsAttention, GhostAttention):
+class CPUGhostAttention(_ExplicitHeadsAttention, GhostAttention):
     pass
 
 
