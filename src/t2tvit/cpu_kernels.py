@@ -32,7 +32,7 @@ Each kernel, the device and precision it serves, and the test that holds it to t
 | bf16_gelu_apart | CPU bf16 autocast inference, with onednn_linear | the MLP's GELU as its own op on the product's bf16 output, as autocast computes it, rather than as oneDNN's GELU post-op, which is slower in bf16 on an Intel AMX host | `test_bf16_gelu_apart_*` |
 | bf16_cpu_attn | CPU bf16 autocast, eager or compiled | the blocks' attention as explicit bf16 products (q k^T, softmax, then v), which beat the fused kernel on AVX-512 BF16 without AMX | `test_bf16_cpu_attention_*` |
 | bf16_cpu_attn_train | CPU bf16 autocast with gradients on (training), eager or compiled | the same explicit products only where a backward follows: their backward is a few bf16 products, where the fused kernel's CPU backward was 28% of a T2T-ViT-14 bf16 training step on an Intel AMX host | `test_bf16_cpu_attention_*` |
-| short_attn | CPU eager, any dtype, train and eval | the blocks' attention as explicit products when a sequence has at most `SHORT_ATTN_TOKENS` (129) tokens, as at 28-160 px, where the fused kernel's work per (image, head) outweighs its products | `test_short_attention_*` |
+| short_attn | CPU eager, any dtype, train and eval | the blocks' attention as explicit products when a sequence has at most `SHORT_ATTN_TOKENS` (129) tokens (T2T-ViT up to 176 px), where the fused kernel's work per (image, head) outweighs its products | `test_short_attention_*` |
 """
 import copy
 import functools
@@ -97,9 +97,9 @@ CPU_KERNELS: Dict[str, str] = {
                   'outweighs its products',
 }
 
-# `short_attn`: the longest sequence that takes explicit attention products (an 8 x 8 token grid and the class token
-# is 65; 128 px at stride 16). On an AVX2-only AMD EPYC explicit products were faster at 17-129 tokens and slower in
-# inference at 145 and 197 (docs/speed-log.md, "Short sequences")
+# `short_attn`: the longest sequence that takes explicit attention products. On an AVX2-only AMD EPYC they were
+# faster at 17-129 tokens and slower in inference at 145 and 197 (docs/speed-log.md, "Short sequences"). T2T-ViT's
+# blocks see 122 tokens at 176 px, 145 at 192 and 197 at 224; the 28 px demo model's see 17
 SHORT_ATTN_TOKENS = 129
 
 # kernels that are choices within oneDNN's products: without onednn_linear they have nothing to act on
