@@ -195,20 +195,21 @@ def test_short_attention_takes_explicit_products_only_for_short_sequences(block_
     x = torch.randn(2, 3, 32, 32)
     calls = _record_sdpa_shapes(monkeypatch)
     depth = len(model.blocks)
-    tokens = model.patch_embed.num_patches + 1 if hasattr(model, 'patch_embed') else None
+    tokens = model.pos_embed.shape[1]  # the blocks' sequence: the class token and the T2T module's tokens
 
     def block_sdpa_calls(kernels) -> int:
         use_cpu_kernels(model, kernels=kernels)
         calls.clear()
         with torch.no_grad():
             model(x)
-        lengths = {shape[2] for shape in calls if shape[1] > 1}
-        assert tokens is None or lengths <= {tokens}
+        assert {shape[2] for shape in calls if shape[1] > 1} <= {tokens}
         return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
 
     assert block_sdpa_calls(('short_attn',)) == 0
     assert block_sdpa_calls(()) == depth
-    monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', 3)  # these 32 px inputs make longer sequences
+    monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', tokens)  # at the bound: still explicit
+    assert block_sdpa_calls(('short_attn',)) == 0
+    monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', tokens - 1)  # one token past it: the fused kernel
     assert block_sdpa_calls(('short_attn',)) == depth
     monkeypatch.setattr(cpu_kernels, 'SHORT_ATTN_TOKENS', 10 ** 6)
     with torch.no_grad():  # traced, the model's own computation: the fused kernel in every block
