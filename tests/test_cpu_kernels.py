@@ -160,6 +160,11 @@ def _record_sdpa_shapes(monkeypatch) -> list:
     return calls
 
 
+def _block_calls(calls: list) -> list:
+    """Of the recorded query shapes, the blocks' multi-head calls (not the token layers' single-head ones)."""
+    return [shape for shape in calls if shape[1] > 1]
+
+
 @pytest.mark.parametrize('block_type', ['vit', 'se', 'ghost'])
 def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast(block_type, monkeypatch):
     plain, model = _pair(block_type=block_type)
@@ -173,14 +178,14 @@ def test_bf16_cpu_attention_takes_explicit_products_only_under_cpu_bf16_autocast
         calls.clear()
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
             model(x)
-        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+        return len(_block_calls(calls))
 
     assert block_sdpa_calls(exclude=('short_attn',)) == 0
     assert block_sdpa_calls(exclude=('bf16_cpu_attn', 'short_attn')) == depth
     calls.clear()
     with torch.no_grad():
         fp32 = model(x)  # outside autocast the fused kernel stays (short_attn, off here, would take it away)
-    assert sum(1 for shape in calls if shape[1] > 1) == depth
+    assert len(_block_calls(calls)) == depth
     use_cpu_kernels(model)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         torch.testing.assert_close(model(x).float(), fp32, rtol=0, atol=0.1)
@@ -202,8 +207,8 @@ def test_short_attention_takes_explicit_products_only_for_short_sequences(block_
         calls.clear()
         with torch.no_grad():
             model(x)
-        assert {shape[2] for shape in calls if shape[1] > 1} <= {tokens}
-        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
+        assert {shape[2] for shape in _block_calls(calls)} <= {tokens}
+        return len(_block_calls(calls))
 
     assert block_sdpa_calls(('short_attn',)) == 0
     assert block_sdpa_calls(()) == depth
@@ -246,13 +251,10 @@ def test_bf16_cpu_attention_train_takes_explicit_products_only_where_a_backward_
     calls = _record_sdpa_shapes(monkeypatch)
     depth = len(model.blocks)
 
-    def block_calls() -> int:
-        return sum(1 for shape in calls if shape[1] > 1)  # the blocks' multi-head calls, not the token layers'
-
     model.eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         model(x)
-    assert block_calls() == depth
+    assert len(_block_calls(calls)) == depth
     calls.clear()
     outputs, grads = [], []
     for m in (model, plain):
@@ -263,7 +265,7 @@ def test_bf16_cpu_attention_train_takes_explicit_products_only_where_a_backward_
         outputs.append(out.float())
         grads.append(next(m.blocks[0].attn.parameters()).grad)
         if m is model:
-            assert block_calls() == 0
+            assert len(_block_calls(calls)) == 0
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0.1)
     torch.testing.assert_close(grads[0], grads[1], rtol=0.1, atol=0.1)
 
