@@ -578,11 +578,10 @@ def split_table(record: dict) -> str:
     return '\n'.join(rows)
 
 
-# name in docs -> (document, function, benchmark file)
-
 # the dated runs behind docs/speed.md, host by host
 SPEED_LOG = 'docs/speed-log.md'
 
+# name in docs -> (document, function, benchmark file)
 TABLES = {
     'speed': ('docs/speed.md', speed_table, 'amd-epyc-2026-11-27.json'),
     'complexity': ('docs/speed.md', complexity_table, 'amd-epyc-2026-11-27.json'),
