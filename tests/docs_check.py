@@ -137,10 +137,11 @@ def _numbers_match(shown: str, got: str, rtol: float, atol: float) -> bool:
 
 
 def _form(line: str, labels: Sequence[str]) -> str:
-    """`line` with each class name of `labels` as `<label>` (longest first) and each number as `#`."""
+    """`line` with each class name of `labels` as `<label>` (longest first), each number as `#` and each run of
+    spaces as one (right-aligned columns widen with a number's digits: `   8.17%` and `  24.70%`)."""
     for label in sorted(labels, key=len, reverse=True):
         line = line.replace(label, '<label>')
-    return NUMBER.sub('#', line)
+    return re.sub(' +', ' ', NUMBER.sub('#', line))
 
 
 def line_matches(shown: str, got: str, rtol: float, atol: float, labels: Optional[Sequence[str]] = None) -> bool:

@@ -60,6 +60,15 @@ def test_output_comparison_allows_only_the_stated_tolerance():
     assert not output_matches(['a'], ['a', 'extra line'], 0, 0)
 
 
+def test_form_only_comparison_allows_other_numbers_classes_and_column_widths():
+    labels = ('T-shirt/top', 'Shirt', 'Sneaker')
+    assert line_matches('    8.17%  T-shirt/top', '   24.70%  Shirt', 0, 0, labels)
+    assert line_matches('  100.00%  Sneaker', '    0.00%  Shirt', 0, 0, labels)
+    assert not line_matches('    8.17%  T-shirt/top', '   24.70%  Dress', 0, 0, labels)  # not a class of the model
+    assert not line_matches('    8.17%  Shirt', '   24.70%', 0, 0, labels)
+    assert not line_matches('samples/test0.png', 'samples/test0.jpg', 0, 0, labels)
+
+
 @pytest.mark.parametrize('name', list(docs_check.TABLES))
 def test_tables_are_the_committed_figures(name):
     doc, make, source = docs_check.TABLES[name]
