@@ -526,15 +526,16 @@ def int8_speed_table(result: dict) -> str:
 
 def int8_accuracy_table(record: dict) -> str:
     """The demo model's int8 export against its fp32 ONNX graph on the test images."""
-    rows = ['| date | checkpoint | runtime | calibration | test images | fp32 top-1 | int8 top-1 | drop | '
+    rows = ['| date | CPU | checkpoint | runtime | calibration | test images | fp32 top-1 | int8 top-1 | drop | '
             'top-1 agreement |',
-            '|---|---|---|---|---:|---:|---:|---:|---:|']
+            '|---|---|---|---|---|---:|---:|---:|---:|---:|']
     from t2tvit.tools.quantize import RUNTIME_NAMES as names
     for r in record['runs']:
         q = r['int8']
         products = (f"{len(q['float_products'])} Performer products in float" if q.get('float_products')
                     else 'all products int8')
-        rows.append(f"| {r['date']} | {r['checkpoint']} | {names[q.get('runtime', 'onnxruntime')]} | "
+        rows.append(f"| {r['date']} | {r.get('cpu', r['device'])} | {r['checkpoint']} | "
+                    f"{names[q.get('runtime', 'onnxruntime')]} | "
                     f"{q['calibration_images']} training images, {q.get('calibration_method', 'MinMax')}, "
                     f"{products} | {q['images']:,} | {q['fp32_top1']:.2f}% | "
                     f"{q['int8_top1']:.2f}% | {q['top1_drop']:.2f} | {q['top1_agreement']:.2f}% |")
