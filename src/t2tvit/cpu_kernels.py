@@ -837,29 +837,26 @@ class CPUAttention(_CPUKernelLayer, Attention):
     short_attn: bool = False
     packed_weights: bool = False
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention output (B, N, attn_dim) before `proj`."""
+    def _heads(self, x: torch.Tensor, explicit: bool) -> torch.Tensor:
+        """Attention output (B, N, attn_dim) before `proj`; `explicit`: `_explicit(self, x)`."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and not _explicit(self, x):  # as timm's: SDPA's own scale
+        if self.fused_attn and not explicit:  # as timm's: SDPA's own scale
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             x = _explicit_attention(self, q, k, v)
         return self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
 
-    def _plain(self, x: torch.Tensor) -> bool:
-        return self.gate is not None or not _explicit(self, x)
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal or self._plain(x):
+        if attn_mask is not None or is_causal or self.gate is not None or not _explicit(self, x):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj_drop(self.proj(self._heads(x)))
+        return self.proj_drop(self.proj(self._heads(x, explicit=True)))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual + self(x)` in inference, the addition inside `proj`'s oneDNN product."""
-        return fused_linear(self._heads(x), self.proj.weight, self.proj.bias, add=residual,
+        return fused_linear(self._heads(x, _explicit(self, x)), self.proj.weight, self.proj.bias, add=residual,
                             packed=self.packed_weights)
 
 
