@@ -334,6 +334,15 @@ def test_int8_without_calibration_data_is_one_clear_error(tiny_run, tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_refused_export_into_a_new_folder_leaves_no_folder(tiny_run, tmp_path, capsys):
+    """`-o new/` names a folder made only when the files are written: data that cannot be read (found after the
+    output was checked) leaves nothing behind."""
+    assert cli(['export', '--format', 'onnx-int8', '--checkpoint', str(tiny_run), '--dataset', 'fashion_mnist',
+                '--data', str(tmp_path / 'missing'), '-o', f'{tmp_path}/new/']) == 2
+    assert 'not found in' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_calibration_data_is_refused_for_a_float_format(tiny_run, tmp_path, capsys):
     assert cli(['export', '--format', 'onnx', '--checkpoint', str(tiny_run), '--dataset', 'fake', '-o',
                 f'{tmp_path}/']) == 2

@@ -73,14 +73,23 @@ def min_dynamic_side(soft_splits) -> int:
 
 
 def _suffix_path(output: Optional[Union[str, Path]], name: str, fmt: str) -> Path:
+    """The file an export writes: `output`, or NAME.SUFFIX in the folder `output` names ('exports/', with its
+    slash, may not exist yet: `_write_export` makes it) or in the current folder."""
     path = Path(output) if output else Path(f'{name}{SUFFIXES[fmt]}')
-    if str(output or '').endswith(('/', os.sep)):  # 'exports/': a folder, made if needed
-        path.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
+    new_folder = str(output or '').endswith(('/', os.sep))
+    if new_folder or path.is_dir():
         path = path / f'{name}{SUFFIXES[fmt]}'
-    if not path.parent.is_dir():
+    if not new_folder and not path.parent.is_dir():
         raise ExportError(f'folder {path.parent} does not exist; create it or choose another --output')
     return path
+
+
+def _write_export(path: Path, data: bytes, sidecar_path: Path, sidecar: Dict[str, Any], what: str) -> None:
+    """An export and its sidecar JSON, each written atomically, into a folder made only now (a refused or failed
+    export leaves no folder behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(data), what=what)
+    atomic_write(sidecar_path, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
 
 
 def _require(module: str, fmt: str):
@@ -298,8 +307,7 @@ def export_model(
             f'the exported {fmt} model differs from the eager model by {result.max_abs_diff:.2e} > {tolerance:.0e} '
             f'({result.checks}); nothing was written. Report this with the model name and torch version')
     sidecar['checks'] = [{'input_shape': list(s), 'max_abs_diff': d} for s, d in result.checks]
-    atomic_write(path, lambda f: f.write(data), what=f'{fmt} export')
-    atomic_write(result.sidecar, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
+    _write_export(path, data, result.sidecar, sidecar, what=f'{fmt} export')
     return result
 
 

@@ -33,12 +33,11 @@ import numpy as np
 import torch
 
 from ..data import build_dataset
-from ..engine.checkpointing import atomic_write
 from ..engine.preflight import check_outputs
 from ..engine.restore import RestoredModel
 from ..engine.build import fake_split_size
 from .export import (INPUT_NAME, ExportError, _max_diff, _onnx_bytes, _onnx_runner, _require, _sidecar,
-                     _suffix_path)
+                     _suffix_path, _write_export)
 
 __all__ = ['QUANTIZED_OPS', 'INT8_RUNTIMES', 'Int8Report', 'quantize_onnx', 'token_stage_activation_products',
            'ort_session', 'runner', 'export_int8', 'calibration_batches', 'check_calibration_source', 'format_report']
@@ -349,8 +348,7 @@ def export_int8(
                         data, per_channel, list(QUANTIZED_OPS), runtime, activation_type, symmetric, float_products)
     sidecar.update(checks_fp32_onnx=checks, int8=dict(asdict(report), top1_drop=report.top1_drop,
                                                      eval_split='val (the test images where a data set has no val)'))
-    atomic_write(path, lambda f: f.write(int8), what='int8 ONNX export')
-    atomic_write(sidecar_path, lambda f: f.write(json.dumps(sidecar, indent=1).encode()), what='export sidecar')
+    _write_export(path, int8, sidecar_path, sidecar, what='int8 ONNX export')
     return path, sidecar_path, report
 
 
