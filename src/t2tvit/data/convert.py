@@ -212,6 +212,26 @@ def _check_output(output: Path, data: Union[str, Path, None], force: bool) -> Pa
     return claim(output, force, 'the converted data set')
 
 
+def _write_splits(partial: Path, to: str, splits: List[Tuple[str, object]], shard_size: int, seed: int,
+                  result: ConvertResult, update: Callable[[int], object]) -> Dict[str, Dict]:
+    """Each split's shards into `partial` (train shuffled with `seed`, the others in source order), counted into
+    `result`; returns what the info file says of each split."""
+    info_splits: Dict[str, Dict] = {}
+    for stored, source in splits:
+        n = len(source)
+        order = np.random.default_rng(seed).permutation(n) if stored == 'train' else np.arange(n)
+        root = Path(source.root).parent if isinstance(source, ImageFolderDataset) else None
+        samples = _samples(source, order, root)
+        if to == 'wds':
+            filenames, lengths = _write_wds_split(partial, stored, samples, n, shard_size, update)
+        else:
+            filenames, lengths = _write_hfds_split(partial, stored, samples, n, shard_size, result.classes, update)
+        info_splits[stored] = dict(name=stored, num_samples=n, filenames=filenames, shard_lengths=lengths)
+        result.samples[stored], result.shards[stored] = n, len(filenames)
+        result.files.extend(filenames)
+    return info_splits
+
+
 def convert_data(
         dataset: str,
         data: Union[str, Path, None],
@@ -253,7 +273,6 @@ def convert_data(
     except OSError as e:
         raise _write_failed(e, output) from e
     result = ConvertResult(output=output, format=to, samples={}, shards={}, classes=classes)
-    info_splits: Dict[str, Dict] = {}
     hf_progress = None
     try:
         if to == 'hfds':
@@ -261,19 +280,7 @@ def convert_data(
             hf_progress = not datasets.utils.are_progress_bars_disabled()
             datasets.utils.disable_progress_bars()  # one bar for the whole conversion, below
         with tqdm(total=total, desc=f'{dataset} -> {to}', unit='img', disable=not show, dynamic_ncols=True) as bar:
-            for stored, source in splits:
-                n = len(source)
-                order = np.random.default_rng(seed).permutation(n) if stored == 'train' else np.arange(n)
-                root = Path(source.root).parent if isinstance(source, ImageFolderDataset) else None
-                samples = _samples(source, order, root)
-                if to == 'wds':
-                    filenames, lengths = _write_wds_split(partial, stored, samples, n, shard_size, bar.update)
-                else:
-                    filenames, lengths = _write_hfds_split(partial, stored, samples, n, shard_size, classes,
-                                                           bar.update)
-                info_splits[stored] = dict(name=stored, num_samples=n, filenames=filenames, shard_lengths=lengths)
-                result.samples[stored], result.shards[stored] = n, len(filenames)
-                result.files.extend(filenames)
+            info_splits = _write_splits(partial, to, splits, shard_size, seed, result, bar.update)
         facts = dict(source=dataset, data=str(data) if data is not None else None, in_chans=in_chans,
                      classes=classes, order=f'train shuffled with seed {seed}, other splits in source order',
                      written_by='t2tvit convert-data')

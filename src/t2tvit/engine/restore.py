@@ -179,6 +179,47 @@ class RestoredModel:
         }
 
 
+def _model_settings(facts: Dict[str, Any], found: Dict[str, Any], flags: Dict[str, Any], img_size: Optional[int],
+                    in_chans: Optional[int], sources: Dict[str, str]) -> Dict[str, Any]:
+    """The model's kwargs: the checkpoint's, with the flags over them; where each came from goes into `sources`."""
+    kwargs = dict(facts.get('model_kwargs', {}))
+    kwargs.update(flags)
+    kwargs.pop('drop_path_rate', None)
+    for key in kwargs:
+        sources[key] = 'flag' if key in flags else found.get('model_kwargs', 'checkpoint')
+    for key, flag in (('img_size', img_size), ('in_chans', in_chans)):
+        if flag:
+            kwargs[key], sources[key] = flag, 'flag'
+        elif facts.get(key):
+            kwargs[key], sources[key] = facts[key], found[key]
+    if 'num_classes' in facts:
+        kwargs['num_classes'], sources['num_classes'] = facts['num_classes'], found['num_classes']
+    return kwargs
+
+
+def _preprocess_settings(net: nn.Module, name: str, facts: Dict[str, Any], found: Dict[str, Any],
+                         crop_pct: Optional[float], interpolation: Optional[str],
+                         sources: Dict[str, str]) -> Dict[str, Any]:
+    """How inputs for the built model are prepared: the flags, else the checkpoint's record, else the model's
+    pretrained_cfg; where each came from goes into `sources` (the cfg also for the size settings not yet there)."""
+    cfg = net.pretrained_cfg
+    cfg_name = f"pretrained cfg {cfg.get('architecture', name)}.{cfg.get('tag')}" if cfg.get('tag') else \
+        'pretrained cfg'
+    for key in ('img_size', 'in_chans', 'num_classes'):
+        sources.setdefault(key, cfg_name)
+    built_size = net.img_size[0] if net.img_size[0] == net.img_size[1] else list(net.img_size)
+    preprocess = {'img_size': built_size, 'in_chans': net.in_chans}
+    for key, flag in (('crop_pct', crop_pct), ('interpolation', interpolation), ('mean', None), ('std', None)):
+        if flag:
+            preprocess[key], sources[key] = flag, 'flag'
+        elif facts.get(key) is not None:
+            preprocess[key], sources[key] = facts[key], found[key]
+        else:  # mean/std None: the transform takes the cfg's
+            preprocess[key] = None if key in ('mean', 'std') else cfg.get(key, {'crop_pct': 0.9}.get(key, 'bicubic'))
+            sources[key] = cfg_name
+    return preprocess
+
+
 def restore_model(
         checkpoint: Optional[str] = None,
         model: Optional[str] = None,
@@ -211,19 +252,8 @@ def restore_model(
         raise ConfigError(f'{where}; pass --model NAME (`t2tvit info` lists them)')
     check_model_kwargs(name, dict(model_kwargs or {}))
     sources['model'] = 'flag' if model else found['model']
-    kwargs = dict(facts.get('model_kwargs', {}))
-    kwargs.update(model_kwargs or {})
-    kwargs.pop('drop_path_rate', None)
-    for key in kwargs:
-        sources[key] = 'flag' if key in (model_kwargs or {}) else found.get('model_kwargs', 'checkpoint')
     _check_preprocess_args(img_size, in_chans, crop_pct)
-    for key, flag in (('img_size', img_size), ('in_chans', in_chans)):
-        if flag:
-            kwargs[key], sources[key] = flag, 'flag'
-        elif facts.get(key):
-            kwargs[key], sources[key] = facts[key], found[key]
-    if 'num_classes' in facts:
-        kwargs['num_classes'], sources['num_classes'] = facts['num_classes'], found['num_classes']
+    kwargs = _model_settings(facts, found, model_kwargs or {}, img_size, in_chans, sources)
     if kwargs.get('img_size'):
         check_memory(kwargs['img_size'], kwargs.get('in_chans', 3), 1)
     release = _read_release(name) if pretrained else None
@@ -235,21 +265,8 @@ def restore_model(
             raise CheckpointError(f'{checkpoint}: {e}') from e
     net.eval()
     cfg = net.pretrained_cfg
-    cfg_name = f"pretrained cfg {cfg.get('architecture', name)}.{cfg.get('tag')}" if cfg.get('tag') else \
-        'pretrained cfg'
-    for key in ('img_size', 'in_chans', 'num_classes'):
-        sources.setdefault(key, cfg_name)
-    built_size = net.img_size[0] if net.img_size[0] == net.img_size[1] else list(net.img_size)
-    preprocess = {'img_size': built_size, 'in_chans': net.in_chans}
-    for key, flag in (('crop_pct', crop_pct), ('interpolation', interpolation), ('mean', None), ('std', None)):
-        if flag:
-            preprocess[key], sources[key] = flag, 'flag'
-        elif facts.get(key) is not None:
-            preprocess[key], sources[key] = facts[key], found[key]
-        else:  # mean/std None: the transform takes the cfg's
-            preprocess[key] = None if key in ('mean', 'std') else cfg.get(key, {'crop_pct': 0.9}.get(key, 'bicubic'))
-            sources[key] = cfg_name
-    kwargs.update(img_size=built_size, in_chans=net.in_chans, num_classes=net.num_classes)
+    preprocess = _preprocess_settings(net, name, facts, found, crop_pct, interpolation, sources)
+    kwargs.update(img_size=preprocess['img_size'], in_chans=net.in_chans, num_classes=net.num_classes)
     classes = class_names_for(net.num_classes, facts.get('classes'), facts.get('dataset') or _dataset_of(cfg), labels)
     if release is not None:
         facts['release'] = f"{cfg.get('architecture', name)}.{cfg.get('tag')}"
