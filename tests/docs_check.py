@@ -463,6 +463,20 @@ def plan_runs_table(_: None = None) -> str:
     return '\n'.join(rows)
 
 
+# the AVX2-only AMD EPYC's fp32 runs of 21 rounds: a row of the per-host table with an interval
+AVX2_ROUNDS = 'amd-epyc-avx2-2026-12-08.json'
+
+
+def _per_mac_interval(ours: dict, reference: dict) -> str:
+    """The per-MAC ratio of each round (both models' steps in that round), as the geometric mean over the rounds
+    and its 95% t-interval (`t2tvit.tools.stats.summarize` of the log ratios)."""
+    from t2tvit.tools.stats import summarize
+    macs = ours['macs_all'] / reference['macs_all']
+    s = summarize([math.log(ref / own * macs) for own, ref in zip(ours['times_s'], reference['times_s'])])
+    low, high = (math.exp(v) for v in s['ci95'])
+    return f"{math.exp(s['mean']):.2f} ({low:.2f}-{high:.2f})"
+
+
 def hosts_table(_: None = None) -> str:
     """Per host, T2T-ViT-14 with its host's plan against DeiT-S per MAC in each eager mode: every run of the
     Intel plan as a range, the AVX2-only AMD EPYC's runs, and the AVX-512 AMD EPYC's kernel A/B of 2026-12-02 (an
@@ -496,6 +510,10 @@ def hosts_table(_: None = None) -> str:
     reps = sorted({r['reps'] for arm in kept_arms for r in arm['runs']})
     rows.append(f'| the same, freed memory kept (since 2026-12-07) | {HEAP_AB[:-5]} ({len(kept_arms)} processes, '
                 f'{reps[0]}-{reps[-1]} rounds) | ' + ' | '.join(cell(kept[m]) for m in MODES) + ' |')
+    rounds = _plan_models([AVX2_ROUNDS], 't2t_vit_14')
+    rows.append(f'| the same, one run of {len(rounds["infer:fp32:eager"][0]["times_s"])} rounds (2026-12-08) | '
+                f'{AVX2_ROUNDS[:-5]} | ' + ' | '.join(_per_mac_interval(*rounds[m]) if m in rounds else 'not timed'
+                                                   for m in MODES) + ' |')
     return '\n'.join(rows)
 
 
